@@ -1,0 +1,317 @@
+"""
+The pre-training model: ALBEF (Li et al. 2021) or BLIP (Li et al. 2022) with ELIP's text-guided
+vision-token pruning (arXiv 2309.16738) in the online ViT.
+
+One forward pass, in the order ELIP needs:
+  1. the unimodal text encoder runs first; its [CLS] is the text signal for pruning (Eq. 1)
+  2. the online ViT runs with that [CLS] and prunes/merges tokens (pruning.py); no gradient
+     flows back to the text through the pruning decision
+  3. ITC against momentum features and queues, ITM with hard negatives, and MLM (ALBEF) or
+     LM captioning (BLIP) on the pruned image tokens
+The momentum (teacher) encoders always see all tokens.
+"""
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pruning import PruneConfig
+from text_encoder import BertConfig, TextEncoder
+from vit import VisionTransformer
+
+
+@dataclass
+class ModelConfig:
+    # vision
+    img_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_depth: int = 12
+    vision_heads: int = 4
+    drop_path: float = 0.0
+    # text: ALBEF splits one BERT into text_layers text-only and fusion_layers cross-attention
+    # layers; BLIP (fusion_layers = 0 here) gives every layer cross-attention, used or skipped
+    vocab_size: int = 0              # these four are set from the tokenizer
+    pad_id: int = 0
+    cls_id: int = 2
+    mask_id: int = 4
+    text_width: int = 128            # must equal vision_width for ELIP's fused [CLS] (Eq. 1)
+    text_layers: int = 2
+    fusion_layers: int = 2
+    text_heads: int = 4
+    text_mlp: int = 512
+    max_len: int = 32
+    # objectives
+    losses: tuple = ("itc", "itm", "mlm")    # ALBEF: itc, itm, mlm; BLIP: itc, itm, lm
+    embed_dim: int = 64              # joint ITC space
+    queue_size: int = 1024
+    momentum: float = 0.995
+    temp: float = 0.07
+    mlm_prob: float = 0.15
+    distill: bool = True             # momentum distillation of ITC and MLM targets (ALBEF)
+    label_smoothing: float = 0.1     # LM loss (BLIP)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+
+    def __post_init__(self):
+        if isinstance(self.prune, dict):
+            self.prune = PruneConfig(**self.prune)
+        self.losses = tuple(self.losses)
+        bad = set(self.losses) - {"itc", "itm", "mlm", "lm"}
+        if bad or not self.losses:
+            raise ValueError(f"losses {self.losses}: choose from itc, itm, mlm, lm")
+        if self.text_width != self.vision_width and self.prune.method in ("elip", "elip_inline"):
+            raise ValueError(f"text_width {self.text_width} differs from vision_width "
+                             f"{self.vision_width}: ELIP fuses the two [CLS] tokens (Eq. 1)")
+
+
+# Architecture presets; the training scripts add their own (batch, learning rate, steps).
+PRESETS = {
+    "tiny": dict(tome_r=3),
+    "albef": dict(img_size=256, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
+                  drop_path=0.1, text_width=768, text_layers=6, fusion_layers=6, text_heads=12,
+                  text_mlp=3072, max_len=30, losses=("itc", "itm", "mlm"), embed_dim=256,
+                  queue_size=65536, tome_r=11),
+    "blip": dict(img_size=224, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
+                 drop_path=0.1, text_width=768, text_layers=12, fusion_layers=0, text_heads=12,
+                 text_mlp=3072, max_len=35, losses=("itc", "itm", "lm"), embed_dim=256,
+                 queue_size=57600, tome_r=11),
+}
+
+
+def build_vit(cfg, prune):
+    return VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size,
+                             embed_dim=cfg.vision_width, depth=cfg.vision_depth,
+                             num_heads=cfg.vision_heads, drop_path_rate=cfg.drop_path, prune=prune)
+
+
+def build_text(cfg, decoder=False):
+    """ALBEF: text layers then fusion layers. BLIP (fusion_layers == 0) and the decoder: every
+    layer has cross-attention, which the text-only mode skips."""
+    n = cfg.text_layers + cfg.fusion_layers
+    return TextEncoder(BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, num_layers=n,
+        num_heads=cfg.text_heads, intermediate_size=cfg.text_mlp, max_position=max(512, cfg.max_len),
+        fusion_layer=0 if decoder or cfg.fusion_layers == 0 else cfg.text_layers,
+        encoder_width=cfg.vision_width, lm_head=decoder or "mlm" in cfg.losses))
+
+
+def all_gather(x):
+    """Concatenate x from every DDP rank (no gradient): feeds the queues with every rank's batch."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class ELIPModel(nn.Module):
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set from the tokenizer")
+        self.cfg = cfg
+        self.visual_encoder = build_vit(cfg, cfg.prune)
+        self.text_encoder = build_text(cfg)
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        self.itm_head = nn.Linear(cfg.text_width, 2)
+        self.text_decoder = build_text(cfg, decoder=True) if "lm" in cfg.losses else None
+        # momentum (teacher) copies: updated by EMA, never by gradient, and never pruned
+        self.visual_encoder_m = build_vit(cfg, PruneConfig(method="none"))
+        self.visual_encoder_m.load_state_dict(self.visual_encoder.state_dict())
+        self.text_encoder_m = copy.deepcopy(self.text_encoder)
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        for p in self.momentum_params():
+            p.requires_grad_(False)
+        # queues of momentum features, extra ITC negatives (ALBEF); idx_queue holds image ids for
+        # fine-tuning with several captions per image (-1: no id, matches nothing)
+        q = cfg.queue_size
+        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
+        self.register_buffer("idx_queue", torch.full((q,), -1, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    # ---- momentum encoders and queues ----------------------------------------------------
+    def online_momentum_pairs(self):
+        return [(self.visual_encoder, self.visual_encoder_m), (self.text_encoder, self.text_encoder_m),
+                (self.vision_proj, self.vision_proj_m), (self.text_proj, self.text_proj_m)]
+
+    def momentum_params(self):
+        return [p for _, m in self.online_momentum_pairs() for p in m.parameters()]
+
+    @torch.no_grad()
+    def momentum_update(self):
+        """theta_m <- m * theta_m + (1 - m) * theta."""
+        for online, mom in self.online_momentum_pairs():
+            for p, p_m in zip(online.parameters(), mom.parameters()):
+                p_m.lerp_(p, 1.0 - self.cfg.momentum)
+
+    @torch.no_grad()
+    def enqueue(self, image_feat, text_feat, idx=None):
+        """Write the features of every rank's batch at the queue pointer, wrapping around."""
+        image_feat, text_feat = all_gather(image_feat), all_gather(text_feat)
+        n, q = image_feat.shape[0], self.image_queue.shape[1]
+        idx = torch.full((n,), -1, device=image_feat.device) if idx is None else all_gather(idx)
+        slots = (self.queue_ptr + torch.arange(n, device=image_feat.device)) % q   # (n,)
+        self.image_queue[:, slots] = image_feat.T
+        self.text_queue[:, slots] = text_feat.T
+        self.idx_queue[slots] = idx
+        self.queue_ptr.fill_((int(self.queue_ptr) + n) % q)
+
+    # ---- encoders ------------------------------------------------------------------------
+    def encode_text(self, input_ids, attention_mask, momentum=False):
+        enc = self.text_encoder_m if momentum else self.text_encoder
+        return enc(input_ids, attention_mask, mode="text")                  # (B, T, Dt)
+
+    def encode_image(self, images, text_cls=None, momentum=False):
+        vit = self.visual_encoder_m if momentum else self.visual_encoder
+        return vit(images, text_cls)                                        # (B, L, Dv)
+
+    def image_feat(self, image_embeds, momentum=False):
+        proj = self.vision_proj_m if momentum else self.vision_proj
+        return F.normalize(proj(image_embeds[:, 0]), dim=-1)                # (B, E)
+
+    def text_feat(self, text_embeds, momentum=False):
+        proj = self.text_proj_m if momentum else self.text_proj
+        return F.normalize(proj(text_embeds[:, 0]), dim=-1)                 # (B, E)
+
+    def fuse(self, text_embeds, attention_mask, image_embeds, input_ids=None):
+        """The image-grounded text encoder: ALBEF's fusion layers on the text states, or BLIP's
+        multimodal encoder on the ids. Returns (B, T, Dt)."""
+        atts = image_embeds.new_ones(image_embeds.shape[:2], dtype=torch.long)
+        if self.cfg.fusion_layers > 0:
+            return self.text_encoder(None, attention_mask, image_embeds, atts, mode="fusion",
+                                     hidden=text_embeds)
+        return self.text_encoder(input_ids, attention_mask, image_embeds, atts, mode="multimodal")
+
+    def itm_logits(self, text_embeds, attention_mask, image_embeds, input_ids=None):
+        return self.itm_head(self.fuse(text_embeds, attention_mask, image_embeds, input_ids)[:, 0])
+
+    # ---- the pre-training step -------------------------------------------------------------
+    def forward(self, images, input_ids, attention_mask, alpha=0.4, idx=None):
+        """Returns a dict of the active losses (scalars) and `loss`, their sum."""
+        cfg = self.cfg
+        text_embeds = self.encode_text(input_ids, attention_mask)               # (B, T, Dt)
+        # ELIP: the text [CLS], unprojected, guides the ViT's pruning (Eq. 1); the ViT scores
+        # tokens without gradient, so nothing flows back to the text through this path
+        image_embeds = self.encode_image(images, text_embeds[:, 0])             # (B, L', Dv)
+        image_feat, text_feat = self.image_feat(image_embeds), self.text_feat(text_embeds)
+        out = {}
+        with torch.no_grad():
+            self.momentum_update()
+            image_embeds_m = self.encode_image(images, momentum=True)           # all tokens
+            text_embeds_m = self.encode_text(input_ids, attention_mask, momentum=True)
+            image_feat_m = self.image_feat(image_embeds_m, momentum=True)
+            text_feat_m = self.text_feat(text_embeds_m, momentum=True)
+        sim_i2t, sim_t2i = None, None
+        if "itc" in cfg.losses:
+            out["itc"], sim_i2t, sim_t2i = self.itc_loss(image_feat, text_feat, image_feat_m,
+                                                         text_feat_m, alpha, idx)
+        if "itm" in cfg.losses:
+            out["itm"] = self.itm_loss(image_embeds, text_embeds, input_ids, attention_mask,
+                                       image_feat, text_feat, idx)
+        if "mlm" in cfg.losses:
+            out["mlm"] = self.mlm_loss(input_ids, attention_mask, image_embeds, image_embeds_m, alpha)
+        if "lm" in cfg.losses:
+            out["lm"] = self.lm_loss(input_ids, attention_mask, image_embeds)
+        self.enqueue(image_feat_m, text_feat_m, idx)
+        out["loss"] = sum(out.values())
+        return out
+
+    def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx=None):
+        """Image-text contrastive loss over the batch and the queues, with soft targets
+        alpha * softmax(momentum similarity) + (1 - alpha) * ground truth (ALBEF Eq. 2-3)."""
+        temp = self.temp.clamp(0.001, 0.5)
+        B = image_feat.shape[0]
+        image_all = torch.cat([image_feat_m.T, self.image_queue], dim=1)   # (E, B+Q)
+        text_all = torch.cat([text_feat_m.T, self.text_queue], dim=1)      # (E, B+Q)
+        if idx is None:   # each image its own positive
+            pos = F.pad(torch.eye(B, device=image_feat.device), (0, image_all.shape[1] - B))
+        else:             # every caption of the same image is a positive (retrieval fine-tuning)
+            pos = (idx[:, None] == torch.cat([idx, self.idx_queue])[None]).float()
+        pos = pos / pos.sum(dim=1, keepdim=True)                                   # (B, B+Q)
+        with torch.no_grad():
+            if self.cfg.distill:
+                t_i2t = alpha * (image_feat_m @ text_all / temp).softmax(1) + (1 - alpha) * pos
+                t_t2i = alpha * (text_feat_m @ image_all / temp).softmax(1) + (1 - alpha) * pos
+            else:
+                t_i2t = t_t2i = pos
+        sim_i2t = image_feat @ text_all / temp                                     # (B, B+Q)
+        sim_t2i = text_feat @ image_all / temp                                     # (B, B+Q)
+        loss_i2t = -(sim_i2t.log_softmax(1) * t_i2t).sum(1).mean()
+        loss_t2i = -(sim_t2i.log_softmax(1) * t_t2i).sum(1).mean()
+        return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
+
+    def itm_loss(self, image_embeds, text_embeds, input_ids, attention_mask, image_feat,
+                 text_feat, idx=None):
+        """Image-text matching: each pair, plus for each text a hard negative image and for each
+        image a hard negative text, drawn from the in-batch similarity softmax (ALBEF 3.2)."""
+        B = image_embeds.shape[0]
+        with torch.no_grad():
+            temp = self.temp.clamp(0.001, 0.5)
+            sim_i2t = image_feat @ text_feat.T / temp                               # (B, B)
+            same = torch.eye(B, dtype=torch.bool, device=sim_i2t.device) if idx is None \
+                else idx[:, None] == idx[None]
+            w_i2t = sim_i2t.softmax(1).masked_fill(same, 0) + 1e-8 * ~same       # (B, B)
+            w_t2i = sim_i2t.T.softmax(1).masked_fill(same, 0) + 1e-8 * ~same
+            neg_image = torch.multinomial(w_t2i, 1).squeeze(1)                     # (B,)
+            neg_text = torch.multinomial(w_i2t, 1).squeeze(1)                      # (B,)
+        image_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])  # (3B, L, D)
+        text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])       # (3B, T, D)
+        ids_all = torch.cat([input_ids, input_ids, input_ids[neg_text]])
+        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
+        logits = self.itm_logits(text_all, mask_all, image_all, ids_all)             # (3B, 2)
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
+        return F.cross_entropy(logits, labels)
+
+    def mask_tokens(self, input_ids):
+        """BERT masking: 15% of tokens (never [PAD] or [CLS]); of those 80% [MASK], 10% a random
+        token, 10% unchanged. Returns (masked ids, labels with -100 where not masked)."""
+        cfg = self.cfg
+        chosen = torch.bernoulli(torch.full(input_ids.shape, cfg.mlm_prob,
+                                            device=input_ids.device)).bool()
+        chosen &= (input_ids != cfg.pad_id) & (input_ids != cfg.cls_id)
+        labels = input_ids.masked_fill(~chosen, -100)
+        r = torch.rand(input_ids.shape, device=input_ids.device)
+        ids = input_ids.masked_fill(chosen & (r < 0.8), cfg.mask_id)
+        random_ids = torch.randint_like(input_ids, cfg.vocab_size)
+        ids = torch.where(chosen & (r >= 0.8) & (r < 0.9), random_ids, ids)
+        return ids, labels
+
+    def mlm_loss(self, input_ids, attention_mask, image_embeds, image_embeds_m, alpha):
+        """Masked language modelling conditioned on the image (ALBEF), distilled from the
+        momentum model's predictions when cfg.distill."""
+        ids, labels = self.mask_tokens(input_ids)
+        atts = image_embeds.new_ones(image_embeds.shape[:2], dtype=torch.long)
+        hidden = self.text_encoder(ids, attention_mask, image_embeds, atts, mode="multimodal")
+        logits = self.text_encoder.lm_logits(hidden)                            # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        if not self.cfg.distill:
+            return loss
+        with torch.no_grad():
+            atts_m = image_embeds_m.new_ones(image_embeds_m.shape[:2], dtype=torch.long)
+            hidden_m = self.text_encoder_m(ids, attention_mask, image_embeds_m, atts_m,
+                                           mode="multimodal")
+            soft = self.text_encoder_m.lm_logits(hidden_m).softmax(-1)          # (B, T, V)
+        masked = labels != -100
+        distill = -(logits.log_softmax(-1) * soft).sum(-1)[masked].mean()
+        return (1 - alpha) * loss + alpha * distill
+
+    def lm_loss(self, input_ids, attention_mask, image_embeds, prompt_len=0):
+        """Captioning (BLIP): the causal decoder reads the image through cross-attention and
+        predicts each next token; [PAD] and the first prompt_len tokens after [CLS] carry no
+        loss; label smoothing 0.1."""
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :1 + prompt_len] = -100
+        atts = image_embeds.new_ones(image_embeds.shape[:2], dtype=torch.long)
+        hidden = self.text_decoder(input_ids, attention_mask, image_embeds, atts,
+                                   mode="multimodal", causal=True)
+        logits = self.text_decoder.lm_logits(hidden)[:, :-1]                    # (B, T-1, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                               label_smoothing=self.cfg.label_smoothing)

@@ -1,0 +1,120 @@
+"""The pre-training model on the tiny preset: losses, momentum encoders, queues, pruning mode."""
+import pytest
+import torch
+
+from model import ELIPModel, ModelConfig
+from pruning import PruneConfig
+
+
+def tiny(losses=("itc", "itm", "mlm"), fusion_layers=2, **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, losses=losses, fusion_layers=fusion_layers,
+                      text_layers=2 if fusion_layers else 3, queue_size=20, img_size=32, **kw)
+    return ELIPModel(cfg)
+
+
+def batch(B=6, T=10):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 40, (B, T), generator=g)
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    mask[: B // 2, T - 3:] = 0
+    ids[mask == 0] = 0
+    return torch.randn(B, 3, 32, 32, generator=g), ids, mask
+
+
+@pytest.mark.parametrize("losses, fusion", [(("itc", "itm", "mlm"), 2), (("itc", "itm", "lm"), 0)])
+def test_losses_finite_and_backprop(losses, fusion):
+    m = tiny(losses, fusion).train()
+    out = m(*batch())
+    assert set(out) == set(losses) | {"loss"}
+    assert torch.isclose(out["loss"], sum(out[k] for k in losses))
+    for k in losses:
+        assert torch.isfinite(out[k]) and out[k] > 0
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    assert grads["visual_encoder.blocks.11.mlp.fc2.weight"].abs().sum() > 0
+    assert grads["itm_head.weight"].abs().sum() > 0
+    assert grads["temp"] is not None
+    assert all(p.grad is None for p in m.momentum_params())
+
+
+def test_each_loss_alone_backpropagates():
+    for loss in ("itc", "itm", "mlm"):
+        m = tiny((loss,)).train()
+        out = m(*batch())
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"])
+        assert m.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_momentum_update_is_ema():
+    m = tiny()
+    with torch.no_grad():
+        for p in m.visual_encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in m.visual_encoder_m.parameters()]
+    m.momentum_update()
+    mu = m.cfg.momentum
+    for p, p_m, b in zip(m.visual_encoder.parameters(), m.visual_encoder_m.parameters(), before):
+        assert torch.allclose(p_m, mu * b + (1 - mu) * p, atol=1e-6)
+
+
+def test_queue_wraps_around():
+    m = tiny()                                    # queue of 20
+    E = m.cfg.embed_dim
+    feats = [torch.nn.functional.normalize(torch.randn(n, E), dim=1) for n in (8, 8, 8)]
+    for f in feats:
+        m.enqueue(f, -f, idx=torch.arange(len(f)))
+    assert int(m.queue_ptr) == 24 % 20
+    # slots 16..19 then 0..3 hold the third batch; 4..7 still the first batch's last four
+    assert torch.equal(m.image_queue[:, 16:20], feats[2][:4].T)
+    assert torch.equal(m.image_queue[:, 0:4], feats[2][4:].T)
+    assert torch.equal(m.image_queue[:, 4:8], feats[0][4:].T)
+    assert torch.equal(m.text_queue[:, 8:16], -feats[1].T)
+    assert m.idx_queue[:4].tolist() == [4, 5, 6, 7]
+
+
+def test_forward_fills_queue_with_momentum_features():
+    m = tiny().train()
+    images, ids, mask = batch()
+    m(images, ids, mask)
+    with torch.no_grad():
+        expect = m.image_feat(m.encode_image(images, momentum=True), momentum=True)
+    assert torch.allclose(m.image_queue[:, :6], expect.T, atol=1e-5)
+    assert int(m.queue_ptr) == 6
+
+
+def test_online_vit_prunes_in_training_only_and_momentum_never():
+    m = tiny()
+    lens = {}
+    for name in ("visual_encoder", "visual_encoder_m"):
+        getattr(m, name).norm.register_forward_hook(
+            lambda mod, i, o, name=name: lens.__setitem__(name, o.shape[1]))
+    m.train()
+    m(*batch())
+    assert lens == {"visual_encoder": 1 + 6 + 1, "visual_encoder_m": 1 + 16}   # int(0.4 * 16) kept
+    m.eval()
+    with torch.no_grad():
+        m(*batch())
+    assert lens["visual_encoder"] == 17
+
+
+def test_masking_never_touches_pad_or_cls():
+    m = tiny(mlm_prob=0.9)
+    _, ids, mask = batch(B=64, T=20)
+    masked, labels = m.mask_tokens(ids)
+    chosen = labels != -100
+    assert not chosen[ids == 0].any() and not chosen[:, 0].any()
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(masked[~chosen], ids[~chosen])
+    frac = (masked[chosen] == m.cfg.mask_id).float().mean()
+    assert 0.7 < frac < 0.9                                            # ~80% [MASK]
+
+
+def test_config_refuses_width_mismatch_and_bad_losses():
+    with pytest.raises(ValueError, match="text_width 64 differs from vision_width 128"):
+        ModelConfig(vocab_size=10, text_width=64)
+    with pytest.raises(ValueError, match="losses"):
+        ModelConfig(vocab_size=10, losses=("itc", "foo"))
+    ModelConfig(vocab_size=10, text_width=64, prune=PruneConfig(method="evit"))   # vision-only ok

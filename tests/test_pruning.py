@@ -1,0 +1,187 @@
+"""Invariants of the token reduction (pruning.py) and of the ViT that applies it."""
+import pytest
+import torch
+
+import pruning
+from pruning import PruneConfig, prune_and_merge, token_counts
+from vit import VisionTransformer
+
+
+def tiny_vit(method="elip", **kw):
+    cfg = PruneConfig(method=method, **kw)
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=12, num_heads=4,
+                             prune=cfg)
+
+
+def layer_lengths(vit, images, text_cls):
+    """Sequence length entering each layer in the real (grad-enabled) forward pass; the ELIP
+    look-ahead runs under no_grad and is left out."""
+    lens = []
+    hooks = [b.register_forward_pre_hook(
+        lambda m, a: lens.append(a[0].shape[1]) if torch.is_grad_enabled() else None)
+        for b in vit.blocks]
+    vit(images, text_cls)
+    for h in hooks:
+        h.remove()
+    return lens
+
+
+def test_token_counts_official_schedule():
+    cfg = PruneConfig()
+    assert token_counts(196, 12, cfg) == [197, 197, 178, 178] + [129] * 6 + [80, 80]
+    assert token_counts(256, 12, cfg) == [257, 257, 232, 232] + [168] * 6 + [104, 104]
+    assert token_counts(196, 12, PruneConfig(merge=False)) == [197, 197, 177, 177] + [128] * 6 + [79, 79]
+    assert token_counts(196, 12, PruneConfig(method="none")) == [197] * 12
+
+
+@pytest.mark.parametrize("method", ["none", "elip", "elip_inline", "evit", "random", "tome"])
+def test_vit_lengths_follow_token_counts(method):
+    vit = tiny_vit(method, tome_r=6).train()
+    lens = layer_lengths(vit, torch.randn(2, 3, 32, 32), torch.randn(2, 48))
+    assert lens == token_counts(vit.num_patches, 12, vit.prune)
+
+
+def test_prune_and_merge_invariants():
+    torch.manual_seed(0)
+    B, N, D, K = 3, 10, 5, 4
+    x = torch.randn(B, 1 + N, D, requires_grad=True)
+    scores = torch.rand(B, N, requires_grad=True)
+    out, keep = prune_and_merge(x, scores, K)
+    assert out.shape == (B, 1 + K + 1, D)
+    assert torch.equal(out[:, 0], x[:, 0])
+    assert torch.all(keep[:, 1:] > keep[:, :-1])                       # ascending
+    for b in range(B):                                                 # independent reference
+        top = sorted(scores[b].argsort(descending=True)[:K].tolist())
+        assert keep[b].tolist() == top
+        assert torch.equal(out[b, 1:1 + K], x[b, 1 + keep[b]])
+        rest = [i for i in range(N) if i not in top]
+        w = scores[b, rest].detach()
+        w = w / (w.sum() + 1e-6)
+        assert abs(w.sum().item() - 1) < 1e-5
+        merged = (w[:, None] * x[b, 1 + torch.tensor(rest)]).sum(0)
+        assert torch.allclose(out[b, -1], merged, atol=1e-6)
+    out.sum().backward()
+    assert scores.grad is None
+    # every token either kept (gradient 1) or merged (gradient = its weight, all > 0 here)
+    assert torch.all(x.grad[:, 1:].abs().sum(-1) > 0)
+    assert torch.allclose(x.grad[:, 0], torch.ones(B, D))
+
+
+def test_prune_and_merge_edge_cases():
+    x, s = torch.randn(2, 7, 3), torch.rand(2, 6)
+    out, keep = prune_and_merge(x, s, 6)
+    assert out is x and keep.tolist() == [list(range(6))] * 2
+    out, keep = prune_and_merge(x, s, 2, merge=False)
+    assert out.shape == (2, 3, 3)
+    assert torch.equal(out[:, 1:], torch.stack([x[b, 1 + keep[b]] for b in range(2)]))
+
+
+def test_cls_row_equals_full_attention_map():
+    vit = tiny_vit()
+    blk = vit.blocks[3]
+    x = torch.randn(2, 17, 48)
+    h = blk.norm1(x)
+    B, N, D = h.shape
+    q, k, _ = blk.attn.qkv(h).view(B, N, 3, 4, D // 4).permute(2, 0, 3, 1, 4)
+    full = (q @ k.transpose(-2, -1) * (D // 4) ** -0.5).softmax(-1)   # (B, H, N, N)
+    assert torch.allclose(blk.cls_attention(x), full[:, :, 0].mean(1), atol=1e-6)
+
+
+def elip_scores(vit, x, text_cls, layer=2):
+    return pruning.token_scores(vit.prune, vit.blocks, layer, x, x, text_cls)
+
+
+def test_elip_lam_extremes():
+    vit = tiny_vit(lam=1.0)
+    x, t = torch.randn(2, 65, 48), torch.randn(2, 48)
+    # lam = 1: the image [CLS] alone, the text is ignored
+    assert torch.equal(elip_scores(vit, x, t), elip_scores(vit, x, torch.randn(2, 48)))
+    # lam = 0: the text [CLS] alone, as if it sat in the image [CLS]'s place
+    x_text = torch.cat([t[:, None], x[:, 1:]], 1)
+    vision_only_on_text = elip_scores(vit, x_text, t)
+    vit.prune.lam = 0.0
+    assert torch.allclose(elip_scores(vit, x, t), vision_only_on_text, atol=1e-6)
+    x_other = torch.cat([torch.randn(2, 1, 48), x[:, 1:]], 1)
+    assert torch.equal(elip_scores(vit, x, t), elip_scores(vit, x_other, t))
+
+
+def test_elip_forward_keeps_image_cls_and_blocks_text_gradient():
+    vit = tiny_vit().train()
+    images = torch.randn(2, 3, 32, 32)
+    t = torch.randn(2, 48, requires_grad=True)
+    out, sources = vit.forward_features(images, t)
+    out.sum().backward()
+    assert t.grad is None                                               # no path from the text
+    # the [CLS] that enters layer 2 is the image's own, not the fused one
+    seen = []
+    h = vit.blocks[2].register_forward_pre_hook(
+        lambda m, a: seen.append(a[0][:, 0].clone()) if torch.is_grad_enabled() else None)
+    vit.eval()
+    ref = vit.blocks[1](vit.blocks[0](torch.cat([vit.cls_token.expand(2, -1, -1),
+                                                  vit.patch_embed(images)], 1) + vit.pos_embed))
+    vit.prune.in_eval = True
+    vit(images, t)
+    h.remove()
+    assert torch.allclose(seen[0], ref[:, 0], atol=1e-6)
+    assert [s.shape[1] for s in sources] == [58, 42, 26]
+
+
+def test_none_is_plain_forward_and_eval_does_not_prune():
+    vit = tiny_vit("elip").eval()
+    plain = tiny_vit("none").eval()
+    images, t = torch.randn(2, 3, 32, 32), torch.randn(2, 48)
+    assert torch.equal(vit(images, t), plain(images))
+    assert layer_lengths(vit, images, t) == [65] * 12
+    vit.train()
+    assert layer_lengths(vit, images, t) != [65] * 12
+
+
+def test_text_guidance_changes_kept_tokens():
+    vit = tiny_vit(lam=0.0).train()
+    images = torch.randn(2, 3, 32, 32)
+    _, s1 = vit.forward_features(images, torch.randn(2, 48) * 10)
+    _, s2 = vit.forward_features(images, torch.randn(2, 48) * 10)
+    assert not torch.equal(s1[-1], s2[-1])
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(method="foo"), "not one of"),
+    (dict(prune_layers=(2, 4), keep_ratios=(0.9,)), "same length"),
+    (dict(prune_layers=(4, 2, 10)), "increasing"),
+    (dict(keep_ratios=(0.9, 1.2, 0.4)), r"\(0, 1\]"),
+    (dict(keep_ratios=(0.0, 0.0, 0.0)), r"\(0, 1\]"),
+    (dict(keep_ratios=(0.5, 0.65, 0.4)), "must not increase"),
+    (dict(lam=1.5), "lam"),
+    (dict(tome_r=-1), "tome_r"),
+])
+def test_bad_config_raises(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        PruneConfig(**kw)
+
+
+def test_schedule_checked_against_depth_and_text_width():
+    with pytest.raises(ValueError, match="depth 12"):
+        tiny_vit(prune_layers=(2, 4, 12))
+    with pytest.raises(ValueError, match="depth 12"):
+        tiny_vit(prune_layers=(0, 4, 10))
+    vit = tiny_vit().train()
+    with pytest.raises(ValueError, match="text width 32 differs from vision width 48"):
+        vit(torch.randn(1, 3, 32, 32), torch.randn(1, 32))
+    with pytest.raises(ValueError, match="needs the text"):
+        vit(torch.randn(1, 3, 32, 32))
+
+
+def test_tome_preserves_total_size_and_mean():
+    torch.manual_seed(0)
+    blk = tiny_vit().blocks[0]
+    x = torch.randn(2, 17, 48)
+    out, size, src = pruning.tome_merge(blk, x, None, 5)
+    assert out.shape == (2, 12, 48) and size.shape == (2, 12)
+    assert torch.allclose(size.sum(1), torch.full((2,), 17.0))
+    # a size-weighted average keeps the size-weighted sum of all tokens
+    assert torch.allclose((out * size[..., None]).sum(1), x.sum(1), atol=1e-5)
+    assert torch.equal(out[:, 0], x[:, 0])
+    unmerged = src >= 0
+    assert torch.allclose(out[:, 1:][unmerged], x[:, 1:][torch.arange(2)[:, None].expand_as(src)[unmerged],
+                                                         src[unmerged]])

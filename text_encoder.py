@@ -1,0 +1,455 @@
+"""The text side of ALBEF/BLIP: a BERT WordPiece tokenizer, a BERT encoder whose upper layers
+cross-attend to image tokens, its masked/causal language-model head, and a strict loader for
+Hugging Face BERT weights.
+
+ELIP (arXiv 2309.16738) runs the unimodal text encoder before the ViT and uses its [CLS] output to
+decide which vision tokens to keep; everything here is plain ALBEF/BLIP text machinery.
+
+ALBEF layout: one BERT, layers[:fusion_layer] read text only, layers[fusion_layer:] add
+cross-attention to the image (the fusion encoder). BLIP layout: fusion_layer == 0, every layer has
+cross-attention, and the unimodal text encoder is the same stack with cross-attention skipped.
+"""
+
+import json
+import os
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# WordPiece tokenizer (BERT's "basic" tokenisation, then greedy longest-match word pieces)
+
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+SPECIALS_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIALS) + ")")
+MAX_WORD_CHARS = 100  # longer words become [UNK], as in BERT
+
+# CJK Unified Ideographs blocks: BERT puts spaces around each such character, so every
+# character is a word (Chinese has no spaces between words). Hiragana, Katakana, Hangul are not here.
+CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+              (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def _is_whitespace(ch):
+    return ch in " \t\n\r" or unicodedata.category(ch) == "Zs"
+
+
+def _is_control(ch):
+    # tab, newline and carriage return count as whitespace, not as control characters
+    return ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")
+
+
+def _is_punctuation(ch):
+    # BERT treats every non-alphanumeric printable ASCII character as punctuation ("$", "^", "`"
+    # are not unicode P*), plus every unicode P* character
+    cp = ord(ch)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(ch).startswith("P")
+
+
+def _is_cjk(ch):
+    cp = ord(ch)
+    return any(lo <= cp <= hi for lo, hi in CJK_RANGES)
+
+
+def basic_tokenize(text, do_lower_case=True):
+    """BERT's basic tokenisation: clean, split CJK characters, (lower-case, strip accents),
+    split on whitespace and punctuation. Special tokens ([MASK], ...) come out whole."""
+    words = []
+    for chunk in SPECIALS_RE.split(text):  # the capture group keeps the special tokens as chunks
+        if chunk in SPECIALS:
+            words.append(chunk)
+            continue
+        chunk = "".join(" " if _is_whitespace(c) else c for c in chunk
+                        if c not in "\0\ufffd" and not _is_control(c))
+        chunk = "".join(f" {c} " if _is_cjk(c) else c for c in chunk)
+        # the same character written with different code points must give the same token
+        chunk = unicodedata.normalize("NFC", chunk)
+        for word in chunk.split():
+            if do_lower_case:
+                word = word.lower()
+                # accents are removed by decomposing and dropping the combining marks: café -> cafe
+                word = "".join(c for c in unicodedata.normalize("NFD", word)
+                               if unicodedata.category(c) != "Mn")
+            # every punctuation character is a word of its own: "dog's" -> dog ' s
+            words += "".join(f" {c} " if _is_punctuation(c) else c for c in word).split()
+    return words
+
+
+class Tokenizer:
+    """BERT WordPiece tokenizer over a vocabulary list (index = token id)."""
+
+    def __init__(self, vocab, do_lower_case=True):
+        self.vocab = list(vocab)
+        self.do_lower_case = do_lower_case
+        self.token_to_id = {t: i for i, t in enumerate(self.vocab)}
+        absent = [t for t in SPECIALS if t not in self.token_to_id]
+        if absent:
+            raise ValueError(f"vocabulary lacks the special tokens {absent}")
+        self.vocab_size = len(self.vocab)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            self.token_to_id[t] for t in SPECIALS)
+
+    @classmethod
+    def from_file(cls, path, do_lower_case=True):
+        """Read a BERT vocab.txt: one token per line, the line number is the id."""
+        with open(path, encoding="utf-8") as f:
+            return cls([line.rstrip("\n") for line in f], do_lower_case)
+
+    @classmethod
+    def build(cls, captions, min_freq=1, do_lower_case=True):
+        """Vocabulary of whole words from captions: the specials, then the words seen at least
+        min_freq times, most frequent first, ties alphabetical. Every such word is one token."""
+        counts = Counter(w for c in captions for w in basic_tokenize(c, do_lower_case)
+                         if w not in SPECIALS)
+        words = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
+        return cls(list(SPECIALS) + words, do_lower_case)
+
+    def save(self, path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("".join(t + "\n" for t in self.vocab))
+
+    def _word_pieces(self, word):
+        """Greedy longest-match-first split of one word; a word with an unmatchable part is [UNK]."""
+        if word in SPECIALS:
+            return [word]
+        if len(word) > MAX_WORD_CHARS:
+            return ["[UNK]"]
+        pieces, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.token_to_id:
+                    break
+            else:  # not even a single character matched
+                return ["[UNK]"]
+            pieces.append(piece)
+            start = end
+        return pieces
+
+    def tokenize(self, text):
+        return [p for w in basic_tokenize(text, self.do_lower_case) for p in self._word_pieces(w)]
+
+    def encode(self, text):
+        ids = [self.token_to_id[p] for p in self.tokenize(text)]
+        return [self.cls_id] + ids + [self.sep_id]
+
+    def __call__(self, texts, max_len):
+        """Batch of texts -> (input_ids, attention_mask), LongTensors (B, L) padded to the longest
+        sequence (L <= max_len); a longer sequence is cut so that it still ends with [SEP]."""
+        if isinstance(texts, str):
+            raise TypeError("Tokenizer expects a list of texts, got a single str")
+        if max_len < 2:
+            raise ValueError(f"max_len must leave room for [CLS] and [SEP], got {max_len}")
+        seqs = [self.encode(t) for t in texts]
+        seqs = [s if len(s) <= max_len else s[:max_len - 1] + [self.sep_id] for s in seqs]
+        L = max(len(s) for s in seqs)
+        input_ids = torch.tensor([s + [self.pad_id] * (L - len(s)) for s in seqs])  # (B, L)
+        lengths = torch.tensor([len(s) for s in seqs])
+        attention_mask = (torch.arange(L)[None, :] < lengths[:, None]).long()  # (B, L)
+        return input_ids, attention_mask
+
+    def decode(self, ids):
+        """Ids -> text: stops at [SEP], skips special tokens, glues "##" pieces to their word."""
+        words = []
+        for i in (ids.tolist() if torch.is_tensor(ids) else ids):
+            token = self.vocab[i]
+            if token == "[SEP]":
+                break
+            if token in SPECIALS:
+                continue
+            if token.startswith("##") and words:
+                words[-1] += token[2:]
+            else:
+                words.append(token)
+        return " ".join(words)
+
+
+# -----------------------------------------------------------------------------
+# BERT with optional cross-attention (Hugging Face parameter names)
+
+@dataclass
+class BertConfig:
+    vocab_size: int
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1         # hidden and attention-probability dropout, as in BERT
+    fusion_layer: int = 6        # layers >= fusion_layer have cross-attention to the image
+    encoder_width: int = 768     # width of the image tokens the cross-attention reads
+    lm_head: bool = True         # the cls.predictions head (MLM, captioning); BLIP's encoder has none
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not 0 <= self.fusion_layer <= self.num_layers:
+            raise ValueError(f"fusion_layer must be in [0, {self.num_layers}], got {self.fusion_layer}")
+
+
+def bert_config_from_json(path, **overrides):
+    """BertConfig from a Hugging Face BERT config.json. A plain BERT has no image side, so unless
+    the file (ALBEF's config_bert.json does) or an override says otherwise, fusion_layer =
+    num_layers (text only) and encoder_width = hidden_size."""
+    with open(path, encoding="utf-8") as f:
+        hf = json.load(f)
+    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"{path}: only hidden_act 'gelu' with absolute position embeddings is supported")
+    names = dict(vocab_size="vocab_size", hidden_size="hidden_size", num_layers="num_hidden_layers",
+                 num_heads="num_attention_heads", intermediate_size="intermediate_size",
+                 max_position="max_position_embeddings", type_vocab_size="type_vocab_size",
+                 layer_norm_eps="layer_norm_eps", dropout="hidden_dropout_prob",
+                 fusion_layer="fusion_layer", encoder_width="encoder_width")
+    kwargs = {ours: hf[theirs] for ours, theirs in names.items() if theirs in hf}
+    kwargs.setdefault("fusion_layer", kwargs.get("num_layers", 12))
+    kwargs.setdefault("encoder_width", kwargs.get("hidden_size", 768))
+    unknown = set(overrides) - {f.name for f in fields(BertConfig)}
+    if unknown:
+        raise ValueError(f"unknown BertConfig fields {sorted(unknown)}")
+    return BertConfig(**{**kwargs, **overrides})
+
+
+class Attention(nn.Module):
+    """BERT attention block: self.{query,key,value}, then output.{dense,LayerNorm} around the
+    residual (post-LN). Keys and values come from `context`: the text itself for self-attention,
+    the image tokens (width encoder_width) for cross-attention."""
+
+    def __init__(self, cfg, context_width):
+        super().__init__()
+        D = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.attn_dropout = cfg.dropout
+        self.self = nn.ModuleDict(dict(query=nn.Linear(D, D), key=nn.Linear(context_width, D),
+                                       value=nn.Linear(context_width, D)))
+        self.output = nn.ModuleDict(dict(dense=nn.Linear(D, D),
+                                         LayerNorm=nn.LayerNorm(D, eps=cfg.layer_norm_eps)))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, context, mask):
+        """x (B, L, D), context (B, S, Dc), mask bool broadcastable to (B, H, L, S), True = attend."""
+        B, L, D = x.shape
+        S, H = context.shape[1], self.num_heads
+        q = self.self.query(x).view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
+        k = self.self.key(context).view(B, S, H, D // H).transpose(1, 2)  # (B, H, S, Dh)
+        v = self.self.value(context).view(B, S, H, D // H).transpose(1, 2)  # (B, H, S, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, L, D)  # (B, L, D): heads side by side again
+        return self.output.LayerNorm(x + self.dropout(self.output.dense(y)))
+
+
+class Layer(nn.Module):
+    """Self-attention, cross-attention to the image (fusion layers only), feed-forward."""
+
+    def __init__(self, cfg, has_cross):
+        super().__init__()
+        D = cfg.hidden_size
+        self.attention = Attention(cfg, D)
+        self.crossattention = Attention(cfg, cfg.encoder_width) if has_cross else None
+        self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(D, cfg.intermediate_size)))
+        self.output = nn.ModuleDict(dict(dense=nn.Linear(cfg.intermediate_size, D),
+                                         LayerNorm=nn.LayerNorm(D, eps=cfg.layer_norm_eps)))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask, image_embeds=None, image_mask=None):
+        x = self.attention(x, x, mask)
+        if image_embeds is not None:
+            x = self.crossattention(x, image_embeds, image_mask)
+        h = F.gelu(self.intermediate.dense(x))  # exact (erf) GELU, as BERT
+        return self.output.LayerNorm(x + self.dropout(self.output.dense(h)))
+
+
+class LMHead(nn.Module):
+    """cls.predictions: dense + GELU + LayerNorm, then the word embeddings (tied) plus a bias."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.transform = nn.ModuleDict(dict(dense=nn.Linear(D, D),
+                                            LayerNorm=nn.LayerNorm(D, eps=cfg.layer_norm_eps)))
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, hidden, word_embeddings):
+        h = self.transform.LayerNorm(F.gelu(self.transform.dense(hidden)))
+        return F.linear(h, word_embeddings, self.bias)  # (B, L, V)
+
+
+MODES = ("text", "fusion", "multimodal")
+
+
+class TextEncoder(nn.Module):
+    """BERT text encoder / fusion encoder / decoder: one stack, three modes (see forward)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.embeddings = nn.ModuleDict(dict(
+            word_embeddings=nn.Embedding(cfg.vocab_size, D),
+            position_embeddings=nn.Embedding(cfg.max_position, D),
+            token_type_embeddings=nn.Embedding(cfg.type_vocab_size, D),
+            LayerNorm=nn.LayerNorm(D, eps=cfg.layer_norm_eps)))
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
+            Layer(cfg, has_cross=i >= cfg.fusion_layer) for i in range(cfg.num_layers))))
+        if cfg.lm_head:
+            self.cls = nn.ModuleDict(dict(predictions=LMHead(cfg)))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        # BERT's initialisation: N(0, 0.02) matrices and embeddings, zero biases, unit LayerNorm
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def embed(self, input_ids):
+        """(B, L) ids -> (B, L, D): word + position + token type 0 (one segment), LayerNorm."""
+        L = input_ids.shape[1]
+        if L > self.cfg.max_position:
+            raise ValueError(f"sequence length {L} exceeds max_position {self.cfg.max_position}")
+        e = self.embeddings
+        pos = torch.arange(L, device=input_ids.device)
+        x = e.word_embeddings(input_ids) + e.position_embeddings(pos) + e.token_type_embeddings.weight[0]
+        return self.embed_dropout(e.LayerNorm(x))
+
+    def forward(self, input_ids=None, attention_mask=None, image_embeds=None, image_atts=None,
+                mode="text", causal=False, hidden=None):
+        """Last hidden state (B, L, D).
+        mode "text": text-only layers, layers[:fusion_layer] (ALBEF) or, when fusion_layer == 0,
+            all layers with cross-attention skipped (BLIP's unimodal text encoder);
+        mode "fusion": from `hidden` (the output of mode "text"), layers[fusion_layer:] with
+            cross-attention to image_embeds (ALBEF's fusion encoder);
+        mode "multimodal": from input_ids, all layers, cross-attention in layers >= fusion_layer.
+        causal=True masks later positions (the decoder). attention_mask (B, L) and image_atts
+        (B, S) are 1 for real tokens, 0 for padding; None means all real."""
+        cfg = self.cfg
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "fusion":
+            if hidden is None:
+                raise ValueError("mode 'fusion' starts from `hidden`, the output of mode 'text'")
+            if not 0 < cfg.fusion_layer < cfg.num_layers:
+                raise ValueError(f"mode 'fusion' needs both text and fusion layers, but fusion_layer="
+                                 f"{cfg.fusion_layer} with num_layers={cfg.num_layers}; use 'multimodal'")
+            x, start, end = hidden, cfg.fusion_layer, cfg.num_layers
+        else:
+            if input_ids is None:
+                raise ValueError(f"mode {mode!r} needs input_ids")
+            x, start = self.embed(input_ids), 0
+            end = cfg.fusion_layer if mode == "text" and cfg.fusion_layer > 0 else cfg.num_layers
+        B, L, _ = x.shape
+
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.long, device=x.device)
+        # every query may look at the real (non-padded) keys; causal also hides the later ones.
+        # Row 0 ([CLS]) is always a real key, so no query row is ever fully masked.
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+        if causal:
+            mask = mask & torch.ones(L, L, dtype=torch.bool, device=x.device).tril()  # (B, 1, L, L)
+
+        image_mask = None
+        if mode != "text":
+            if image_embeds is None:
+                raise ValueError(f"mode {mode!r} cross-attends to the image: pass image_embeds")
+            if image_embeds.shape[-1] != cfg.encoder_width:
+                raise ValueError(f"image_embeds width {image_embeds.shape[-1]} != "
+                                 f"encoder_width {cfg.encoder_width}")
+            if image_atts is None:
+                image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=x.device)
+            image_mask = image_atts.bool()[:, None, None, :]  # (B, 1, 1, S)
+
+        for i, layer in enumerate(self.encoder.layer[start:end], start):
+            cross = mode != "text" and i >= cfg.fusion_layer
+            x = layer(x, mask, image_embeds if cross else None, image_mask)
+        return x
+
+    def lm_logits(self, hidden):
+        """(B, L, D) -> (B, L, vocab): the MLM / captioning head."""
+        return self.cls.predictions(hidden, self.embeddings.word_embeddings.weight)
+
+
+# -----------------------------------------------------------------------------
+# Loading Hugging Face BERT weights
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """The safetensors format: 8-byte little-endian header size, a JSON header mapping each name
+    to dtype, shape and [start, end) byte offsets into the data that follows."""
+    buf = bytearray(os.path.getsize(path))
+    with open(path, "rb") as f:
+        f.readinto(buf)
+    n = int.from_bytes(buf[:8], "little")
+    header = json.loads(buf[8:8 + n])
+    header.pop("__metadata__", None)
+    state = {}
+    for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        count = (end - start) // dtype.itemsize
+        # frombuffer views the buffer without copying; the tensors keep it alive
+        if count:
+            t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + start)
+        else:  # frombuffer refuses zero elements
+            t = torch.empty(0, dtype=dtype)
+        state[name] = t.reshape(info["shape"])
+    return state
+
+
+def hf_to_ours(name):
+    """The one mapping from a Hugging Face BERT checkpoint name to our parameter name: drop the
+    "bert." prefix of BertFor* checkpoints ("cls.*" heads have none) and rename the old
+    TensorFlow-style LayerNorm gamma/beta."""
+    name = name.removeprefix("bert.")
+    return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+
+
+def load_bert_weights(encoder, path):
+    """Load a Hugging Face BERT checkpoint (.safetensors, .bin, or a state dict) into `encoder`.
+    Strict: every shape must match, and only crossattention.* and cls.* may be absent (they keep
+    their initialisation, e.g. plain BERT has no cross-attention). Returns
+    dict(missing=[our keys left at init], unused=[checkpoint keys not loaded])."""
+    if isinstance(path, dict):
+        state = path
+    elif str(path).endswith(".safetensors"):
+        state = read_safetensors(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    ours = encoder.state_dict()
+    source, unused = {}, []  # our name -> checkpoint name
+    for key, value in state.items():
+        name = hf_to_ours(key)
+        if name not in ours:
+            unused.append(key)
+            continue
+        if name in source:
+            raise ValueError(f"checkpoint keys {source[name]!r} and {key!r} both map to {name!r}")
+        if tuple(value.shape) != tuple(ours[name].shape):
+            raise ValueError(f"shape mismatch for {key!r} (ours {name!r}): checkpoint "
+                             f"{tuple(value.shape)} vs model {tuple(ours[name].shape)}")
+        source[name] = key
+    missing = [name for name in ours if name not in source]
+    required = [name for name in missing
+                if ".crossattention." not in name and not name.startswith("cls.")]
+    if required:
+        raise ValueError(f"checkpoint lacks required weights: {required}")
+    encoder.load_state_dict({name: state[key] for name, key in source.items()}, strict=False)
+    return dict(missing=missing, unused=unused)
