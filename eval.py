@@ -267,3 +267,612 @@ def evaluate_retrieval(model, dataset, tokenizer, device, k=16, max_len=32, batc
     out["itc"] = recall_at_k(sim, sim.T, dataset.img2txt, dataset.txt2img)
     model.train(was_training)
     return out
+
+
+# -----------------------------------------------------------------------------
+# Efficiency
+#
+# DESIGN.md section 5: measure, do not estimate, and compare the methods side by side in one run
+# on one machine. For each token-reduction method, on the ViT alone and (--whole_model true) on
+# the whole pre-training model:
+#   FLOPs   FlopCounterMode around a training step (forward + backward), and around an inference
+#           forward (eval mode, PruneConfig(in_eval=True) so the reduction still applies, no_grad)
+#   memory  the bytes autograd saves for backward in the training step, each storage once,
+#           parameters left out (they are resident whatever the method); on a GPU also the peak of
+#           torch.cuda.max_memory_allocated over the step
+#   time    the median of repeated training steps after warm-up, torch.set_num_threads fixed
+#   tokens  the sequence length entering each layer in the grad-enabled pass (the ELIP look-ahead
+#           runs under no_grad and is not counted there) against pruning.token_counts, and the
+#           ratio of removed token-layers
+# each with its ratio to `none`. Then ELIP+ (paper section 4.5): the largest batch whose
+# activations fit in what `none` uses; the cost of prune_and_merge against a per-sample loop; and
+# our ViT against timm's.
+#
+#     python eval.py efficiency                                # ViT-B/16 at 224 px, batch 8
+#     python eval.py efficiency --whole_model true --whole_batch 4
+#     python eval.py efficiency --preset tiny                  # a quick look, seconds
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+from torch.utils import flop_counter
+
+from model import PRESETS as MODEL_PRESETS
+from model import ELIPModel, ModelConfig
+from pruning import METHODS, PruneConfig, prune_and_merge, token_counts
+from vit import VisionTransformer
+
+
+@dataclass
+class EfficiencyConfig:
+    preset: str = "base"
+    # the ViT, and the vision side of the whole model: ViT-B/16 at 224 px
+    img_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    batch: int = 8
+    methods: tuple = ("none", "elip", "elip_inline", "evit", "tome", "random")
+    # one schedule for every method that cuts at fixed layers (elip, elip_inline, evit, random),
+    # so they differ only in how they score tokens; ELIP's official default
+    prune_layers: tuple = (2, 4, 10)
+    keep_ratios: tuple = (0.9, 0.65, 0.4)
+    lam: float = 0.8
+    tome_r: int = 0                  # 0: the r whose removed token-layers come closest to elip's
+    # time
+    reps: int = 5                    # timed training steps per method, after warmup
+    warmup: int = 1
+    threads: int = 0                 # torch.set_num_threads for the run (0: torch's default)
+    op_reps: int = 30                # prune_and_merge against the per-sample loop, interleaved
+    timm_reps: int = 10              # our ViT against timm's, interleaved (0: skip)
+    elip_plus: bool = True           # the ELIP+ batch search
+    # the whole pre-training model: the albef preset's architecture with the widths above, a
+    # small queue and vocabulary (they only add a batch-independent cost)
+    whole_model: bool = False
+    whole_batch: int = 4
+    whole_vocab: int = 1000
+    whole_queue: int = 1024
+    text_len: int = 30
+    device: str = "auto"             # auto: cuda when available, else cpu
+    seed: int = 0
+    out: str = "out/efficiency.json"
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or "none" not in self.methods:
+            raise ValueError(f"methods {self.methods}: choose from {METHODS}, `none` included "
+                             "(every figure is also given as a ratio to it)")
+        if min(self.batch, self.whole_batch, self.reps, self.op_reps) < 1 or self.warmup < 0:
+            raise ValueError("batch, whole_batch, reps and op_reps must be >= 1, warmup >= 0")
+        if self.whole_batch < 2:
+            raise ValueError("whole_batch must be >= 2: ITM draws each hard negative from the "
+                             "other samples of the batch")
+        if self.whole_vocab <= 5 or self.text_len < 2:
+            raise ValueError("whole_vocab must exceed the 5 special tokens; text_len must be >= 2")
+
+
+EFFICIENCY_PRESETS = {
+    "base": dict(),
+    "tiny": dict(img_size=64, patch_size=8, width=128, depth=12, heads=4, batch=4, reps=2,
+                 op_reps=5, timm_reps=2, whole_batch=2, whole_vocab=200, whole_queue=64,
+                 text_len=12),
+}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- the measuring instruments ---------------------------------------------------------
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_counter_mode():
+    """FlopCounterMode that also counts fused attention on CPU. torch's registry has formulas for
+    the CUDA attention kernels only, so on CPU F.scaled_dot_product_attention would count 0; the
+    CPU kernel gets the same formulas (forward: Q K^T and A V; backward: the scores recomputed,
+    then four products, as flash attention does). Matrix products count 2 FLOPs per
+    multiply-add; element-wise work (softmax, norms, GELU) is not counted, as in torch's counter."""
+    aten = torch.ops.aten
+    return flop_counter.FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops})
+
+
+@contextlib.contextmanager
+def saved_tensor_bytes(exclude=()):
+    """Record what autograd saves for backward inside the block. Yields a dict {storage address:
+    bytes}, filled as tensors are saved; its sum is the activation memory. A storage counts once
+    however many tensors or views of it are saved, and whole (a saved view keeps all of its
+    storage alive). Storages of the tensors in `exclude` (the parameters) are left out."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+
+
+@contextlib.contextmanager
+def layer_lengths(blocks):
+    """Yields a list that collects the sequence length entering each of `blocks` in grad-enabled
+    calls; the ELIP look-ahead runs the same blocks under no_grad and is left out."""
+    lengths = []
+    hooks = [b.register_forward_pre_hook(
+        lambda m, args: lengths.append(args[0].shape[1]) if torch.is_grad_enabled() else None)
+        for b in blocks]
+    try:
+        yield lengths
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def removed_ratio(lengths, num_patches):
+    """The fraction of token-layers removed: 1 - sum(lengths) / (depth * (1 + M))."""
+    return 1.0 - sum(lengths) / (len(lengths) * (1 + num_patches))
+
+
+def matching_tome_r(num_patches, depth, target):
+    """The ToMe r whose removed token-layer ratio comes closest to `target`."""
+    return min(range(num_patches // 2 + 1), key=lambda r: abs(target - removed_ratio(
+        token_counts(num_patches, depth, PruneConfig(method="tome", tome_r=r)), num_patches)))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _resident(module):
+    return [*module.parameters(), *module.buffers()]
+
+
+def train_step_figures(loss_fn, module, blocks, batch):
+    """One instrumented training step (forward + backward) at `batch`: its FLOPs, the bytes saved
+    for backward, and the sequence length entering each of `blocks`."""
+    module.train()
+    with flop_counter_mode() as flops:
+        with layer_lengths(blocks) as lengths, saved_tensor_bytes(_resident(module)) as saved:
+            loss = loss_fn(batch)
+        loss.backward()
+    module.zero_grad(set_to_none=True)
+    return dict(train_flops=flops.get_total_flops(), act_bytes=sum(saved.values()),
+                lengths=lengths)
+
+
+def activation_bytes(loss_fn, module, batch):
+    """Bytes saved for backward by a training forward at `batch` (the backward is not needed)."""
+    module.train()
+    with saved_tensor_bytes(_resident(module)) as saved:
+        loss_fn(batch)
+    return sum(saved.values())
+
+
+def cuda_step_peak(loss_fn, module, batch, device):
+    """Peak CUDA memory of a training step above what was allocated before it: activations,
+    gradients and kernel workspace."""
+    module.train()
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    loss_fn(batch).backward()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    module.zero_grad(set_to_none=True)
+    return peak
+
+
+def step_seconds(loss_fn, module, batch, device):
+    """Wall time of one training step (forward + backward; the optimizer update, the same for
+    every method, is left out)."""
+    module.train()
+    _sync(device)
+    start = time.perf_counter()
+    loss_fn(batch).backward()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    module.zero_grad(set_to_none=True)
+    return seconds
+
+
+def elip_plus_batch(measure, budget, b1, b2, measured=None, min_batch=1):
+    """ELIP+ (paper section 4.5): the largest batch whose training-step activation memory fits in
+    `budget` bytes. measure(batch) -> bytes; measured: {batch: bytes} already known.
+    Fits memory = fixed + per_sample * batch on b1 and b2, solves it for the budget, then checks
+    by measuring: steps down while the batch does not fit, up while the next one still does.
+    Batches below min_batch are never measured; min_batch - 1 is returned if none fits."""
+    measured = dict(measured or {})
+
+    def at(b):
+        if b not in measured:
+            measured[b] = measure(b)
+        return measured[b]
+
+    per_sample = (at(b2) - at(b1)) / (b2 - b1)
+    if per_sample <= 0:
+        raise ValueError(f"memory does not grow with the batch: {measured}")
+    fixed = at(b1) - per_sample * b1
+    b = max(min_batch, int((budget - fixed) // per_sample))
+    while b >= min_batch and at(b) > budget:
+        b -= 1
+    while at(b + 1) <= budget:
+        b += 1
+    return dict(batch=b, bytes=measured.get(b), budget=budget, per_sample_bytes=per_sample,
+                fixed_bytes=fixed, measured=dict(sorted(measured.items())))
+
+
+# ---- what is measured: the ViT alone, the whole model ----------------------------------
+def method_prune_configs(cfg, num_patches):
+    """{method: PruneConfig} with the shared schedule, ToMe's r matched to elip's removed
+    token-layers unless given, and in_eval so the inference forward reduces tokens too."""
+    sched = dict(prune_layers=cfg.prune_layers, keep_ratios=cfg.keep_ratios, lam=cfg.lam,
+                 in_eval=True)
+    elip = removed_ratio(token_counts(num_patches, cfg.depth, PruneConfig(method="elip", **sched)),
+                         num_patches)
+    r = cfg.tome_r or matching_tome_r(num_patches, cfg.depth, elip)
+    order = ["none"] + [m for m in cfg.methods if m != "none"]     # `none` first: the reference
+    return {m: PruneConfig(method=m, tome_r=r, **sched) for m in order}
+
+
+def vit_inputs(cfg, batch, device):
+    """Random images and a random text [CLS] (read by the text-guided methods only), the same for
+    every method."""
+    g = torch.Generator().manual_seed(cfg.seed + batch)
+    images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g)
+    return images.to(device), torch.randn(batch, cfg.width, generator=g).to(device)
+
+
+def build_vit_bench(cfg, prune, device):
+    """(module, blocks, loss_fn, inference_flops) for the ViT alone. The loss is the mean of the
+    output tokens, so every token that reaches the end gets a gradient."""
+    torch.manual_seed(cfg.seed)
+    vit = VisionTransformer(cfg.img_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads,
+                            prune=prune).to(device)
+    inputs = {}
+
+    def loss_fn(batch):
+        if batch not in inputs:
+            inputs[batch] = vit_inputs(cfg, batch, device)
+        return vit(*inputs[batch]).mean()
+
+    def inference_flops(batch):
+        vit.eval()
+        with torch.no_grad(), flop_counter_mode() as flops:
+            vit(*vit_inputs(cfg, batch, device))
+        vit.train()
+        return flops.get_total_flops()
+
+    return vit, vit.blocks, loss_fn, inference_flops
+
+
+def whole_model_config(cfg, prune):
+    """The albef preset's architecture with the ViT's size and widths, a small queue and
+    vocabulary, a text of cfg.text_len tokens."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    arch = {k: v for k, v in MODEL_PRESETS["albef"].items() if k in fields}
+    arch.update(img_size=cfg.img_size, patch_size=cfg.patch_size, vision_width=cfg.width,
+                vision_depth=cfg.depth, vision_heads=cfg.heads, text_width=cfg.width,
+                text_heads=cfg.heads, text_mlp=4 * cfg.width, max_len=cfg.text_len,
+                vocab_size=cfg.whole_vocab, queue_size=cfg.whole_queue)
+    return ModelConfig(**arch, prune=prune)
+
+
+def build_model_bench(cfg, prune, device):
+    """(module, blocks, loss_fn, None) for the whole pre-training model: random images and texts
+    without padding, loss = the sum of its losses; blocks are the online ViT's."""
+    torch.manual_seed(cfg.seed)
+    model = ELIPModel(whole_model_config(cfg, prune)).to(device)
+    inputs = {}
+
+    def loss_fn(batch):
+        if batch not in inputs:
+            images, _ = vit_inputs(cfg, batch, device)
+            g = torch.Generator().manual_seed(cfg.seed + batch)
+            ids = torch.randint(5, cfg.whole_vocab, (batch, cfg.text_len), generator=g)
+            ids[:, 0] = model.cfg.cls_id
+            inputs[batch] = images, ids.to(device), torch.ones_like(ids).to(device)
+        return model(*inputs[batch], alpha=0.4)["loss"]
+
+    return model, model.visual_encoder.blocks, loss_fn, None
+
+
+RATIO_KEYS = ("train_flops", "infer_flops", "act_bytes", "cuda_peak_bytes", "step_s")
+
+
+def measure_methods(cfg, build, batch, device, num_patches, prunes, scope, min_batch=1):
+    """Every figure of every method in `prunes`, measured with build(cfg, prune, device), and
+    each figure's ratio to `none`. min_batch: the smallest batch the model can train on."""
+    results = {}
+    for method, prune in prunes.items():
+        log(f"[{scope}] {method}: building")
+        module, blocks, loss_fn, inference_flops = build(cfg, prune, device)
+        torch.manual_seed(cfg.seed)
+        log(f"[{scope}] {method}: FLOPs, saved bytes, lengths")
+        fig = train_step_figures(loss_fn, module, blocks, batch)
+        fig["token_counts"] = token_counts(num_patches, cfg.depth, prune)
+        fig["lengths_match_token_counts"] = fig["lengths"] == fig["token_counts"]
+        fig["removed_ratio"] = removed_ratio(fig["lengths"], num_patches)
+        if inference_flops is not None:
+            fig["infer_flops"] = inference_flops(batch)
+        if device.type == "cuda":
+            fig["cuda_peak_bytes"] = cuda_step_peak(loss_fn, module, batch, device)
+        log(f"[{scope}] {method}: timing {cfg.warmup} + {cfg.reps} steps")
+        times = [step_seconds(loss_fn, module, batch, device)
+                 for _ in range(cfg.warmup + cfg.reps)][cfg.warmup:]
+        fig["step_s"], fig["step_s_all"] = statistics.median(times), times
+        if cfg.elip_plus:
+            log(f"[{scope}] {method}: ELIP+ batch search")
+            budget = results["none"]["act_bytes"] if method != "none" else fig["act_bytes"]
+            fig["elip_plus"] = elip_plus_batch(
+                lambda b: activation_bytes(loss_fn, module, b), budget,
+                b1=batch // 2 if batch // 2 >= min_batch else batch + 1, b2=batch,
+                measured={batch: fig["act_bytes"]}, min_batch=min_batch)
+        fig["prune"] = dataclasses.asdict(prune)
+        results[method] = fig
+        del module, blocks, loss_fn, inference_flops
+    for fig in results.values():
+        fig["ratio"] = {k: fig[k] / results["none"][k] for k in RATIO_KEYS if k in fig}
+    return results
+
+
+# ---- the cost of prune-and-merge, and our ViT against timm's --------------------------
+def loop_prune_and_merge(x, scores, num_keep):
+    """REFERENCE ONLY, the benchmark's baseline (never used by the model): ELIP's prune-and-merge
+    written the way the official code does it, choosing the tokens for the whole batch at once
+    but then indexing each sample's kept and dropped tokens one by one in a Python loop.
+    Same result as pruning.prune_and_merge(x, scores, num_keep)[0] (tests check it)."""
+    order = scores.detach().sort(dim=1, descending=True).indices       # (B, N)
+    keep = order[:, :num_keep].sort(dim=1).values + 1                  # (B, K) indices into x
+    keep = torch.cat([keep.new_zeros(keep.shape[0], 1), keep], dim=1)  # (B, 1+K) [CLS] first
+    drop = order[:, num_keep:]                                         # (B, N-K)
+    w = scores.detach().gather(1, drop)
+    w = w / (w.sum(dim=1, keepdim=True) + 1e-6)                        # Eq. 4 weights (B, N-K)
+    kept = torch.stack([xb[kb] for xb, kb in zip(x, keep)])            # (B, 1+K, D)
+    merged = torch.stack([(xb[db + 1] * wb[:, None]).sum(0, keepdim=True)
+                          for xb, db, wb in zip(x, drop, w)])          # (B, 1, D)
+    return torch.cat([kept, merged], dim=1)
+
+
+def bench_prune_and_merge(cfg, device, num_patches, vit_results):
+    """Forward + backward time of pruning.prune_and_merge and of the per-sample loop, interleaved,
+    on the inputs of each cut of the elip schedule at --batch; the first cut's time (and the sum
+    over cuts) as a fraction of the measured ViT training step."""
+    elip = PruneConfig(prune_layers=cfg.prune_layers, keep_ratios=cfg.keep_ratios)
+    counts = token_counts(num_patches, cfg.depth, elip)
+    impls = {"vectorised": lambda x, s, k: prune_and_merge(x, s, k)[0],
+             "loop": loop_prune_and_merge}
+    g = torch.Generator().manual_seed(cfg.seed)
+    cuts = []
+    for layer, ratio in zip(cfg.prune_layers, cfg.keep_ratios):
+        length, k = counts[layer - 1], int(num_patches * ratio)
+        if k >= length - 1:
+            continue
+        x = torch.randn(cfg.batch, length, cfg.width, generator=g).to(device).requires_grad_()
+        scores = torch.rand(cfg.batch, length - 1, generator=g).to(device)
+        grad = torch.randn(cfg.batch, k + 2, cfg.width, generator=g).to(device)
+        times = {name: [] for name in impls}
+        for rep in range(3 + cfg.op_reps):                        # 3 warm-up rounds
+            for name, fn in impls.items():
+                _sync(device)
+                start = time.perf_counter()
+                fn(x, scores, k).backward(grad)
+                _sync(device)
+                if rep >= 3:
+                    times[name].append(time.perf_counter() - start)
+                x.grad = None
+        med = {name: statistics.median(t) for name, t in times.items()}
+        cuts.append(dict(layer=layer, input_shape=[cfg.batch, length, cfg.width], num_keep=k,
+                         vectorised_s=med["vectorised"], loop_s=med["loop"],
+                         speedup=med["loop"] / med["vectorised"]))
+    out = dict(cuts=cuts, reps=cfg.op_reps)
+    if cuts:
+        first, total = cuts[0]["vectorised_s"], sum(c["vectorised_s"] for c in cuts)
+        for m in ("elip", "none"):
+            if m in vit_results:
+                out[f"first_cut_fraction_of_{m}_step"] = first / vit_results[m]["step_s"]
+                out[f"all_cuts_fraction_of_{m}_step"] = total / vit_results[m]["step_s"]
+    return out
+
+
+def compare_with_timm(cfg, device):
+    """Training steps of our ViT and timm's VisionTransformer of the same size (no pruning),
+    alternated (the order swapped every round) after one warm-up round: medians and ratio."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+    except ImportError:
+        return dict(skipped="timm is not installed")
+    torch.manual_seed(cfg.seed)
+    ours = VisionTransformer(cfg.img_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads,
+                             prune=PruneConfig(method="none")).to(device)
+    timm_vit = TimmViT(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.width,
+                       depth=cfg.depth, num_heads=cfg.heads, num_classes=0).to(device)
+    images, _ = vit_inputs(cfg, cfg.batch, device)
+    runs = {"ours": (ours, lambda b: ours(images).mean()),
+            "timm": (timm_vit, lambda b: timm_vit.forward_features(images).mean())}
+    out = {}
+    for name, (module, loss_fn) in runs.items():
+        with flop_counter_mode() as flops:
+            loss_fn(cfg.batch).backward()
+        module.zero_grad(set_to_none=True)
+        out[f"{name}_train_flops"] = flops.get_total_flops()
+        out[f"{name}_params"] = sum(p.numel() for p in module.parameters())
+    times = {name: [] for name in runs}
+    for rep in range(1 + cfg.timm_reps):
+        for name in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
+            module, loss_fn = runs[name]
+            t = step_seconds(loss_fn, module, cfg.batch, device)
+            if rep > 0:
+                times[name].append(t)
+    out.update(ours_s=statistics.median(times["ours"]), timm_s=statistics.median(times["timm"]),
+               ours_s_all=times["ours"], timm_s_all=times["timm"], reps=cfg.timm_reps)
+    out["ratio"] = out["ours_s"] / out["timm_s"]
+    return out
+
+
+# ---- the report ------------------------------------------------------------------------
+def check_targets(report):
+    """The issue's targets against the measured figures; meaningful for ViT-B/16 at 224 px with
+    ELIP's default schedule (`applies` says whether this run is that setting)."""
+    cfg, vit = report["config"], report["vit"]
+    applies = (cfg["img_size"], cfg["patch_size"], cfg["width"], cfg["depth"], cfg["heads"]) == \
+        (224, 16, 768, 12, 12) and tuple(cfg["prune_layers"]) == (2, 4, 10) and \
+        tuple(cfg["keep_ratios"]) == (0.9, 0.65, 0.4)
+    pm, timm = report["prune_and_merge"], report["timm"]
+    first = pm["cuts"][0] if pm["cuts"] else {}
+    rows = [
+        ("elip ViT training activation memory <= 0.73 x none",
+         vit.get("elip", {}).get("ratio", {}).get("act_bytes"), "<=", 0.73),
+        ("elip ViT training FLOPs <= 0.90 x none",
+         vit.get("elip", {}).get("ratio", {}).get("train_flops"), "<=", 0.90),
+        ("elip_inline ViT training FLOPs <= 0.73 x none",
+         vit.get("elip_inline", {}).get("ratio", {}).get("train_flops"), "<=", 0.73),
+        ("prune_and_merge (first cut) <= 1% of the elip ViT training step",
+         pm.get("first_cut_fraction_of_elip_step"), "<=", 0.01),
+        ("prune_and_merge >= 5x faster than the per-sample loop", first.get("speedup"), ">=", 5.0),
+        ("our ViT training step at most 5% slower than timm's", timm.get("ratio"), "<=", 1.05),
+    ]
+    return [dict(target=name, value=value, limit=limit, applies=applies,
+                 met=None if value is None else value <= limit if op == "<=" else value >= limit)
+            for name, value, op, limit in rows]
+
+
+def format_methods(results, batch):
+    """A table of one scope's figures, each with its ratio to `none`, then the lengths."""
+    cols = [("train GFLOP", "train_flops", 1e-9), ("infer GFLOP", "infer_flops", 1e-9),
+            ("act MiB", "act_bytes", 2 ** -20), ("cuda MiB", "cuda_peak_bytes", 2 ** -20),
+            ("step s", "step_s", 1.0)]
+    cols = [c for c in cols if c[1] in results["none"]]
+    head = f"{'method':<12}" + "".join(f"{name:>13}{'x none':>8}" for name, _, _ in cols) + \
+        f"{'removed':>9}{'ELIP+ batch':>13}"
+    lines = [head]
+    for method, fig in results.items():
+        row = f"{method:<12}" + "".join(f"{fig[k] * scale:13.2f}{fig['ratio'][k]:8.3f}"
+                                        for _, k, scale in cols)
+        plus = fig.get("elip_plus", {}).get("batch")
+        row += f"{fig['removed_ratio']:9.3f}" + (f"{plus:>7} vs {batch}" if plus else "")
+        lines.append(row)
+    lines.append("sequence length entering each layer (grad-enabled pass), and whether it equals "
+                 "pruning.token_counts:")
+    lines += [f"  {method:<12}{' '.join(map(str, fig['lengths']))}  "
+              f"{'= token_counts' if fig['lengths_match_token_counts'] else '!= token_counts ' + str(fig['token_counts'])}"
+              for method, fig in results.items()]
+    return lines
+
+
+def format_efficiency(report):
+    cfg, machine = report["config"], report["machine"]
+    lines = [f"efficiency on {machine['device']} ({machine['processor']}), {machine['threads']} "
+             f"threads, torch {machine['torch']}; medians of {cfg['reps']} steps after "
+             f"{cfg['warmup']} warm-up; memory = bytes saved for backward (parameters excluded)",
+             f"schedule {tuple(cfg['prune_layers'])} keep {tuple(cfg['keep_ratios'])} lam "
+             f"{cfg['lam']} for elip, elip_inline (ours, not the paper's), evit, random; "
+             f"tome r = {report['tome_r']}",
+             "",
+             f"ViT alone: {cfg['img_size']} px, patch {cfg['patch_size']}, width {cfg['width']}, "
+             f"depth {cfg['depth']}, heads {cfg['heads']}, batch {cfg['batch']}"]
+    lines += format_methods(report["vit"], cfg["batch"])
+    if "whole_model" in report:
+        w = report["whole_model"]
+        lines += ["", f"whole model (ELIPModel, {w['description']}), batch {cfg['whole_batch']}"]
+        lines += format_methods(w["methods"], cfg["whole_batch"])
+    pm = report["prune_and_merge"]
+    lines += ["", f"prune_and_merge, forward + backward, median of {pm['reps']} (interleaved):"]
+    for c in pm["cuts"]:
+        lines.append(f"  before layer {c['layer']}: {tuple(c['input_shape'])} keep {c['num_keep']}"
+                     f": vectorised {c['vectorised_s'] * 1e3:.3f} ms, per-sample loop "
+                     f"{c['loop_s'] * 1e3:.3f} ms, speed-up {c['speedup']:.1f}x")
+    for key in ("first_cut_fraction_of_elip_step", "all_cuts_fraction_of_elip_step",
+                "first_cut_fraction_of_none_step"):
+        if key in pm:
+            lines.append(f"  {key.replace('_', ' ')}: {100 * pm[key]:.3f}%")
+    t = report["timm"]
+    lines.append("")
+    if "skipped" in t:
+        lines.append(f"timm comparison skipped: {t['skipped']}")
+    else:
+        lines.append(f"ViT training step, method none, ours vs timm (interleaved, median of "
+                     f"{t['reps']}): {t['ours_s']:.3f} s vs {t['timm_s']:.3f} s, ratio "
+                     f"{t['ratio']:.3f}; GFLOP {t['ours_train_flops'] / 1e9:.1f} vs "
+                     f"{t['timm_train_flops'] / 1e9:.1f}; params {t['ours_params']:,} vs "
+                     f"{t['timm_params']:,}")
+    lines += ["", "targets" + ("" if report["targets"][0]["applies"] else
+                               " (NOT the issue's setting: ViT-B/16, 224 px, default schedule)")]
+    for row in report["targets"]:
+        value = "not measured" if row["value"] is None else f"{row['value']:.4g}"
+        verdict = "-" if row["met"] is None else "met" if row["met"] else "MISSED"
+        lines.append(f"  {verdict:<7}{row['target']}: {value}")
+    return "\n".join(lines)
+
+
+def run_efficiency(cfg):
+    """Every measurement of the report, as a JSON-ready dict."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if cfg.device == "auto" else cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    num_patches = (cfg.img_size // cfg.patch_size) ** 2
+    prunes = method_prune_configs(cfg, num_patches)
+    report = dict(config=dataclasses.asdict(cfg), tome_r=prunes["none"].tome_r, machine=dict(
+        device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
+        processor=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None))
+    report["vit"] = measure_methods(cfg, build_vit_bench, cfg.batch, device, num_patches,
+                                    prunes, "vit")
+    log("prune_and_merge against the per-sample loop")
+    report["prune_and_merge"] = bench_prune_and_merge(cfg, device, num_patches, report["vit"])
+    log("our ViT against timm's")
+    report["timm"] = compare_with_timm(cfg, device) if cfg.timm_reps else dict(
+        skipped="--timm_reps 0")
+    if cfg.whole_model:
+        mc = whole_model_config(cfg, prunes["none"])
+        report["whole_model"] = dict(
+            description=f"albef preset architecture at {mc.img_size} px: text {mc.text_layers} + "
+                        f"fusion {mc.fusion_layers} layers, width {mc.text_width}, drop_path "
+                        f"{mc.drop_path}, losses {'+'.join(mc.losses)}; queue {mc.queue_size} and "
+                        f"vocabulary {mc.vocab_size} (small, to keep it fast), text length "
+                        f"{cfg.text_len}",
+            model_config=dataclasses.asdict(mc),
+            methods=measure_methods(cfg, build_model_bench, cfg.whole_batch, device, num_patches,
+                                    prunes, "whole model", min_batch=2))
+    report["targets"] = check_targets(report)
+    return report
+
+
+def efficiency_main(argv):
+    """python eval.py efficiency [--flag value ...]: print the report, write it as JSON."""
+    from train_pretrain import parse_config   # here: train_pretrain imports this module
+    cfg = parse_config(EfficiencyConfig(), argv, EFFICIENCY_PRESETS)
+    report = run_efficiency(cfg)
+    print(format_efficiency(report))
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    with open(cfg.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {cfg.out}")
+
+
+COMMANDS = {"efficiency": efficiency_main}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        raise SystemExit(f"usage: python eval.py {{{','.join(COMMANDS)}}} [--flag value ...]")
+    COMMANDS[sys.argv[1]](sys.argv[2:])

@@ -59,6 +59,7 @@ class ModelConfig:
         if isinstance(self.prune, dict):
             self.prune = PruneConfig(**self.prune)
         self.losses = tuple(self.losses)
+        self.prune.check(self.vision_depth)
         bad = set(self.losses) - {"itc", "itm", "mlm", "lm"}
         if bad or not self.losses:
             raise ValueError(f"losses {self.losses}: choose from itc, itm, mlm, lm")

@@ -1,0 +1,166 @@
+"""The efficiency report's instruments (eval.py, section Efficiency): exact FLOP and saved-byte
+counts on cases worked out by hand, measured sequence lengths against pruning.token_counts, the
+ELIP+ batch search, the per-sample reference loop against prune_and_merge, and a small end-to-end
+run of `python eval.py efficiency`. No timing assertions."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import eval as ev
+from pruning import PruneConfig, prune_and_merge, token_counts
+from vit import VisionTransformer
+
+METHODS = ["none", "elip", "elip_inline", "evit", "tome", "random"]
+
+
+def tiny_vit(prune):
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=12, num_heads=4,
+                             prune=prune)
+
+
+def vit_loss(vit):
+    def loss(batch):
+        g = torch.Generator().manual_seed(batch)
+        return vit(torch.randn(batch, 3, 32, 32, generator=g),
+                   torch.randn(batch, 48, generator=g)).mean()
+    return loss
+
+
+def test_flops_of_a_linear_layer():
+    B, I, O = 3, 5, 7
+    lin = nn.Linear(I, O)
+    fwd = 2 * B * I * O             # a multiply-add per (row, in, out) = 2 FLOPs; the bias is free
+    x = torch.randn(B, I)
+    with torch.no_grad(), ev.flop_counter_mode() as f:
+        lin(x)
+    assert f.get_total_flops() == fwd
+    # backward: the weight gradient x^T @ grad costs as much as the forward; an input that needs
+    # no gradient skips grad @ W, so a training step is 2x the forward, not 3x
+    with ev.flop_counter_mode() as f:
+        lin(x).sum().backward()
+    assert f.get_total_flops() == 2 * fwd
+    with ev.flop_counter_mode() as f:
+        lin(x.requires_grad_()).sum().backward()
+    assert f.get_total_flops() == 3 * fwd
+
+
+def test_flops_of_fused_attention_on_cpu():
+    B, H, N, Dh = 2, 3, 10, 8
+    q, k, v = (torch.randn(B, H, N, Dh, requires_grad=True) for _ in range(3))
+    unit = B * H * N * N * Dh
+    with torch.no_grad(), ev.flop_counter_mode() as f:
+        F.scaled_dot_product_attention(q, k, v)
+    assert f.get_total_flops() == 4 * unit                  # Q K^T and A V
+    with ev.flop_counter_mode() as f:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert f.get_total_flops() == (4 + 10) * unit           # backward: recompute + 4 products
+
+
+def test_flops_of_a_vit_training_step_exactly():
+    """The counted FLOPs of the unpruned tiny ViT equal the hand count: per layer 12 D^2 weights
+    (qkv 3, proj 1, MLP 8) and the two attention products; the patch embedding's input (the
+    images) needs no gradient, so its backward is the weight gradient only."""
+    vit = tiny_vit(PruneConfig(method="none"))
+    B, L, D, M, P = 2, 65, 48, 64, 4
+    fig = ev.train_step_figures(vit_loss(vit), vit, vit.blocks, B)
+    embed = 2 * B * M * D * (3 * P * P)
+    layer_fwd = 2 * B * L * 12 * D * D + 4 * B * L * L * D
+    layer_bwd = 2 * (2 * B * L * 12 * D * D) + 10 * B * L * L * D
+    assert fig["train_flops"] == 2 * embed + 12 * (layer_fwd + layer_bwd)
+
+
+def test_saved_bytes_known_cases():
+    x = torch.randn(3, 4, requires_grad=True)
+    y = torch.randn(3, 4, requires_grad=True)
+    n = 3 * 4 * 4                                           # bytes of one float32 (3, 4)
+
+    def saved(fn, exclude=()):
+        with ev.saved_tensor_bytes(exclude) as s:
+            fn()
+        return sum(s.values())
+
+    assert saved(lambda: x * y) == 2 * n                    # each factor, for the other's grad
+    assert saved(lambda: x * x) == n                        # saved twice, counted once
+    assert saved(lambda: x * y, exclude=[x]) == n
+    assert saved(lambda: x[:1] * y[:1]) == 2 * n            # a saved view holds all its storage
+    assert saved(lambda: x.detach() * y) == n               # only what y's gradient needs
+    with torch.no_grad():
+        assert saved(lambda: x * y) == 0
+    lin = nn.Linear(4, 5)                                   # weight excluded: the input only
+    assert saved(lambda: lin(torch.randn(3, 4)), exclude=list(lin.parameters())) == n
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_measured_lengths_equal_token_counts(method):
+    prune = PruneConfig(method=method, tome_r=6)
+    vit = tiny_vit(prune)
+    fig = ev.train_step_figures(vit_loss(vit), vit, vit.blocks, 2)
+    counts = token_counts(vit.num_patches, 12, prune)
+    assert fig["lengths"] == counts
+    assert ev.removed_ratio(fig["lengths"], 64) == pytest.approx(1 - sum(counts) / (12 * 65))
+    if method != "none":
+        none = tiny_vit(PruneConfig(method="none"))
+        assert fig["act_bytes"] < ev.train_step_figures(vit_loss(none), none, none.blocks,
+                                                         2)["act_bytes"]
+
+
+def test_removed_ratio_and_tome_r_at_224():
+    elip = token_counts(196, 12, PruneConfig())
+    assert ev.removed_ratio(elip, 196) == pytest.approx(1 - 1684 / 2364)   # ~28.8%, paper ~30%
+    # ToMe removes r, 2r, ..., 11r tokens in layers 1..11: 66 r token-layers; r = 10 is closest
+    assert ev.matching_tome_r(196, 12, ev.removed_ratio(elip, 196)) == 10
+
+
+def test_elip_plus_search_on_known_memory_curves():
+    assert ev.elip_plus_batch(lambda b: 100 + 30 * b, 400, 2, 4)["batch"] == 10
+    curved = ev.elip_plus_batch(lambda b: 100 + 30 * b + b * b, 400, 2, 4)   # fit too hopeful
+    assert curved["batch"] == 7 and curved["bytes"] == 359
+    assert ev.elip_plus_batch(lambda b: 100 + 30 * b, 120, 2, 4, min_batch=2)["batch"] == 1
+
+
+def test_elip_plus_batch_fits():
+    none, elip = tiny_vit(PruneConfig(method="none")), tiny_vit(PruneConfig())
+    budget = ev.activation_bytes(vit_loss(none), none, 4)
+
+    def measure(b):
+        return ev.activation_bytes(vit_loss(elip), elip, b)
+
+    found = ev.elip_plus_batch(measure, budget, 2, 4)
+    assert found["batch"] > 4                   # elip stores ~73% of the activations here
+    assert measure(found["batch"]) == found["bytes"] <= budget < measure(found["batch"] + 1)
+
+
+def test_loop_reference_equals_prune_and_merge():
+    torch.manual_seed(0)
+    x = torch.randn(3, 11, 5, requires_grad=True)
+    scores, grad = torch.rand(3, 10), torch.randn(3, 6, 5)
+    ours = prune_and_merge(x, scores, 4)[0]
+    ref = ev.loop_prune_and_merge(x, scores, 4)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    g_ours, = torch.autograd.grad(ours, x, grad)
+    g_ref, = torch.autograd.grad(ref, x, grad)
+    assert torch.allclose(g_ours, g_ref, atol=1e-6)
+
+
+def test_efficiency_command_end_to_end(tmp_path, capsys):
+    out = tmp_path / "eff.json"
+    ev.efficiency_main(["--img_size", "32", "--patch_size", "4", "--width", "48", "--heads", "4",
+                        "--batch", "2", "--reps", "1", "--warmup", "0", "--op_reps", "1",
+                        "--timm_reps", "0", "--whole_model", "true", "--whole_batch", "2",
+                        "--whole_vocab", "50", "--whole_queue", "8", "--text_len", "6",
+                        "--methods", "none,elip,tome", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["tome_r"] == ev.matching_tome_r(64, 12, ev.removed_ratio(
+        token_counts(64, 12, PruneConfig()), 64))
+    for scope in (report["vit"], report["whole_model"]["methods"]):
+        assert list(scope) == ["none", "elip", "tome"]
+        for fig in scope.values():
+            assert fig["lengths_match_token_counts"]
+            assert fig["elip_plus"]["bytes"] <= scope["none"]["act_bytes"]
+        assert scope["elip"]["ratio"]["act_bytes"] < 1
+    assert report["prune_and_merge"]["cuts"][0]["num_keep"] == int(64 * 0.9)
+    assert "tome r = " in capsys.readouterr().out
