@@ -203,7 +203,8 @@ def chance_recall(img2txt, ks=(1, 5, 10)):
     T, N = sum(len(t) for t in img2txt), len(img2txt)
     out = {}
     for k in ks:
-        out[f"txt_r{k}"] = 100 * float(np.mean([1 - math.comb(T - len(g), k) / math.comb(T, k)
+        top = min(k, T)           # a top k longer than the T texts holds them all
+        out[f"txt_r{k}"] = 100 * float(np.mean([1 - math.comb(T - len(g), top) / math.comb(T, top)
                                                 for g in img2txt]))
         out[f"img_r{k}"] = 100 * min(1.0, k / N)
     for side in ("txt", "img"):
@@ -270,6 +271,67 @@ def evaluate_retrieval(model, dataset, tokenizer, device, k=16, max_len=32, batc
 
 
 # -----------------------------------------------------------------------------
+# Downstream evaluation
+#
+# The fine-tuned models of model.py on their test splits (retrieval is evaluate_retrieval above).
+# Each loop runs in eval mode, where the ViT sees all tokens unless its PruneConfig has in_eval,
+# and returns the metrics as plain floats together with the predictions.
+
+
+@torch.no_grad()
+def evaluate_classifier(model, dataset, collate, device, batch_size=64):
+    """NLVR2 and SNLI-VE: the argmax of model.logits against the labels that end each batch.
+    Returns ({"accuracy"}, predictions (N,) long)."""
+    was_training = model.training
+    model.eval()
+    preds, labels = [], []
+    for *inputs, label in torch.utils.data.DataLoader(dataset, batch_size, collate_fn=collate):
+        preds.append(model.logits(*(t.to(device) for t in inputs)).argmax(1).cpu())
+        labels.append(label)
+    model.train(was_training)
+    preds = torch.cat(preds)
+    return {"accuracy": accuracy(preds, torch.cat(labels))}, preds
+
+
+@torch.no_grad()
+def evaluate_vqa(model, dataset, collate, device, batch_size=64):
+    """VQA by classification: the top-scoring answer of dataset.answer_list for each question.
+    Returns ({"vqa_score"}, or {} for a split without answers such as VQA test-dev; the
+    results in ALBEF's format, [{"question_id", "answer"}])."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    for images, ids, mask, _ in torch.utils.data.DataLoader(dataset, batch_size, collate_fn=collate):
+        preds.append(model.logits(images.to(device), ids.to(device), mask.to(device)).argmax(1))
+    model.train(was_training)
+    answers = [dataset.answer_list[i] for i in torch.cat(preds).tolist()]
+    results = [{"question_id": q, "answer": a} for q, a in zip(dataset.question_ids, answers)]
+    truth = [item["answers"] for item in dataset.items]
+    return ({"vqa_score": vqa_accuracy(answers, truth)} if all(truth) else {}), results
+
+
+@torch.no_grad()
+def evaluate_caption(model, dataset, tokenizer, device, beam=3, max_new_tokens=20, batch_size=64):
+    """Captioning: greedy and beam-search captions of every image, each scored with BLEU-4 and
+    CIDEr-D against all of the image's references (dataset.references).
+    Returns ({"greedy_bleu4", "greedy_cider_d", "beam_bleu4", "beam_cider_d"},
+    {"greedy": [caption, ...], "beam": [caption, ...]})."""
+    was_training = model.training
+    model.eval()
+    captions = {"greedy": [], "beam": []}
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size):
+        images = images.to(device)
+        for name, (tokens, _) in (("greedy", model.greedy(images, max_new_tokens)),
+                                  ("beam", model.beam_search(images, beam, max_new_tokens))):
+            captions[name] += [tokenizer.decode(t) for t in tokens.cpu()]
+    model.train(was_training)
+    metrics = {f"{name}_{metric}": score(caps, dataset.references)
+               for name, caps in captions.items()
+               for metric, score in (("bleu4", bleu4), ("cider_d", cider_d))}
+    return metrics, captions
+
+
+# -----------------------------------------------------------------------------
 # Efficiency
 #
 # DESIGN.md section 5: measure, do not estimate, and compare the methods side by side in one run
@@ -332,6 +394,7 @@ class EfficiencyConfig:
     warmup: int = 1
     threads: int = 0                 # torch.set_num_threads for the run (0: torch's default)
     op_reps: int = 30                # prune_and_merge against the per-sample loop, interleaved
+    op_batches: tuple = (40,)        # batches timed for it besides --batch (ELIP's 40 per GPU)
     timm_reps: int = 10              # our ViT against timm's, interleaved (0: skip)
     elip_plus: bool = True           # the ELIP+ batch search
     # the whole pre-training model: the albef preset's architecture with the widths above, a
@@ -363,8 +426,8 @@ class EfficiencyConfig:
 EFFICIENCY_PRESETS = {
     "base": dict(),
     "tiny": dict(img_size=64, patch_size=8, width=128, depth=12, heads=4, batch=4, reps=2,
-                 op_reps=5, timm_reps=2, whole_batch=2, whole_vocab=200, whole_queue=64,
-                 text_len=12),
+                 op_reps=5, op_batches=(), timm_reps=2, whole_batch=2, whole_vocab=200,
+                 whole_queue=64, text_len=12),
 }
 
 
@@ -406,7 +469,9 @@ def saved_tensor_bytes(exclude=()):
         s = t.untyped_storage()
         if s.data_ptr() not in skip:
             saved[s.data_ptr()] = s.nbytes()
-        return t
+        # the same storage, without t's grad_fn: returning t itself would make a saved output
+        # hold its own graph node, a cycle that outlives a forward that is never backpropagated
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield saved
@@ -601,13 +666,14 @@ RATIO_KEYS = ("train_flops", "infer_flops", "act_bytes", "cuda_peak_bytes", "ste
 
 def measure_methods(cfg, build, batch, device, num_patches, prunes, scope, min_batch=1):
     """Every figure of every method in `prunes`, measured with build(cfg, prune, device), and
-    each figure's ratio to `none`. min_batch: the smallest batch the model can train on."""
-    results = {}
+    each figure's ratio to `none`. min_batch: the smallest batch the model can train on.
+    The timed steps go round-robin over the methods (the order rotated every round), so a load
+    that drifts during the run weighs on every method alike; all the models stay built for it."""
+    results, steps = {}, {}
     for method, prune in prunes.items():
-        log(f"[{scope}] {method}: building")
+        log(f"[{scope}] {method}: building; FLOPs, saved bytes, lengths")
         module, blocks, loss_fn, inference_flops = build(cfg, prune, device)
         torch.manual_seed(cfg.seed)
-        log(f"[{scope}] {method}: FLOPs, saved bytes, lengths")
         fig = train_step_figures(loss_fn, module, blocks, batch)
         fig["token_counts"] = token_counts(num_patches, cfg.depth, prune)
         fig["lengths_match_token_counts"] = fig["lengths"] == fig["token_counts"]
@@ -616,10 +682,6 @@ def measure_methods(cfg, build, batch, device, num_patches, prunes, scope, min_b
             fig["infer_flops"] = inference_flops(batch)
         if device.type == "cuda":
             fig["cuda_peak_bytes"] = cuda_step_peak(loss_fn, module, batch, device)
-        log(f"[{scope}] {method}: timing {cfg.warmup} + {cfg.reps} steps")
-        times = [step_seconds(loss_fn, module, batch, device)
-                 for _ in range(cfg.warmup + cfg.reps)][cfg.warmup:]
-        fig["step_s"], fig["step_s_all"] = statistics.median(times), times
         if cfg.elip_plus:
             log(f"[{scope}] {method}: ELIP+ batch search")
             budget = results["none"]["act_bytes"] if method != "none" else fig["act_bytes"]
@@ -628,8 +690,16 @@ def measure_methods(cfg, build, batch, device, num_patches, prunes, scope, min_b
                 b1=batch // 2 if batch // 2 >= min_batch else batch + 1, b2=batch,
                 measured={batch: fig["act_bytes"]}, min_batch=min_batch)
         fig["prune"] = dataclasses.asdict(prune)
-        results[method] = fig
-        del module, blocks, loss_fn, inference_flops
+        results[method], steps[method] = fig, (loss_fn, module)
+    log(f"[{scope}] timing {cfg.warmup} + {cfg.reps} rounds of one step per method")
+    names = list(steps)
+    for rnd in range(cfg.warmup + cfg.reps):
+        for method in names[rnd % len(names):] + names[:rnd % len(names)]:
+            seconds = step_seconds(*steps[method], batch, device)
+            if rnd >= cfg.warmup:
+                results[method].setdefault("step_s_all", []).append(seconds)
+    for fig in results.values():
+        fig["step_s"] = statistics.median(fig["step_s_all"])
     for fig in results.values():
         fig["ratio"] = {k: fig[k] / results["none"][k] for k in RATIO_KEYS if k in fig}
     return results
@@ -654,39 +724,42 @@ def loop_prune_and_merge(x, scores, num_keep):
 
 
 def bench_prune_and_merge(cfg, device, num_patches, vit_results):
-    """Forward + backward time of pruning.prune_and_merge and of the per-sample loop, interleaved,
-    on the inputs of each cut of the elip schedule at --batch; the first cut's time (and the sum
-    over cuts) as a fraction of the measured ViT training step."""
+    """Forward + backward time of pruning.prune_and_merge and of the per-sample loop, alternated
+    (the order swapped every round), on the input of each cut of the elip schedule, at --batch
+    and at each of --op_batches; at --batch, the first cut's time (and the sum over the cuts) as
+    a fraction of the measured ViT training step."""
     elip = PruneConfig(prune_layers=cfg.prune_layers, keep_ratios=cfg.keep_ratios)
     counts = token_counts(num_patches, cfg.depth, elip)
     impls = {"vectorised": lambda x, s, k: prune_and_merge(x, s, k)[0],
              "loop": loop_prune_and_merge}
     g = torch.Generator().manual_seed(cfg.seed)
     cuts = []
-    for layer, ratio in zip(cfg.prune_layers, cfg.keep_ratios):
-        length, k = counts[layer - 1], int(num_patches * ratio)
-        if k >= length - 1:
-            continue
-        x = torch.randn(cfg.batch, length, cfg.width, generator=g).to(device).requires_grad_()
-        scores = torch.rand(cfg.batch, length - 1, generator=g).to(device)
-        grad = torch.randn(cfg.batch, k + 2, cfg.width, generator=g).to(device)
-        times = {name: [] for name in impls}
-        for rep in range(3 + cfg.op_reps):                        # 3 warm-up rounds
-            for name, fn in impls.items():
-                _sync(device)
-                start = time.perf_counter()
-                fn(x, scores, k).backward(grad)
-                _sync(device)
-                if rep >= 3:
-                    times[name].append(time.perf_counter() - start)
-                x.grad = None
-        med = {name: statistics.median(t) for name, t in times.items()}
-        cuts.append(dict(layer=layer, input_shape=[cfg.batch, length, cfg.width], num_keep=k,
-                         vectorised_s=med["vectorised"], loop_s=med["loop"],
-                         speedup=med["loop"] / med["vectorised"]))
+    for batch in [cfg.batch] + [b for b in cfg.op_batches if b != cfg.batch]:
+        for layer, ratio in zip(cfg.prune_layers, cfg.keep_ratios):
+            length, k = counts[layer - 1], int(num_patches * ratio)
+            if k >= length - 1:
+                continue
+            x = torch.randn(batch, length, cfg.width, generator=g).to(device).requires_grad_()
+            scores = torch.rand(batch, length - 1, generator=g).to(device)
+            grad = torch.randn(batch, k + 2, cfg.width, generator=g).to(device)
+            times = {name: [] for name in impls}
+            for rnd in range(3 + cfg.op_reps):                        # 3 warm-up rounds
+                for name in (list(impls) if rnd % 2 == 0 else list(impls)[::-1]):
+                    _sync(device)
+                    start = time.perf_counter()
+                    impls[name](x, scores, k).backward(grad)
+                    _sync(device)
+                    if rnd >= 3:
+                        times[name].append(time.perf_counter() - start)
+                    x.grad = None
+            med = {name: statistics.median(t) for name, t in times.items()}
+            cuts.append(dict(layer=layer, input_shape=[batch, length, cfg.width], num_keep=k,
+                             vectorised_s=med["vectorised"], loop_s=med["loop"],
+                             speedup=med["loop"] / med["vectorised"]))
     out = dict(cuts=cuts, reps=cfg.op_reps)
-    if cuts:
-        first, total = cuts[0]["vectorised_s"], sum(c["vectorised_s"] for c in cuts)
+    at_batch = [c for c in cuts if c["input_shape"][0] == cfg.batch]
+    if at_batch:
+        first, total = at_batch[0]["vectorised_s"], sum(c["vectorised_s"] for c in at_batch)
         for m in ("elip", "none"):
             if m in vit_results:
                 out[f"first_cut_fraction_of_{m}_step"] = first / vit_results[m]["step_s"]
@@ -696,7 +769,7 @@ def bench_prune_and_merge(cfg, device, num_patches, vit_results):
 
 def compare_with_timm(cfg, device):
     """Training steps of our ViT and timm's VisionTransformer of the same size (no pruning),
-    alternated (the order swapped every round) after one warm-up round: medians and ratio."""
+    alternated (the order swapped every round) after the warm-up rounds: medians and ratio."""
     try:
         from timm.models.vision_transformer import VisionTransformer as TimmViT
     except ImportError:
@@ -717,12 +790,12 @@ def compare_with_timm(cfg, device):
         out[f"{name}_train_flops"] = flops.get_total_flops()
         out[f"{name}_params"] = sum(p.numel() for p in module.parameters())
     times = {name: [] for name in runs}
-    for rep in range(1 + cfg.timm_reps):
-        for name in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
+    for rnd in range(cfg.warmup + cfg.timm_reps):
+        for name in (list(runs) if rnd % 2 == 0 else list(runs)[::-1]):
             module, loss_fn = runs[name]
-            t = step_seconds(loss_fn, module, cfg.batch, device)
-            if rep > 0:
-                times[name].append(t)
+            seconds = step_seconds(loss_fn, module, cfg.batch, device)
+            if rnd >= cfg.warmup:
+                times[name].append(seconds)
     out.update(ours_s=statistics.median(times["ours"]), timm_s=statistics.median(times["timm"]),
                ours_s_all=times["ours"], timm_s_all=times["timm"], reps=cfg.timm_reps)
     out["ratio"] = out["ours_s"] / out["timm_s"]
@@ -769,13 +842,14 @@ def format_methods(results, batch):
         row = f"{method:<12}" + "".join(f"{fig[k] * scale:13.2f}{fig['ratio'][k]:8.3f}"
                                         for _, k, scale in cols)
         plus = fig.get("elip_plus", {}).get("batch")
-        row += f"{fig['removed_ratio']:9.3f}" + (f"{plus:>7} vs {batch}" if plus else "")
+        row += f"{fig['removed_ratio']:9.3f}" + ("" if plus is None else f"{plus:>7} vs {batch}")
         lines.append(row)
     lines.append("sequence length entering each layer (grad-enabled pass), and whether it equals "
                  "pruning.token_counts:")
-    lines += [f"  {method:<12}{' '.join(map(str, fig['lengths']))}  "
-              f"{'= token_counts' if fig['lengths_match_token_counts'] else '!= token_counts ' + str(fig['token_counts'])}"
-              for method, fig in results.items()]
+    for method, fig in results.items():
+        same = fig["lengths_match_token_counts"]
+        lines.append(f"  {method:<12}{' '.join(map(str, fig['lengths']))}  "
+                     + ("= token_counts" if same else f"!= token_counts {fig['token_counts']}"))
     return lines
 
 
@@ -784,6 +858,8 @@ def format_efficiency(report):
     lines = [f"efficiency on {machine['device']} ({machine['processor']}), {machine['threads']} "
              f"threads, torch {machine['torch']}; medians of {cfg['reps']} steps after "
              f"{cfg['warmup']} warm-up; memory = bytes saved for backward (parameters excluded)",
+             f"load average (1, 5, 15 min) at start {machine['load_start']}, at end "
+             f"{machine['load_end']} (this run accounts for about {machine['threads']})",
              f"schedule {tuple(cfg['prune_layers'])} keep {tuple(cfg['keep_ratios'])} lam "
              f"{cfg['lam']} for elip, elip_inline (ours, not the paper's), evit, random; "
              f"tome r = {report['tome_r']}",
@@ -835,7 +911,8 @@ def run_efficiency(cfg):
     report = dict(config=dataclasses.asdict(cfg), tome_r=prunes["none"].tome_r, machine=dict(
         device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
         processor=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None))
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        load_start=[round(x, 2) for x in os.getloadavg()]))
     report["vit"] = measure_methods(cfg, build_vit_bench, cfg.batch, device, num_patches,
                                     prunes, "vit")
     log("prune_and_merge against the per-sample loop")
@@ -854,6 +931,7 @@ def run_efficiency(cfg):
             model_config=dataclasses.asdict(mc),
             methods=measure_methods(cfg, build_model_bench, cfg.whole_batch, device, num_patches,
                                     prunes, "whole model", min_batch=2))
+    report["machine"]["load_end"] = [round(x, 2) for x in os.getloadavg()]
     report["targets"] = check_targets(report)
     return report
 

@@ -72,7 +72,9 @@ class ModelConfig:
 
 # Architecture presets; the training scripts add their own (batch, learning rate, steps).
 PRESETS = {
-    "tiny": dict(tome_r=3, text_dropout=0.0),
+    # tiny: trained from scratch in minutes, so a faster momentum teacher (0.99: it must follow
+    # the online model within a few hundred steps) and a shorter queue (its features go stale)
+    "tiny": dict(tome_r=3, text_dropout=0.0, momentum=0.99, queue_size=256),
     "albef": dict(img_size=256, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
                   drop_path=0.1, text_width=768, text_layers=6, fusion_layers=6, text_heads=12,
                   text_mlp=3072, max_len=30, losses=("itc", "itm", "mlm"), embed_dim=256,

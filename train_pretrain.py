@@ -48,7 +48,7 @@ class TrainConfig:
     train_files: tuple = ()
     image_root: str = ""
     world_seed: int = 0
-    world_train: int = 4000          # scenes in the embedded world's train split
+    world_train: int = 3000          # scenes in the embedded world's train split
     world_test: int = 200            # scenes in its test split (zero-shot retrieval at the end)
     crop_scale: tuple = (0.8, 1.0)   # random-crop area; ALBEF's (0.2, 1.0) would crop named objects
                                      # out of the world's small scenes (the albef/blip presets use it)
@@ -58,12 +58,12 @@ class TrainConfig:
     # optimisation
     epochs: int = 3
     max_steps: int = 0               # stop after this many optimizer steps (0 = all epochs)
-    batch_size: int = 48             # per process
+    batch_size: int = 32             # per process
     grad_accum: int = 1
-    lr: float = 3e-4
+    lr: float = 5e-4
     min_lr: float = 1e-5
     weight_decay: float = 0.02
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     alpha: float = 0.4               # distillation weight, ramped up over the first epoch
     grad_clip: float = 0.0           # 0 = off
     amp: str = "auto"                # auto (bf16 or fp16 on GPU, off on CPU) | bf16 | fp16 | off
@@ -125,8 +125,9 @@ def parse_value(current, text, name):
         raise SystemExit(f"error: --{name} {text!r}: {e}")
 
 
-def parse_config(cfg, argv, presets):
-    """Apply `--preset` (from `presets`: name -> {flag: value}), then the other flags, to cfg."""
+def parse_config(cfg, argv, presets, key="preset"):
+    """Apply the preset named by the field `key` (`--preset`, or `--task` for fine-tuning; from
+    `presets`: name -> {flag: value}), then the other flags, to cfg."""
     pairs, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -141,9 +142,9 @@ def parse_config(cfg, argv, presets):
         pairs.append((name, text))
         i += 1
     leaves = config_leaves(cfg)
-    preset = next((t for n, t in pairs if n == "preset"), cfg.preset)
+    preset = next((t for n, t in pairs if n == key), getattr(cfg, key))
     if preset not in presets:
-        raise SystemExit(f"error: --preset {preset!r} is not one of {sorted(presets)}")
+        raise SystemExit(f"error: --{key} {preset!r} is not one of {sorted(presets)}")
     for name, value in presets[preset].items():
         owner, attr = resolve_flag(leaves, name)
         setattr(owner, attr, value)

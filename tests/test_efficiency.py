@@ -2,7 +2,9 @@
 counts on cases worked out by hand, measured sequence lengths against pruning.token_counts, the
 ELIP+ batch search, the per-sample reference loop against prune_and_merge, and a small end-to-end
 run of `python eval.py efficiency`. No timing assertions."""
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -92,6 +94,21 @@ def test_saved_bytes_known_cases():
         assert saved(lambda: x * y) == 0
     lin = nn.Linear(4, 5)                                   # weight excluded: the input only
     assert saved(lambda: lin(torch.randn(3, 4)), exclude=list(lin.parameters())) == n
+
+
+def test_saved_bytes_keep_gradients_and_free_the_graph():
+    x = torch.randn(3, 4, requires_grad=True)
+    with ev.saved_tensor_bytes() as s:
+        y = torch.sigmoid(x)                                # saves its own output
+    assert sum(s.values()) == 3 * 4 * 4
+    g, = torch.autograd.grad(y.sum(), x)
+    assert torch.allclose(g, torch.sigmoid(x) * (1 - torch.sigmoid(x)))
+    with ev.saved_tensor_bytes():
+        y = torch.sigmoid(x)
+    ref = weakref.ref(y)
+    del y
+    gc.collect()
+    assert ref() is None            # never backpropagated, yet freed: no cycle through grad_fn
 
 
 @pytest.mark.parametrize("method", METHODS)
