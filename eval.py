@@ -342,7 +342,9 @@ def evaluate_caption(model, dataset, tokenizer, device, beam=3, max_new_tokens=2
 #   memory  the bytes autograd saves for backward in the training step, each storage once,
 #           parameters left out (they are resident whatever the method); on a GPU also the peak of
 #           torch.cuda.max_memory_allocated over the step
-#   time    the median of repeated training steps after warm-up, torch.set_num_threads fixed
+#   time    the median of repeated training steps after warm-up, torch.set_num_threads fixed,
+#           the methods taking turns round by round; "paired" is the median over rounds of the
+#           ratio to `none` within the round
 #   tokens  the sequence length entering each layer in the grad-enabled pass (the ELIP look-ahead
 #           runs under no_grad and is not counted there) against pruning.token_counts, and the
 #           ratio of removed token-layers
@@ -702,6 +704,10 @@ def measure_methods(cfg, build, batch, device, num_patches, prunes, scope, min_b
         fig["step_s"] = statistics.median(fig["step_s_all"])
     for fig in results.values():
         fig["ratio"] = {k: fig[k] / results["none"][k] for k in RATIO_KEYS if k in fig}
+        # the median of the ratios within a round, steadier than the ratio of the medians when
+        # the load of the machine drifts
+        fig["ratio"]["step_s_paired"] = statistics.median(
+            a / b for a, b in zip(fig["step_s_all"], results["none"]["step_s_all"]))
     return results
 
 
@@ -799,6 +805,7 @@ def compare_with_timm(cfg, device):
     out.update(ours_s=statistics.median(times["ours"]), timm_s=statistics.median(times["timm"]),
                ours_s_all=times["ours"], timm_s_all=times["timm"], reps=cfg.timm_reps)
     out["ratio"] = out["ours_s"] / out["timm_s"]
+    out["ratio_paired"] = statistics.median(a / b for a, b in zip(times["ours"], times["timm"]))
     return out
 
 
@@ -836,11 +843,12 @@ def format_methods(results, batch):
             ("step s", "step_s", 1.0)]
     cols = [c for c in cols if c[1] in results["none"]]
     head = f"{'method':<12}" + "".join(f"{name:>13}{'x none':>8}" for name, _, _ in cols) + \
-        f"{'removed':>9}{'ELIP+ batch':>13}"
+        f"{'paired':>8}{'removed':>9}{'ELIP+ batch':>13}"
     lines = [head]
     for method, fig in results.items():
         row = f"{method:<12}" + "".join(f"{fig[k] * scale:13.2f}{fig['ratio'][k]:8.3f}"
                                         for _, k, scale in cols)
+        row += f"{fig['ratio']['step_s_paired']:8.3f}"
         plus = fig.get("elip_plus", {}).get("batch")
         row += f"{fig['removed_ratio']:9.3f}" + ("" if plus is None else f"{plus:>7} vs {batch}")
         lines.append(row)
@@ -888,7 +896,7 @@ def format_efficiency(report):
     else:
         lines.append(f"ViT training step, method none, ours vs timm (interleaved, median of "
                      f"{t['reps']}): {t['ours_s']:.3f} s vs {t['timm_s']:.3f} s, ratio "
-                     f"{t['ratio']:.3f}; GFLOP {t['ours_train_flops'] / 1e9:.1f} vs "
+                     f"{t['ratio']:.3f} (paired by round {t['ratio_paired']:.3f}); GFLOP {t['ours_train_flops'] / 1e9:.1f} vs "
                      f"{t['timm_train_flops'] / 1e9:.1f}; params {t['ours_params']:,} vs "
                      f"{t['timm_params']:,}")
     lines += ["", "targets" + ("" if report["targets"][0]["applies"] else

@@ -54,6 +54,8 @@ class ModelConfig:
     temp: float = 0.07
     mlm_prob: float = 0.15
     distill: bool = True             # momentum distillation of ITC and MLM targets (ALBEF)
+    itc_online_batch: bool = False   # ITC's in-batch candidates from the online encoders (CLIP),
+                                     # not the momentum ones (ALBEF); see itc_loss
     label_smoothing: float = 0.1     # LM loss (BLIP)
     prune: PruneConfig = field(default_factory=PruneConfig)
 
@@ -72,9 +74,12 @@ class ModelConfig:
 
 # Architecture presets; the training scripts add their own (batch, learning rate, steps).
 PRESETS = {
-    # tiny: trained from scratch in minutes, so a faster momentum teacher (0.99: it must follow
-    # the online model within a few hundred steps) and a shorter queue (its features go stale)
-    "tiny": dict(tome_r=3, text_dropout=0.0, momentum=0.99, queue_size=256),
+    # tiny: trained from scratch in minutes, where ALBEF's teacher-based ITC collapses (see
+    # itc_loss): online in-batch ITC candidates, no queue (stale features of an untrained
+    # teacher are negatives that all features escape together), no distillation (an untrained
+    # teacher's soft targets are uniform and pull every feature together)
+    "tiny": dict(tome_r=3, text_dropout=0.0, momentum=0.99, queue_size=0, distill=False,
+                 itc_online_batch=True),
     "albef": dict(img_size=256, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
                   drop_path=0.1, text_width=768, text_layers=6, fusion_layers=6, text_heads=12,
                   text_mlp=3072, max_len=30, losses=("itc", "itm", "mlm"), embed_dim=256,
@@ -165,8 +170,11 @@ class ELIPModel(nn.Module):
     @torch.no_grad()
     def enqueue(self, image_feat, text_feat, idx=None):
         """Write the features of every rank's batch at the queue pointer, wrapping around."""
-        image_feat, text_feat = all_gather(image_feat), all_gather(text_feat)
         n, q = image_feat.shape[0], self.image_queue.shape[1]
+        if q == 0:          # no queue: in-batch negatives only
+            return
+        image_feat, text_feat = all_gather(image_feat), all_gather(text_feat)
+        n = image_feat.shape[0]
         idx = torch.full((n,), -1, device=image_feat.device) if idx is None else all_gather(idx)
         slots = (self.queue_ptr + torch.arange(n, device=image_feat.device)) % q   # (n,)
         self.image_queue[:, slots] = image_feat.T
@@ -238,8 +246,17 @@ class ELIPModel(nn.Module):
         alpha * softmax(momentum similarity) + (1 - alpha) * ground truth (ALBEF Eq. 2-3)."""
         temp = self.temp.clamp(0.001, 0.5)
         B = image_feat.shape[0]
-        image_all = torch.cat([image_feat_m.T, self.image_queue], dim=1)   # (E, B+Q)
-        text_all = torch.cat([text_feat_m.T, self.text_queue], dim=1)      # (E, B+Q)
+        # ALBEF compares the online features with momentum ones only, so each side learns from
+        # the other's slow teacher. From scratch that stalls: both teachers start with one
+        # feature for every input and the features collapse onto it (the tiny preset stayed at
+        # chance). With itc_online_batch the batch's own online features are the candidates, as
+        # in CLIP, and gradient reaches both encoders; the queue still holds momentum features.
+        image_all_m = torch.cat([image_feat_m.T, self.image_queue], dim=1)         # (E, B+Q)
+        text_all_m = torch.cat([text_feat_m.T, self.text_queue], dim=1)            # (E, B+Q)
+        image_all, text_all = image_all_m, text_all_m
+        if self.cfg.itc_online_batch:
+            image_all = torch.cat([image_feat.T, self.image_queue], dim=1)         # (E, B+Q)
+            text_all = torch.cat([text_feat.T, self.text_queue], dim=1)            # (E, B+Q)
         if idx is None:   # each image its own positive
             pos = F.pad(torch.eye(B, device=image_feat.device), (0, image_all.shape[1] - B))
         else:             # every caption of the same image is a positive (retrieval fine-tuning)
@@ -248,9 +265,9 @@ class ELIPModel(nn.Module):
         empty = F.pad(~self.queue_filled, (B, 0))                                  # (B+Q,)
         with torch.no_grad():
             if self.cfg.distill:
-                sim_m = (image_feat_m @ text_all / temp).masked_fill(empty, float("-inf"))
+                sim_m = (image_feat_m @ text_all_m / temp).masked_fill(empty, float("-inf"))
                 t_i2t = alpha * sim_m.softmax(1) + (1 - alpha) * pos
-                sim_m = (text_feat_m @ image_all / temp).masked_fill(empty, float("-inf"))
+                sim_m = (text_feat_m @ image_all_m / temp).masked_fill(empty, float("-inf"))
                 t_t2i = alpha * sim_m.softmax(1) + (1 - alpha) * pos
             else:
                 t_i2t = t_t2i = pos

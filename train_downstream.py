@@ -94,9 +94,9 @@ class DownstreamConfig:
 TASK_PRESETS = {
     "retrieval": dict(out_dir="out/retrieval", world_train=1000, epochs=1, lr=1e-4),
     "vqa": dict(out_dir="out/vqa", world_train=1200, epochs=2, lr=1e-3),
-    "nlvr": dict(out_dir="out/nlvr", world_train=1600, epochs=2, lr=3e-4),
+    "nlvr": dict(out_dir="out/nlvr", world_train=1200, epochs=2, lr=3e-4),
     "ve": dict(out_dir="out/ve", world_train=1600, epochs=2, lr=3e-4),
-    "caption": dict(out_dir="out/caption", world_train=1000, epochs=2, lr=3e-4),
+    "caption": dict(out_dir="out/caption", world_train=900, epochs=2, lr=3e-4),
 }
 
 # ---- data --------------------------------------------------------------------------------

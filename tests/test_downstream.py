@@ -2,7 +2,6 @@
 folder of images in the real formats and writes its metrics; pruning is off downstream unless
 asked for; pre-trained weights load strictly; greedy and beam-search decoding agree with the
 model's own scores."""
-import dataclasses
 import json
 import os
 

@@ -1,6 +1,7 @@
 """The pre-training model on the tiny preset: losses, momentum encoders, queues, pruning mode."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import ELIPModel, ModelConfig
 from pruning import PruneConfig
@@ -9,7 +10,7 @@ from pruning import PruneConfig
 def tiny(losses=("itc", "itm", "mlm"), fusion_layers=2, **kw):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=40, losses=losses, fusion_layers=fusion_layers,
-                      text_layers=2 if fusion_layers else 3, queue_size=20, img_size=32, **kw)
+                      text_layers=2 if fusion_layers else 3, img_size=32, **{"queue_size": 20, **kw})
     return ELIPModel(cfg)
 
 
@@ -118,3 +119,24 @@ def test_config_refuses_width_mismatch_and_bad_losses():
     with pytest.raises(ValueError, match="losses"):
         ModelConfig(vocab_size=10, losses=("itc", "foo"))
     ModelConfig(vocab_size=10, text_width=64, prune=PruneConfig(method="evit"))   # vision-only ok
+
+
+def test_itc_online_batch_is_clip_loss_on_an_empty_queue():
+    m = tiny(("itc",), itc_online_batch=True, distill=False).train()
+    images, ids, mask = batch()
+    torch.manual_seed(3)
+    out = m(images, ids, mask)
+    torch.manual_seed(3)
+    text = m.encode_text(ids, mask)
+    f, g = m.image_feat(m.encode_image(images, text[:, 0])), m.text_feat(text)
+    sim = f @ g.T / m.temp
+    labels = torch.arange(len(f))
+    clip = (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
+    assert torch.allclose(out["itc"], clip, atol=1e-5)
+
+
+def test_no_queue_means_in_batch_negatives_only():
+    m = tiny(("itc",), queue_size=0).train()
+    out = m(*batch())
+    out["loss"].backward()
+    assert torch.isfinite(out["itc"]) and m.image_queue.shape == (m.cfg.embed_dim, 0)
