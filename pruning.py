@@ -86,6 +86,11 @@ def token_counts(num_patches, depth, cfg):
     return counts
 
 
+def take(t, idx):
+    """Rows of t (B, N, C) at idx (B, K): (B, K, C). One gather for the whole batch."""
+    return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
 def prune_and_merge(x, scores, num_keep, merge=True):
     """x (B, 1+N, D) with [CLS] first; scores (B, N), no grad.
     Returns (x_out, keep_idx): x_out (B, 1+num_keep+merge, D) = [CLS], kept tokens in original
@@ -107,11 +112,6 @@ def prune_and_merge(x, scores, num_keep, merge=True):
         w = w / (w.sum(dim=1, keepdim=True) + 1e-6)
         parts.append(w.unsqueeze(1).to(x.dtype) @ tokens)                # (B, 1, D)
     return torch.cat(parts, dim=1), keep_idx
-
-
-def take(t, idx):
-    """Rows of t (B, N, C) at idx (B, K): (B, K, C). One gather for the whole batch."""
-    return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
 def fuse_cls(x, text_cls, lam):
