@@ -92,7 +92,7 @@ class DownstreamConfig:
 # Each task's defaults, sized so that it fine-tunes and evaluates on the embedded world in a few
 # minutes on a 2-core CPU from the tiny pre-training checkpoint. Explicit flags override them.
 TASK_PRESETS = {
-    "retrieval": dict(out_dir="out/retrieval", world_train=1000, epochs=1, lr=1e-4),
+    "retrieval": dict(out_dir="out/retrieval", world_train=1000, epochs=1, lr=3e-4),
     "vqa": dict(out_dir="out/vqa", world_train=1200, epochs=2, lr=1e-3),
     "nlvr": dict(out_dir="out/nlvr", world_train=1200, epochs=2, lr=3e-4),
     "ve": dict(out_dir="out/ve", world_train=1600, epochs=2, lr=3e-4),
