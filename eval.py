@@ -364,6 +364,7 @@ import platform
 import statistics
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 
 from torch.utils import flop_counter
@@ -460,23 +461,28 @@ def flop_counter_mode():
 
 @contextlib.contextmanager
 def saved_tensor_bytes(exclude=()):
-    """Record what autograd saves for backward inside the block. Yields a dict {storage address:
-    bytes}, filled as tensors are saved; its sum is the activation memory. A storage counts once
-    however many tensors or views of it are saved, and whole (a saved view keeps all of its
-    storage alive). Storages of the tensors in `exclude` (the parameters) are left out."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    saved = {}
+    """The activation memory of a forward: yields a dict {storage address: bytes} that is filled
+    when the block ends, with the storages autograd still holds for backward at that moment
+    (keep the output alive until then). A storage counts once however many tensors or views of
+    it are saved, and whole (a saved view keeps all of its storage alive). What a discarded
+    branch of the graph saved is gone by then and not counted (ToMe computes its matching keys
+    with grad enabled, then drops them), so freed addresses cannot be confused with live ones.
+    Storages of the tensors in `exclude` (the parameters) are left out."""
+    held, saved = [], {}
 
     def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            saved[s.data_ptr()] = s.nbytes()
         # the same storage, without t's grad_fn: returning t itself would make a saved output
         # hold its own graph node, a cycle that outlives a forward that is never backpropagated
-        return t.detach()
+        t = t.detach()
+        held.append(weakref.ref(t))
+        return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield saved
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    for t in (ref() for ref in held):
+        if t is not None and t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
 
 
 @contextlib.contextmanager
@@ -531,7 +537,8 @@ def activation_bytes(loss_fn, module, batch):
     """Bytes saved for backward by a training forward at `batch` (the backward is not needed)."""
     module.train()
     with saved_tensor_bytes(_resident(module)) as saved:
-        loss_fn(batch)
+        loss = loss_fn(batch)
+    del loss                         # counted while its graph was alive; now let it go
     return sum(saved.values())
 
 

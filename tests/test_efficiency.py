@@ -82,7 +82,8 @@ def test_saved_bytes_known_cases():
 
     def saved(fn, exclude=()):
         with ev.saved_tensor_bytes(exclude) as s:
-            fn()
+            out = fn()                  # counted at the end of the block: keep the graph alive
+        del out
         return sum(s.values())
 
     assert saved(lambda: x * y) == 2 * n                    # each factor, for the other's grad
@@ -109,6 +110,15 @@ def test_saved_bytes_keep_gradients_and_free_the_graph():
     del y
     gc.collect()
     assert ref() is None            # never backpropagated, yet freed: no cycle through grad_fn
+
+
+def test_saved_bytes_leave_out_a_discarded_branch():
+    x = torch.randn(3, 4, requires_grad=True)
+    with ev.saved_tensor_bytes() as s:
+        torch.sigmoid(2 * x)        # its saved output is freed with the unused result
+        y = torch.sigmoid(x)
+    assert sum(s.values()) == 3 * 4 * 4
+    del y
 
 
 @pytest.mark.parametrize("method", METHODS)
