@@ -1,0 +1,204 @@
+"""What the pruning keeps (eval.py, section Analysis): the kept-patch masks against
+pruning.token_counts, the object-patch rule on hand-made masks, and the `keep` and `picture`
+commands end to end on a tiny random checkpoint."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+import train_pretrain
+from model import ELIPModel, ModelConfig
+from pruning import PruneConfig, token_counts
+from vit import PatchEmbed, VisionTransformer
+
+
+def tiny_vit(prune):
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=12, num_heads=4,
+                             prune=prune).eval()
+
+
+def vit_inputs(batch=3):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 3, 32, 32, generator=g), torch.randn(batch, 48, generator=g)
+
+
+@pytest.mark.parametrize("method", ["elip", "elip_inline", "evit", "random"])
+def test_kept_patches_match_token_counts(method):
+    images, text_cls = vit_inputs()
+    # prune only: every token entering a later layer but [CLS] is a patch, so the kept patches
+    # are exactly what token_counts predicts
+    prune = PruneConfig(method=method, merge=False, in_eval=True)
+    kept = ev.kept_patches(tiny_vit(prune), images, text_cls)                 # (B, S, M)
+    counts = token_counts(64, 12, prune)
+    assert kept.shape == (3, 3, 64)
+    for s, layer in enumerate(prune.prune_layers):
+        assert (kept[:, s].sum(1) == counts[layer] - 1).all()
+    # with merging, the fused token is no patch; from the second cut on, the fused token of the
+    # cut before is a candidate like any other, and when kept it takes a patch's place
+    prune = PruneConfig(method=method, in_eval=True)
+    vit = tiny_vit(prune)
+    torch.manual_seed(0)                                  # the same draws for random, twice
+    kept = ev.kept_patches(vit, images, text_cls)
+    torch.manual_seed(0)
+    _, sources = vit.forward_features(images, text_cls)
+    counts = token_counts(64, 12, prune)
+    for s, (layer, src) in enumerate(zip(prune.prune_layers, sources)):
+        fused = (src == -1).sum(1)                                             # (B,)
+        assert (kept[:, s].sum(1) == counts[layer] - 1 - fused).all()
+        assert (fused >= 1).all() and (fused <= s + 1).all()
+    assert (kept[:, 0].sum(1) == counts[2] - 2).all()                          # int(64 * 0.9)
+    # a patch that is gone never comes back
+    assert not (kept[:, 1:] & ~kept[:, :-1]).any()
+
+
+def test_kept_patches_are_the_sources():
+    images, text_cls = vit_inputs()
+    vit = tiny_vit(PruneConfig(in_eval=True))
+    kept = ev.kept_patches(vit, images, text_cls)
+    _, sources = vit.forward_features(images, text_cls)
+    for s, src in enumerate(sources):
+        for b in range(3):
+            assert set(torch.nonzero(kept[b, s]).flatten().tolist()) == \
+                set(src[b][src[b] >= 0].tolist())
+
+
+def test_method_none_keeps_everything():
+    images, text_cls = vit_inputs()
+    vit = tiny_vit(PruneConfig(method="none", in_eval=True))
+    kept = ev.kept_patches(vit, images, text_cls, layers=(2, 4, 10))
+    assert kept.shape == (3, 3, 64) and kept.all()
+    assert ev.kept_patches(vit, images, text_cls).shape == (3, 0, 64)         # no cuts of its own
+    named = torch.zeros(3, 64, dtype=torch.bool)
+    named[:, 5:9] = True
+    objects = named.clone()
+    objects[:, 20:30] = True
+    pairs = dict(images=images, scene=torch.arange(3), named=named, objects=objects)
+    fractions = ev.keep_fractions(vit, pairs, text_cls, [2, 4, 10], batch=2)
+    assert fractions == [[1.0, 1.0, 1.0]] * 3
+
+
+def test_keep_fractions_count_by_hand():
+    images, text_cls = vit_inputs(2)
+    vit = tiny_vit(PruneConfig(merge=False, in_eval=True))
+    named = torch.zeros(2, 64, dtype=torch.bool)
+    named[0, :10], named[1, 30:40] = True, True
+    objects = named.clone()
+    objects[:, 50:] = True
+    pairs = dict(images=images, scene=torch.tensor([0, 1]), named=named, objects=objects)
+    fractions = ev.keep_fractions(vit, pairs, text_cls, [2, 4, 10], batch=1)
+    kept = ev.kept_patches(vit, images, text_cls, [2, 4, 10])
+    for s in range(3):
+        assert fractions[s][0] == pytest.approx((kept[:, s] & named).sum().item() / 20)
+        assert fractions[s][1] == pytest.approx(kept[:, s, 50:].sum().item() / 28)
+        assert fractions[s][2] == pytest.approx(int(64 * (0.9, 0.65, 0.4)[s]) / 64)
+
+
+def test_a_cut_that_keeps_everything_leaves_the_mask_alone():
+    images, text_cls = vit_inputs()
+    prune = PruneConfig(prune_layers=(2, 4), keep_ratios=(1.0, 0.5), in_eval=True)
+    assert ev.reducing_layers(prune, 64, 12) == [4]
+    kept = ev.kept_patches(tiny_vit(prune), images, text_cls)
+    assert kept[:, 0].all() and (kept[:, 1].sum(1) == 32).all()
+
+
+def test_eval_mode_without_in_eval_is_refused():
+    images, text_cls = vit_inputs()
+    with pytest.raises(ValueError, match="in_eval"):
+        ev.kept_patches(tiny_vit(PruneConfig()), images, text_cls)
+
+
+def test_object_patch_rule_on_a_hand_made_mask():
+    mask = torch.zeros(16, 16, dtype=torch.bool)                 # 2 x 2 patches of 8 x 8
+    mask[0:4, 0:8] = True                                        # top left: 32 of 64, half
+    mask[0:3, 8:16] = True                                       # top right: 24 + 7 = 31
+    mask[3, 8:15] = True
+    mask[8:16, 8:16] = True                                      # bottom right: all
+    mask[8, 0] = True                                            # bottom left: one pixel
+    assert ev.object_patches(mask, 8).tolist() == [True, False, False, True]
+    assert ev.object_patches(mask, 8, cover=0.25).tolist() == [True, True, False, True]
+    both = torch.stack([mask, ~mask])                            # (O, H, W) -> (O, M)
+    assert ev.object_patches(both, 8).tolist() == [[True, False, False, True],
+                                                   [True, True, True, False]]
+    # the same patch order as the ViT's patch embedding (row-major)
+    embed = PatchEmbed(16, 8, 1)
+    torch.nn.init.ones_(embed.proj.weight)
+    torch.nn.init.zeros_(embed.proj.bias)
+    touched = embed(mask.float().expand(1, 3, 16, 16))[0, :, 0] > 0         # (M,)
+    assert touched.tolist() == ev.object_patches(mask, 8, cover=1 / 64).tolist()
+
+
+def test_grey_out_darkens_the_dropped_patches_only():
+    pixels = np.random.default_rng(0).integers(60, 255, (16, 16, 3), dtype=np.uint8)
+    keep = np.array([True, False, True, True])
+    out = ev.grey_out(pixels, keep, 8)
+    assert (out[:8, :8] == pixels[:8, :8]).all() and (out[8:] == pixels[8:]).all()
+    dropped = out[:8, 8:].astype(int)
+    assert (dropped[..., 0] == dropped[..., 1]).all() and (dropped < pixels[:8, 8:]).all()
+
+
+# ---- the commands, on a tiny random checkpoint ----------------------------------------------
+TINY = dict(img_size=32, patch_size=8, vision_width=32, text_width=32, vision_heads=2,
+            text_heads=2, text_mlp=64, embed_dim=16, queue_size=0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg = train_pretrain.TrainConfig(model=ModelConfig(**TINY))
+    tok = train_pretrain.make_tokenizer("", cfg.world_seed)
+    train_pretrain.set_vocab(cfg.model, tok)
+    torch.manual_seed(0)
+    model = ELIPModel(cfg.model)
+    path = str(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt")
+    train_pretrain.save_checkpoint(path, model=model.state_dict(),
+                                   config=dataclasses.asdict(cfg), vocab=tok.vocab)
+    return path
+
+
+def test_keep_command_end_to_end(checkpoint, tmp_path, capsys):
+    out = tmp_path / "keep.json"
+    ev.keep_main(["--checkpoint", checkpoint, "--scenes", "3", "--captions", "2",
+                  "--methods", "none,elip,random", "--lams", "0.8,1.0", "--threads", "1",
+                  "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [r["label"] for r in report["rows"]] == ["elip lam 0.8", "elip lam 1.0", "none",
+                                                    "random"]
+    assert report["pairs"] == 6 and report["num_patches"] == 16
+    none = report["rows"][2]
+    assert all(s[k] == 1.0 for s in none["stages"] for k in ("named", "other", "all"))
+    for row in report["rows"]:
+        assert [s["layer"] for s in row["stages"]] == [2, 4, 10]
+        if row["method"] != "none":
+            assert row["stages"][0]["all"] == int(16 * 0.9) / 16
+            assert all(0.0 <= s["named"] <= 1.0 for s in row["stages"])
+    assert "elip lam 0.8" in capsys.readouterr().out
+
+
+def test_world_pairs_name_some_of_the_objects():
+    mc = ModelConfig(**TINY)
+    pairs = ev.world_pairs(0, "test", 4, 5, mc, 0.5)
+    assert pairs["images"].shape == (4, 3, 32, 32) and len(pairs["texts"]) == 20
+    assert pairs["scene"].tolist() == [i for i in range(4) for _ in range(5)]
+    assert not (pairs["named"] & ~pairs["objects"]).any()      # named objects are objects
+    assert (pairs["named"] != pairs["objects"]).any()           # and not always all of them
+
+
+def test_picture_writes_a_png_of_the_expected_size(checkpoint, tmp_path):
+    out = tmp_path / "pruning.png"
+    ev.picture_main(["--checkpoint", checkpoint, "--images", "2", "--scale", "3",
+                     "--threads", "1", "--out", str(out)])
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        cell = 32 * 3                                            # 3 stages + the input
+        assert image.size == (ev.PAD + 4 * (cell + ev.PAD), ev.HEAD + 2 * (cell + ev.LINE) + ev.PAD)
+
+
+@pytest.mark.parametrize("main", [ev.keep_main, ev.picture_main])
+def test_missing_checkpoint_names_the_path(main, tmp_path):
+    missing = str(tmp_path / "nowhere" / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="nowhere/checkpoint.pt"):
+        main(["--checkpoint", missing])
