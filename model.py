@@ -32,6 +32,8 @@ class ModelConfig:
     vision_depth: int = 12
     vision_heads: int = 4
     drop_path: float = 0.0
+    init_std: float = 0.02           # std of random initial weights, both encoders (timm, BERT);
+                                     # see PRESETS["tiny"] for why it is larger there
     # text: ALBEF splits one BERT into text_layers text-only and fusion_layers cross-attention
     # layers; BLIP (fusion_layers = 0 here) gives every layer cross-attention, used or skipped
     vocab_size: int = 0              # these four are set from the tokenizer
@@ -56,6 +58,7 @@ class ModelConfig:
     distill: bool = True             # momentum distillation of ITC and MLM targets (ALBEF)
     itc_online_batch: bool = False   # ITC's in-batch candidates from the online encoders (CLIP),
                                      # not the momentum ones (ALBEF); see itc_loss
+    itm_hard_negatives: bool = True  # ITM negatives drawn by ITC similarity (ALBEF), or uniformly
     label_smoothing: float = 0.1     # LM loss (BLIP)
     prune: PruneConfig = field(default_factory=PruneConfig)
 
@@ -77,9 +80,16 @@ PRESETS = {
     # tiny: trained from scratch in minutes, where ALBEF's teacher-based ITC collapses (see
     # itc_loss): online in-batch ITC candidates, no queue (stale features of an untrained
     # teacher are negatives that all features escape together), no distillation (an untrained
-    # teacher's soft targets are uniform and pull every feature together)
+    # teacher's soft targets are uniform and pull every feature together). And init_std 0.1:
+    # with BERT's 0.02, every caption's [CLS] starts as nearly the same vector (cosine 0.9998
+    # between captions: the attention's small weights barely mix the words in), ITC's gradient
+    # is as small as those differences, and MLM's far larger gradients on the shared text layers
+    # set Adam's step size, so ITC sat at log(batch) for hundreds of steps. At 0.1 the captions
+    # start apart (cosine about 0.88) and ITC learns from the first epoch. ITM's negatives are
+    # drawn uniformly: once ITC works, its hardest negatives are captions nearly (or, for the
+    # world's counts, exactly) true of the image, and ITM from scratch never left chance on them.
     "tiny": dict(tome_r=3, text_dropout=0.0, momentum=0.99, queue_size=0, distill=False,
-                 itc_online_batch=True),
+                 itc_online_batch=True, init_std=0.1, itm_hard_negatives=False),
     "albef": dict(img_size=256, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
                   drop_path=0.1, text_width=768, text_layers=6, fusion_layers=6, text_heads=12,
                   text_mlp=3072, max_len=30, losses=("itc", "itm", "mlm"), embed_dim=256,
@@ -94,7 +104,8 @@ PRESETS = {
 def build_vit(cfg, prune):
     return VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size,
                              embed_dim=cfg.vision_width, depth=cfg.vision_depth,
-                             num_heads=cfg.vision_heads, drop_path_rate=cfg.drop_path, prune=prune)
+                             num_heads=cfg.vision_heads, drop_path_rate=cfg.drop_path, prune=prune,
+                             init_std=cfg.init_std)
 
 
 def build_text(cfg, decoder=False):
@@ -106,7 +117,8 @@ def build_text(cfg, decoder=False):
         num_heads=cfg.text_heads, intermediate_size=cfg.text_mlp, max_position=max(512, cfg.max_len),
         dropout=cfg.text_dropout,
         fusion_layer=0 if decoder or cfg.fusion_layers == 0 else cfg.text_layers,
-        encoder_width=cfg.vision_width, lm_head=decoder or "mlm" in cfg.losses))
+        encoder_width=cfg.vision_width, lm_head=decoder or "mlm" in cfg.losses,
+        initializer_range=cfg.init_std))
 
 
 def all_gather(x):
@@ -280,16 +292,18 @@ class ELIPModel(nn.Module):
 
     def itm_loss(self, image_embeds, text_embeds, input_ids, attention_mask, image_feat,
                  text_feat, idx=None):
-        """Image-text matching: each pair, plus for each text a hard negative image and for each
-        image a hard negative text, drawn from the in-batch similarity softmax (ALBEF 3.2)."""
+        """Image-text matching: each pair, plus for each text a negative image and for each image
+        a negative text: hard negatives drawn from the in-batch similarity softmax (ALBEF 3.2), or,
+        with cfg.itm_hard_negatives off, any other sample uniformly."""
         B = image_embeds.shape[0]
         with torch.no_grad():
-            temp = self.temp.clamp(0.001, 0.5)
-            sim_i2t = image_feat @ text_feat.T / temp                               # (B, B)
-            same = torch.eye(B, dtype=torch.bool, device=sim_i2t.device) if idx is None \
-                else idx[:, None] == idx[None]
-            w_i2t = sim_i2t.softmax(1).masked_fill(same, 0) + 1e-8 * ~same       # (B, B)
-            w_t2i = sim_i2t.T.softmax(1).masked_fill(same, 0) + 1e-8 * ~same
+            same = torch.eye(B, dtype=torch.bool, device=image_feat.device) if idx is None \
+                else idx[:, None] == idx[None]                                     # (B, B)
+            w_i2t = w_t2i = (~same).float()
+            if self.cfg.itm_hard_negatives:
+                sim_i2t = image_feat @ text_feat.T / self.temp.clamp(0.001, 0.5)     # (B, B)
+                w_i2t = sim_i2t.softmax(1).masked_fill(same, 0) + 1e-8 * ~same
+                w_t2i = sim_i2t.T.softmax(1).masked_fill(same, 0) + 1e-8 * ~same
             neg_image = torch.multinomial(w_t2i, 1).squeeze(1)                     # (B,)
             neg_text = torch.multinomial(w_i2t, 1).squeeze(1)                      # (B,)
         image_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])  # (3B, L, D)

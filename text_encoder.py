@@ -187,6 +187,7 @@ class BertConfig:
     fusion_layer: int = 6        # layers >= fusion_layer have cross-attention to the image
     encoder_width: int = 768     # width of the image tokens the cross-attention reads
     lm_head: bool = True         # the cls.predictions head (MLM, captioning); BLIP's encoder has none
+    initializer_range: float = 0.02  # std of the random initial weights (BERT's name and value)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -207,7 +208,8 @@ def bert_config_from_json(path, **overrides):
                  num_heads="num_attention_heads", intermediate_size="intermediate_size",
                  max_position="max_position_embeddings", type_vocab_size="type_vocab_size",
                  layer_norm_eps="layer_norm_eps", dropout="hidden_dropout_prob",
-                 fusion_layer="fusion_layer", encoder_width="encoder_width")
+                 fusion_layer="fusion_layer", encoder_width="encoder_width",
+                 initializer_range="initializer_range")
     kwargs = {ours: hf[theirs] for ours, theirs in names.items() if theirs in hf}
     kwargs.setdefault("fusion_layer", kwargs.get("num_layers", 12))
     kwargs.setdefault("encoder_width", kwargs.get("hidden_size", 768))
@@ -304,11 +306,11 @@ class TextEncoder(nn.Module):
             self.cls = nn.ModuleDict(dict(predictions=LMHead(cfg)))
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m):
-        # BERT's initialisation: N(0, 0.02) matrices and embeddings, zero biases, unit LayerNorm
+    def _init_weights(self, m):
+        # BERT's initialisation: N(0, initializer_range) matrices and embeddings, zero biases,
+        # unit LayerNorm
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            nn.init.normal_(m.weight, mean=0.0, std=self.cfg.initializer_range)
         if isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
         if isinstance(m, nn.LayerNorm):

@@ -48,7 +48,7 @@ class TrainConfig:
     train_files: tuple = ()
     image_root: str = ""
     world_seed: int = 0
-    world_train: int = 3000          # scenes in the embedded world's train split
+    world_train: int = 6000          # scenes in the embedded world's train split
     world_test: int = 200            # scenes in its test split (zero-shot retrieval at the end)
     crop_scale: tuple = (0.8, 1.0)   # random-crop area; ALBEF's (0.2, 1.0) would crop named objects
                                      # out of the world's small scenes (the albef/blip presets use it)
@@ -56,7 +56,7 @@ class TrainConfig:
     init_vit: str = ""               # DeiT/timm checkpoint for the ViT (both online and momentum)
     init_bert: str = ""              # Hugging Face BERT weights for the text encoder(s)
     # optimisation
-    epochs: int = 3
+    epochs: int = 5
     max_steps: int = 0               # stop after this many optimizer steps (0 = all epochs)
     batch_size: int = 32             # per process
     grad_accum: int = 1

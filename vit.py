@@ -7,6 +7,7 @@ decide which vision tokens to keep. Token reduction runs only in training mode (
 in pre-training only) unless the PruneConfig asks for it in eval mode too.
 """
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -111,7 +112,7 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, prune=None):
+                 mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, prune=None, init_std=0.02):
         super().__init__()
         self.prune = prune if prune is not None else pruning.PruneConfig(method="none")
         self.prune.check(depth)
@@ -126,7 +127,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(partial(_init_weights, std=init_std))
 
     def forward(self, images, text_cls=None):
         return self.forward_features(images, text_cls)[0]
@@ -161,9 +162,11 @@ class VisionTransformer(nn.Module):
         return self.norm(x), sources
 
 
-def _init_weights(m):
+def _init_weights(m, std):
+    """timm's: truncated N(0, std) matrices (std 0.02 in timm), zero biases, unit LayerNorm; the
+    patch projection keeps PyTorch's default."""
     if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.trunc_normal_(m.weight, std=std)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):

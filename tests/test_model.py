@@ -140,3 +140,35 @@ def test_no_queue_means_in_batch_negatives_only():
     out = m(*batch())
     out["loss"].backward()
     assert torch.isfinite(out["itc"]) and m.image_queue.shape == (m.cfg.embed_dim, 0)
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_itm_negatives_follow_similarity_only_when_hard(hard):
+    """Hard negatives (ALBEF) are drawn from the ITC similarity softmax: a pair that is nearly
+    certain under it is always drawn. Uniform negatives ignore the similarity."""
+    m = tiny(itm_hard_negatives=hard).train()
+    images, ids, mask = batch()
+    B, T = ids.shape
+    image_feat = torch.eye(B, 64)                       # (B, E) one direction per sample
+    text_feat = 10 * image_feat.roll(1, dims=0)         # text j points where image j - 1 does
+    drawn = []
+
+    def record(text, mask, image, ids_all):             # stands in for the fusion encoder
+        drawn.append(ids_all[2 * B:])                   # the negative texts of the B images
+        return torch.zeros(3 * B, 2)
+
+    m.itm_logits = record
+    for seed in range(20):
+        torch.manual_seed(seed)
+        m.itm_loss(torch.randn(B, 5, 128), torch.randn(B, T, 128), ids, mask, image_feat, text_feat)
+    likeliest = ids.roll(-1, dims=0)                    # image i's most similar text: i + 1
+    hits = (torch.stack(drawn) == likeliest).all(-1).float().mean()
+    assert hits == 1.0 if hard else hits < 0.5
+
+
+def test_init_std_sets_the_random_weights():
+    for std in (0.02, 0.1):
+        m = tiny(init_std=std)
+        for w in (m.visual_encoder.blocks[0].attn.qkv.weight,
+                  m.text_encoder.encoder.layer[0].attention.self.query.weight):
+            assert abs(w.std().item() - std) < 0.1 * std
