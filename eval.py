@@ -952,16 +952,24 @@ def run_efficiency(cfg):
     return report
 
 
-def efficiency_main(argv):
-    """python eval.py efficiency [--flag value ...]: print the report, write it as JSON."""
-    from train_pretrain import parse_config   # here: train_pretrain imports this module
-    cfg = parse_config(EfficiencyConfig(), argv, EFFICIENCY_PRESETS)
-    report = run_efficiency(cfg)
-    print(format_efficiency(report))
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {cfg.out}")
+def report_command(config_cls, presets, run, fmt):
+    """A subcommand `python eval.py NAME [--flag value ...]`: the flags fill config_cls (as
+    train_pretrain's do), run(cfg) makes the report, fmt(report) is printed and the report is
+    written as JSON to cfg.out."""
+    def main(argv):
+        from train_pretrain import parse_config   # here: train_pretrain imports this module
+        cfg = parse_config(config_cls(), argv, presets)
+        report = run(cfg)
+        print(fmt(report))
+        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+        with open(cfg.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {cfg.out}")
+    return main
+
+
+efficiency_main = report_command(EfficiencyConfig, EFFICIENCY_PRESETS, run_efficiency,
+                                 format_efficiency)
 
 
 # -----------------------------------------------------------------------------
@@ -1248,16 +1256,7 @@ def format_keep(report):
     return "\n".join(lines)
 
 
-def keep_main(argv):
-    """python eval.py keep [--flag value ...]: print the table, write it as JSON."""
-    from train_pretrain import parse_config   # here: train_pretrain imports this module
-    cfg = parse_config(KeepConfig(), argv, KEEP_PRESETS)
-    report = run_keep(cfg)
-    print(format_keep(report))
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {cfg.out}")
+keep_main = report_command(KeepConfig, KEEP_PRESETS, run_keep, format_keep)
 
 
 # ---- picture: the kept patches, drawn ------------------------------------------------------

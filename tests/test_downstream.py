@@ -5,6 +5,8 @@ model's own scores."""
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ import train_pretrain
 import vit
 from model import CaptionModel, ELIPModel, VQAModel, load_pretrained
 from pruning import PruneConfig, token_counts
-from test_train_pretrain import SMALL
+from test_train_pretrain import ROOT, SMALL
 from text_encoder import Tokenizer
 
 TASKS = ("retrieval", "vqa", "nlvr", "ve", "caption")
@@ -310,3 +312,21 @@ def test_resume_continues_fine_tuning_exactly(tmp_path, pretrained):
         assert torch.equal(sa["model"][k], sb["model"][k]), k
     assert json.load(open(os.path.join(b, "metrics.json")))["metrics"] == \
         json.load(open(os.path.join(a, "metrics.json")))["metrics"]
+
+
+def test_ddp_two_ranks_stay_identical(tmp_path, pretrained):
+    """Retrieval fine-tuning under torchrun (gloo): both ranks end with the same parameters."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29534", os.path.join(ROOT, "train_downstream.py"), "--task",
+           "retrieval", "--pretrained", pretrained, *write_task(tmp_path, "retrieval"),
+           "--out_dir", str(out), "--batch_size", "3", "--max_steps", "2", "--warmup_steps", "1",
+           "--log_every", "1", "--eval_k", "3", "--eval_batch_size", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in open(out / "log.jsonl")]
+    sync = [r for r in recs if "ranks_in_sync" in r][-1]
+    assert len(sync["rank_fingerprints"]) == 2 and sync["ranks_in_sync"]
+    assert [r["step"] for r in recs if "step" in r] == [1, 2]
+    assert "r_mean" in json.load(open(out / "metrics.json"))["metrics"]
