@@ -312,7 +312,8 @@ def evaluate_vqa(model, dataset, collate, device, batch_size=64):
 
 
 @torch.no_grad()
-def evaluate_caption(model, dataset, tokenizer, device, beam=3, max_new_tokens=20, batch_size=64):
+def evaluate_caption(model, dataset, tokenizer, device, beam=3, max_new_tokens=20, batch_size=64,
+                     length_penalty=1.0):
     """Captioning: greedy and beam-search captions of every image, each scored with BLEU-4 and
     CIDEr-D against all of the image's references (dataset.references).
     Returns ({"greedy_bleu4", "greedy_cider_d", "beam_bleu4", "beam_cider_d"},
@@ -323,7 +324,8 @@ def evaluate_caption(model, dataset, tokenizer, device, beam=3, max_new_tokens=2
     for images, _ in torch.utils.data.DataLoader(dataset, batch_size):
         images = images.to(device)
         for name, (tokens, _) in (("greedy", model.greedy(images, max_new_tokens)),
-                                  ("beam", model.beam_search(images, beam, max_new_tokens))):
+                                  ("beam", model.beam_search(images, beam, max_new_tokens,
+                                                             length_penalty))):
             captions[name] += [tokenizer.decode(t) for t in tokens.cpu()]
     model.train(was_training)
     metrics = {f"{name}_{metric}": score(caps, dataset.references)

@@ -532,10 +532,13 @@ class CaptionModel(nn.Module):
         return ids[:, self.prompt_ids.shape[1]:], score
 
     @torch.no_grad()
-    def beam_search(self, images, beam=3, max_new_tokens=20):
+    def beam_search(self, images, beam=3, max_new_tokens=20, length_penalty=0.0):
         """Beam search over summed log-probabilities, all B x beam hypotheses in one batch; a
-        finished hypothesis (it produced [SEP]) is extended by [PAD] at no cost. Returns the best
-        hypothesis of each image as greedy() does."""
+        finished hypothesis (it produced [SEP]) is extended by [PAD] at no cost. The best of the
+        final beams is the one whose sum divided by its length ([CLS], prompt and tokens up to
+        [SEP]) ** length_penalty is highest: 0 takes the likeliest, 1 is Hugging Face's default,
+        which BLIP's beam search uses (a plain sum favours short, generic captions). Returns that
+        hypothesis of each image as greedy() does, with its summed log-probability."""
         B, K = images.shape[0], beam
         image_embeds = self.encode_image(images).repeat_interleave(K, dim=0)    # (B*K, L', D)
         ids = self.prompt_ids.expand(B * K, -1)                                  # (B*K, P+1)
@@ -557,7 +560,8 @@ class CaptionModel(nn.Module):
             done = done[parent] | (token == self.sep_id)
             if done.all():
                 break
-        best = score.argmax(dim=1)                                                  # (B,)
+        length = (ids != self.cfg.pad_id).sum(dim=1).view(B, K)                    # (B, K)
+        best = (score / length ** length_penalty).argmax(dim=1)                    # (B,)
         ids = ids.view(B, K, -1)[torch.arange(B, device=ids.device), best]          # (B, P+1+n)
         return ids[:, self.prompt_ids.shape[1]:], score.gather(1, best[:, None]).squeeze(1)
 

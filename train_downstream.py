@@ -77,6 +77,7 @@ class DownstreamConfig:
     eval_k: int = 16                 # retrieval: ITC candidates re-scored by ITM
     eval_batch_size: int = 64
     beam: int = 3                    # captioning: beam size
+    length_penalty: float = 1.0      # captioning: the best beam by log-probability / length ** this
     max_new_tokens: int = 20         # captioning: tokens generated after the prompt
     prompt: str = "a picture of "    # captioning (BLIP)
     # run
@@ -203,7 +204,7 @@ def evaluate(cfg, model, train_set, test_set, collate, tok, device, log):
         baseline = {"accuracy": evaluation.accuracy([majority] * len(labels), labels)}
         return metrics, baseline, f"majority label of the training set ({majority})", None
     metrics, captions = evaluation.evaluate_caption(model, test_set, tok, device, cfg.beam,
-                                                    cfg.max_new_tokens, bs)
+                                                    cfg.max_new_tokens, bs, cfg.length_penalty)
     # majority: the most frequent training caption for every image; chance: a true caption of
     # another image (the next one's first reference)
     common = Counter(c for it in train_set.items for c in it["captions"]).most_common(1)[0][0]

@@ -2,6 +2,7 @@
 folder of images in the real formats and writes its metrics; pruning is off downstream unless
 asked for; pre-trained weights load strictly; greedy and beam-search decoding agree with the
 model's own scores."""
+import copy
 import dataclasses
 import json
 import os
@@ -283,6 +284,26 @@ def test_wider_beams_find_likelier_captions_than_greedy(captioner):
         assert (wide > narrow + 0.1).all()
     tokens, score = model.beam_search(images, 3, 8)
     assert torch.allclose(teacher_forced_score(model, images, tokens), score, atol=1e-4)
+
+
+def test_length_penalty_chooses_among_the_same_final_beams(captioner):
+    """The penalty only changes which of the final beams is returned: the likeliest (0), or the
+    best per length ** penalty, which is never shorter (here, on this fixed model, longer for
+    some image: the likeliest captions stop early)."""
+    model, images = captioner
+    model = copy.deepcopy(model)
+    with torch.no_grad():       # make [SEP] likely enough that some beams end early
+        model.text_decoder.cls.predictions.bias[model.sep_id] += 8.0
+
+    def run(penalty):
+        tokens, score = model.beam_search(images, 3, 8, penalty)
+        length = model.prompt_ids.shape[1] + (tokens != model.cfg.pad_id).sum(1)
+        return score, length
+
+    (s0, n0), (s1, n1) = run(0.0), run(1.0)
+    assert (s0 >= s1 - 1e-5).all()                                  # 0: the likeliest
+    assert (s1 / n1 >= s0 / n0 - 1e-5).all()                        # 1: the best per length
+    assert (n1 >= n0).all() and (n1 > n0).any()
 
 
 def test_clear_errors(tmp_path, pretrained):
