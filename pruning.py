@@ -87,8 +87,12 @@ def token_counts(num_patches, depth, cfg):
 
 
 def take(t, idx):
-    """Rows of t (B, N, C) at idx (B, K): (B, K, C). One gather for the whole batch."""
-    return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+    """Rows of t (B, N, C) at idx (B, K): (B, K, C). One index_select over the batch flattened
+    into rows: its backward adds whole rows of C (index_add); a gather's would go element by
+    element, and cost twice the time on a CPU."""
+    B, N, C = t.shape
+    rows = idx + N * torch.arange(B, device=idx.device)[:, None]             # (B, K) into B*N
+    return t.reshape(B * N, C).index_select(0, rows.flatten()).view(B, -1, C)
 
 
 def prune_and_merge(x, scores, num_keep, merge=True):
@@ -102,15 +106,16 @@ def prune_and_merge(x, scores, num_keep, merge=True):
         return x, torch.arange(N, device=x.device).expand(B, N)
     scores = scores.detach()
     keep_idx = scores.topk(num_keep, dim=1).indices.sort(dim=1).values   # (B, K) original order
-    tokens = x[:, 1:]                                                    # (B, N, D)
-    parts = [x[:, :1], take(tokens, keep_idx)]                           # [CLS], (B, K, D)
+    rows = torch.cat([keep_idx.new_zeros(B, 1), keep_idx + 1], dim=1)   # (B, 1+K) [CLS] first
+    parts = [take(x, rows)]                                              # (B, 1+K, D)
     if merge:
         # Eq. 4: the dropped tokens become one, weighted by their scores renormalised to sum to one
-        # (+1e-6 as the official code). Zeroing the kept positions lets one batched matmul over all
-        # N tokens do it: no gather of the dropped tokens, no loop over the batch.
+        # (+1e-6 as the official code). Zeroing the kept positions (and [CLS]) lets one batched
+        # matmul over the sequence do it: no gather of the dropped tokens, no loop over the batch.
         w = scores.scatter(1, keep_idx, 0.0)                             # (B, N)
         w = w / (w.sum(dim=1, keepdim=True) + 1e-6)
-        parts.append(w.unsqueeze(1).to(x.dtype) @ tokens)                # (B, 1, D)
+        w = torch.cat([w.new_zeros(B, 1), w], dim=1)                     # (B, 1+N), 0 at [CLS]
+        parts.append(w.unsqueeze(1).to(x.dtype) @ x)                     # (B, 1, D)
     return torch.cat(parts, dim=1), keep_idx
 
 

@@ -94,7 +94,7 @@ class DownstreamConfig:
 # minutes on a 2-core CPU from the tiny pre-training checkpoint. Explicit flags override them.
 TASK_PRESETS = {
     "retrieval": dict(out_dir="out/retrieval", world_train=1000, epochs=1, lr=3e-4),
-    "vqa": dict(out_dir="out/vqa", world_train=1200, epochs=2, lr=1e-3),
+    "vqa": dict(out_dir="out/vqa", world_train=1200, epochs=4, lr=5e-4),
     "nlvr": dict(out_dir="out/nlvr", world_train=1200, epochs=2, lr=3e-4),
     "ve": dict(out_dir="out/ve", world_train=1600, epochs=2, lr=3e-4),
     "caption": dict(out_dir="out/caption", world_train=900, epochs=2, lr=3e-4),
