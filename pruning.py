@@ -95,6 +95,37 @@ def take(t, idx):
     return t.reshape(B * N, C).index_select(0, rows.flatten()).view(B, -1, C)
 
 
+class KeepAndMerge(torch.autograd.Function):
+    """Eq. 4 as one autograd op. x (B, 1+N, D); rows (B, 1+K) indices into 1+N, [CLS] first;
+    w (B, 1+N) the merge weights, zero at `rows`. Returns (B, 1+K+1, D): x's rows at `rows`,
+    then the merged token w @ x.
+    Why not plain autograd: its backward of index_select + matmul + cat makes four passes over
+    a (B, 1+N, D) gradient (zeros, index_add, the matmul's outer product, their sum). The kept
+    and merged rows come from disjoint tokens, so one pass does: the merged token's gradient
+    spread by w (zero at the kept rows), then the kept rows' gradients written over it. On a
+    CPU, where the op is memory-bound, this is what makes it faster than a loop over the batch."""
+
+    @staticmethod
+    def forward(ctx, x, rows, w):
+        B, N1, D = x.shape
+        # the last slot repeats [CLS] only to fill the place the merged token then takes: the
+        # index_select writes straight into the output, no cat
+        flat = torch.cat([rows, rows[:, :1]], dim=1) + N1 * torch.arange(B, device=x.device)[:, None]
+        out = x.new_empty(B, flat.shape[1], D)                               # (B, 1+K+1, D)
+        torch.index_select(x.reshape(B * N1, D), 0, flat.flatten(), out=out.view(-1, D))
+        out[:, -1] = (w.unsqueeze(1) @ x).squeeze(1)                         # (B, D)
+        ctx.save_for_backward(rows, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, w = ctx.saved_tensors
+        grad_x = w.unsqueeze(2) * grad[:, -1:]                               # (B, 1+N, D)
+        batch = torch.arange(rows.shape[0], device=rows.device)[:, None]    # (B, 1)
+        grad_x[batch, rows] = grad[:, :-1]                                   # kept rows
+        return grad_x, None, None
+
+
 def prune_and_merge(x, scores, num_keep, merge=True):
     """x (B, 1+N, D) with [CLS] first; scores (B, N), no grad.
     Returns (x_out, keep_idx): x_out (B, 1+num_keep+merge, D) = [CLS], kept tokens in original
@@ -107,16 +138,14 @@ def prune_and_merge(x, scores, num_keep, merge=True):
     scores = scores.detach()
     keep_idx = scores.topk(num_keep, dim=1).indices.sort(dim=1).values   # (B, K) original order
     rows = torch.cat([keep_idx.new_zeros(B, 1), keep_idx + 1], dim=1)   # (B, 1+K) [CLS] first
-    parts = [take(x, rows)]                                              # (B, 1+K, D)
-    if merge:
-        # Eq. 4: the dropped tokens become one, weighted by their scores renormalised to sum to one
-        # (+1e-6 as the official code). Zeroing the kept positions (and [CLS]) lets one batched
-        # matmul over the sequence do it: no gather of the dropped tokens, no loop over the batch.
-        w = scores.scatter(1, keep_idx, 0.0)                             # (B, N)
-        w = w / (w.sum(dim=1, keepdim=True) + 1e-6)
-        w = torch.cat([w.new_zeros(B, 1), w], dim=1)                     # (B, 1+N), 0 at [CLS]
-        parts.append(w.unsqueeze(1).to(x.dtype) @ x)                     # (B, 1, D)
-    return torch.cat(parts, dim=1), keep_idx
+    if not merge:
+        return take(x, rows), keep_idx
+    # Eq. 4: the dropped tokens become one, weighted by their scores renormalised to sum to one
+    # (+1e-6 as the official code); zero at the kept positions and at [CLS].
+    w = scores.scatter(1, keep_idx, 0.0)                                 # (B, N)
+    w = w / (w.sum(dim=1, keepdim=True) + 1e-6)
+    w = torch.cat([w.new_zeros(B, 1), w], dim=1).to(x.dtype)             # (B, 1+N)
+    return KeepAndMerge.apply(x, rows, w), keep_idx
 
 
 def fuse_cls(x, text_cls, lam):

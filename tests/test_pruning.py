@@ -68,6 +68,14 @@ def test_prune_and_merge_invariants():
     assert torch.allclose(x.grad[:, 0], torch.ones(B, D))
 
 
+def test_keep_and_merge_backward_matches_numerical_gradient():
+    # KeepAndMerge writes its own backward: check it against finite differences (float64)
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True)
+    scores = torch.rand(2, 8, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: prune_and_merge(x, scores, 3)[0], (x,))
+
+
 def test_prune_and_merge_edge_cases():
     x, s = torch.randn(2, 7, 3), torch.rand(2, 6)
     out, keep = prune_and_merge(x, s, 6)
