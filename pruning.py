@@ -20,6 +20,7 @@ To try your own idea, add a method name to METHODS and a branch to `token_scores
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 METHODS = ("none", "elip", "elip_inline", "evit", "tome", "random")
 TEXT_GUIDED = ("elip", "elip_inline")
@@ -96,24 +97,24 @@ def take(t, idx):
 
 
 class KeepAndMerge(torch.autograd.Function):
-    """Eq. 4 as one autograd op. x (B, 1+N, D); rows (B, 1+K) indices into 1+N, [CLS] first;
-    w (B, 1+N) the merge weights, zero at `rows`. Returns (B, 1+K+1, D): x's rows at `rows`,
-    then the merged token w @ x.
-    Why not plain autograd: its backward of index_select + matmul + cat makes four passes over
-    a (B, 1+N, D) gradient (zeros, index_add, the matmul's outer product, their sum). The kept
-    and merged rows come from disjoint tokens, so one pass does: the merged token's gradient
-    spread by w (zero at the kept rows), then the kept rows' gradients written over it. On a
-    CPU, where the op is memory-bound, this is what makes it faster than a loop over the batch."""
+    """Eq. 4 as one autograd op. x (B, 1+N, D); rows (B, 1+K+1) indices into 1+N: [CLS], the kept
+    tokens, then [CLS] again as a placeholder for the merged token; w (B, 1+N) the merge weights,
+    zero at [CLS] and at the kept tokens. Returns (B, 1+K+1, D): x's rows at `rows`, the last one
+    replaced by the merged token w @ x.
+    Why not plain autograd: its backward of index_select + matmul + cat makes four passes over a
+    (B, 1+N, D) gradient (zeros, index_add, the matmul's outer product, their sum). The kept and
+    the merged tokens are disjoint, so one pass does: the merged token's gradient spread by w
+    (zero at the kept rows), then the kept rows' gradients written over it. On a CPU, where the op
+    is memory-bound, this is what makes it several times faster than a Python loop over the batch."""
 
     @staticmethod
     def forward(ctx, x, rows, w):
         B, N1, D = x.shape
-        # the last slot repeats [CLS] only to fill the place the merged token then takes: the
-        # index_select writes straight into the output, no cat
-        flat = torch.cat([rows, rows[:, :1]], dim=1) + N1 * torch.arange(B, device=x.device)[:, None]
-        out = x.new_empty(B, flat.shape[1], D)                               # (B, 1+K+1, D)
+        flat = rows + torch.arange(0, B * N1, N1, device=x.device)[:, None]  # (B, 1+K+1) into B*N1
+        out = x.new_empty(B, rows.shape[1], D)
+        # one index_select straight into the output (no cat), then the placeholder is overwritten
         torch.index_select(x.reshape(B * N1, D), 0, flat.flatten(), out=out.view(-1, D))
-        out[:, -1] = (w.unsqueeze(1) @ x).squeeze(1)                         # (B, D)
+        out[:, -1:] = w.unsqueeze(1) @ x                                     # (B, 1, D)
         ctx.save_for_backward(rows, w)
         return out
 
@@ -122,7 +123,7 @@ class KeepAndMerge(torch.autograd.Function):
         rows, w = ctx.saved_tensors
         grad_x = w.unsqueeze(2) * grad[:, -1:]                               # (B, 1+N, D)
         batch = torch.arange(rows.shape[0], device=rows.device)[:, None]    # (B, 1)
-        grad_x[batch, rows] = grad[:, :-1]                                   # kept rows
+        grad_x[batch, rows[:, :-1]] = grad[:, :-1]                           # [CLS] and kept rows
         return grad_x, None, None
 
 
@@ -137,15 +138,14 @@ def prune_and_merge(x, scores, num_keep, merge=True):
         return x, torch.arange(N, device=x.device).expand(B, N)
     scores = scores.detach()
     keep_idx = scores.topk(num_keep, dim=1).indices.sort(dim=1).values   # (B, K) original order
-    rows = torch.cat([keep_idx.new_zeros(B, 1), keep_idx + 1], dim=1)   # (B, 1+K) [CLS] first
     if not merge:
-        return take(x, rows), keep_idx
+        return take(x, F.pad(keep_idx + 1, (1, 0))), keep_idx           # [CLS] first
     # Eq. 4: the dropped tokens become one, weighted by their scores renormalised to sum to one
-    # (+1e-6 as the official code); zero at the kept positions and at [CLS].
+    # (+1e-6 as the official code); zero at the kept positions, and at [CLS] by the padding.
     w = scores.scatter(1, keep_idx, 0.0)                                 # (B, N)
     w = w / (w.sum(dim=1, keepdim=True) + 1e-6)
-    w = torch.cat([w.new_zeros(B, 1), w], dim=1).to(x.dtype)             # (B, 1+N)
-    return KeepAndMerge.apply(x, rows, w), keep_idx
+    rows = F.pad(keep_idx + 1, (1, 1))                                   # (B, 1+K+1)
+    return KeepAndMerge.apply(x, rows, F.pad(w, (1, 0)).to(x.dtype)), keep_idx
 
 
 def fuse_cls(x, text_cls, lam):
