@@ -323,6 +323,12 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
         f"parameters; {len(train_set)} samples; {total_steps} steps of {per_step * world} "
         f"on {world} x {device.type}")
     os.makedirs(cfg.out_dir, exist_ok=True)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if master:
+        # a fresh run starts a new log; a resumed one keeps the lines up to its checkpoint's step
+        old = open(log_path).readlines() if ckpt is not None and os.path.exists(log_path) else []
+        with open(log_path, "w") as f:
+            f.writelines(line for line in old if json.loads(line).get("step", 0) <= step)
 
     def checkpoint():
         save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), model=model.state_dict(),

@@ -32,8 +32,12 @@ def test_resume_gives_the_same_parameters(tmp_path):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
-    steps = [json.loads(l)["step"] for l in open(os.path.join(b, "log.jsonl")) if '"step"' in l]
-    assert steps == list(range(1, 6))
+    def logged_steps(out_dir):
+        return [json.loads(l)["step"] for l in open(os.path.join(out_dir, "log.jsonl"))
+                if '"step"' in l]
+    assert logged_steps(b) == list(range(1, 6))
+    train_pretrain.main(three_per_epoch + ["--out_dir", a, "--max_steps", "5"])    # a fresh rerun
+    assert logged_steps(a) == list(range(1, 6))                               # starts a new log
 
 
 def test_ddp_two_ranks_stay_identical(tmp_path):
