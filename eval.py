@@ -1066,16 +1066,6 @@ PICTURE_PRESETS = {"full": dict(), "quick": dict(images=2, scale=2)}
 
 
 # ---- which patches survive ---------------------------------------------------------------
-def reducing_layers(prune, num_patches, depth):
-    """The layers before which `prune` changes the tokens, one per tensor of forward_features'
-    sources: a cut whose int(M * ratio) is not below the tokens it gets (the test of
-    pruning.reduce_tokens), or a ToMe step with nothing left to merge, leaves no entry."""
-    counts, cuts = token_counts(num_patches, depth, prune), cut_layers(prune, depth)
-    if prune.method == "tome":
-        return [i for i in cuts if counts[i] < counts[i - 1]]
-    return [i for i, ratio in cuts.items() if int(num_patches * ratio) < counts[i - 1] - 1]
-
-
 def patch_mask(src, num_patches):
     """Sources (B, N) -> (B, M) bool: the patches that are a token of their own. A fused token
     (-1) is no patch: it is scattered into a spare column M, cut off afterwards."""
@@ -1095,16 +1085,12 @@ def kept_patches(vit, images, text_cls=None, layers=None):
         raise ValueError("the ViT is in eval mode and its PruneConfig has in_eval False, so it "
                          "keeps every token: build it with PruneConfig(in_eval=True)")
     layers = list(cut_layers(cfg, depth)) if layers is None else list(layers)
-    _, sources = vit.forward_features(images, text_cls)
-    done = reducing_layers(cfg, M, depth)
-    if len(done) != len(sources):
-        raise RuntimeError(f"the ViT reduced tokens {len(sources)} times, the schedule says "
-                           f"{len(done)} (before layers {done})")
+    _, sources = vit.forward_features(images, text_cls)                        # {layer: (B, N)}
     start = torch.arange(M, device=images.device).expand(B, M)                 # (B, M) all
     masks = []
     for layer in layers:
         # the last reduction at or before this layer decides what enters it
-        src = next((s for i, s in zip(done[::-1], sources[::-1]) if i <= layer), start)
+        src = next((s for i, s in reversed(sources.items()) if i <= layer), start)
         masks.append(patch_mask(src, M))
     if not masks:
         return torch.zeros(B, 0, M, dtype=torch.bool, device=images.device)

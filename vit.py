@@ -133,9 +133,9 @@ class VisionTransformer(nn.Module):
         return self.forward_features(images, text_cls)[0]
 
     def forward_features(self, images, text_cls=None):
-        """Returns (x, sources): x (B, L, D) after the final norm, [CLS] first; sources: one
-        (B, N_i) tensor per token reduction, the original patch index of each non-[CLS] token
-        after it, -1 for a token fused from several."""
+        """Returns (x, sources): x (B, L, D) after the final norm, [CLS] first; sources: for each
+        layer before which the tokens changed, {layer: (B, N_i)}, the original patch index of each
+        non-[CLS] token entering that layer, -1 for a token fused from several."""
         cfg = self.prune
         if not (self.training or cfg.in_eval):
             cfg = pruning.PruneConfig(method="none")
@@ -149,14 +149,14 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)   # (B, 1+M, D)
         x = x + self.pos_embed
         src = torch.arange(self.num_patches, device=x.device).expand(x.shape[0], -1)  # (B, M)
-        sources, size, x_prev = [], None, x
+        sources, size, x_prev = {}, None, x
         for i, blk in enumerate(self.blocks):
             x, size, idx = pruning.reduce_tokens(cfg, self.blocks, i, x, x_prev, text_cls,
                                                  self.num_patches, size)
             if idx is not None:
                 # follow each token back to its patch; fused tokens (-1) stay fused
                 src = src.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, -1)
-                sources.append(src)
+                sources[i] = src
             x_prev = x
             x = blk(x, size)
         return self.norm(x), sources
