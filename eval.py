@@ -726,7 +726,8 @@ def loop_prune_and_merge(x, scores, num_keep):
     """REFERENCE ONLY, the benchmark's baseline (never used by the model): ELIP's prune-and-merge
     written the way the official code does it, choosing the tokens for the whole batch at once
     but then indexing each sample's kept and dropped tokens one by one in a Python loop.
-    Same result as pruning.prune_and_merge(x, scores, num_keep)[0] (tests check it)."""
+    Same result as pruning.prune_and_merge(x, scores, num_keep)[0]
+    (tests/test_efficiency.py::test_loop_reference_equals_prune_and_merge)."""
     order = scores.detach().sort(dim=1, descending=True).indices       # (B, N)
     keep = order[:, :num_keep].sort(dim=1).values + 1                  # (B, K) indices into x
     keep = torch.cat([keep.new_zeros(keep.shape[0], 1), keep], dim=1)  # (B, 1+K) [CLS] first

@@ -97,24 +97,20 @@ def take(t, idx):
 
 
 class KeepAndMerge(torch.autograd.Function):
-    """Eq. 4 as one autograd op. x (B, 1+N, D); rows (B, 1+K+1) indices into 1+N: [CLS], the kept
-    tokens, then [CLS] again as a placeholder for the merged token; w (B, 1+N) the merge weights,
-    zero at [CLS] and at the kept tokens. Returns (B, 1+K+1, D): x's rows at `rows`, the last one
-    replaced by the merged token w @ x.
+    """Eq. 4 as one autograd op. x (B, 1+N, D); rows (B, 1+K+1) indices into 1+N: [CLS], the
+    kept tokens (all distinct), then [CLS] again as a placeholder for the merged token; w (B, 1+N)
+    the merge weights, zero at [CLS] and at the kept tokens. Returns (B, 1+K+1, D): x's rows at
+    `rows`, the last one replaced by the merged token w @ x.
     Why not plain autograd: its backward of index_select + matmul + cat makes four passes over a
-    (B, 1+N, D) gradient (zeros, index_add, the matmul's outer product, their sum). The kept and
-    the merged tokens are disjoint, so one pass does: the merged token's gradient spread by w
-    (zero at the kept rows), then the kept rows' gradients written over it. On a CPU, where the op
-    is memory-bound, this is what makes it several times faster than a Python loop over the batch."""
+    (B, 1+N, D) gradient (zeros, index_add, the matmul's outer product, their sum). Every token
+    goes to exactly one output row (w is zero where `rows` points), so two do: the merged token's
+    gradient spread by w, then the kept rows' gradients written over it. On a CPU, where the op
+    is memory-bound, that halves its time."""
 
     @staticmethod
     def forward(ctx, x, rows, w):
-        B, N1, D = x.shape
-        flat = rows + torch.arange(0, B * N1, N1, device=x.device)[:, None]  # (B, 1+K+1) into B*N1
-        out = x.new_empty(B, rows.shape[1], D)
-        # one index_select straight into the output (no cat), then the placeholder is overwritten
-        torch.index_select(x.reshape(B * N1, D), 0, flat.flatten(), out=out.view(-1, D))
-        out[:, -1:] = w.unsqueeze(1) @ x                                     # (B, 1, D)
+        out = take(x, rows)                                                  # (B, 1+K+1, D)
+        out[:, -1:] = w.unsqueeze(1) @ x                                     # (B, 1, D) merged
         ctx.save_for_backward(rows, w)
         return out
 
