@@ -326,9 +326,12 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if master:
         # a fresh run starts a new log; a resumed one keeps the lines up to its checkpoint's step
-        old = open(log_path).readlines() if ckpt is not None and os.path.exists(log_path) else []
+        old = []
+        if ckpt is not None and os.path.exists(log_path):
+            with open(log_path) as f:
+                old = [line for line in f if json.loads(line).get("step", 0) <= step]
         with open(log_path, "w") as f:
-            f.writelines(line for line in old if json.loads(line).get("step", 0) <= step)
+            f.writelines(old)
 
     def checkpoint():
         save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), model=model.state_dict(),
