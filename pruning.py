@@ -1,42 +1,42 @@
 """
-Token reduction inside the ViT: ELIP's text-guided prune-and-merge and the baselines.
+Token reduction inside the ViT: ELIP's text-guided prune-and-merge, then the baselines.
 
-Every method works through one interface. Before ViT layer `i`, `reduce_tokens` may shrink the
-sequence x (B, 1+N, D), [CLS] first. Each method only decides the scores; the shared
-`prune_and_merge` keeps the top-scoring tokens and fuses the rest (ToMe, which merges pairs,
-is the one exception and has its own few lines at the end).
-
-ELIP (Guo et al., arXiv 2309.16738, Algorithm 1), as the official code does it:
+ELIP (Guo et al., arXiv 2309.16738, Algorithm 1), as its official code does it. The ViT's layers
+are cut into blocks (before layers 2, 4 and 10 of 12); before each block, on x (B, 1+N, D) with
+[CLS] first:
   1. fuse the image and text [CLS]:  x_cls = lam * v_cls + (1 - lam) * t_cls            (Eq. 1)
-  2. look ahead without gradient: run the coming block on a copy whose [CLS] is the fused one,
-     and score each token by the head-averaged attention of the [CLS] query in the block's last
-     layer                                                                                (Eq. 2)
+  2. look ahead without gradient: run the coming block on a copy of x whose [CLS] is the fused
+     one; the head-averaged attention of the [CLS] query in its last layer scores each token
+                                                                                          (Eq. 2)
   3. keep the K = int(M * keep_ratio) best tokens (M = patches of the image) in their order
   4. merge the rest into one token, weighted by their renormalised scores                 (Eq. 4)
 The real forward keeps the image [CLS]; the look-ahead only decides which tokens survive.
 
+The file reads in that order: the config, the method (steps 1 to 4), the one interface the ViT
+calls (`reduce_tokens`) with the sequence lengths it produces (`token_counts`), then the
+baselines, which only decide the scores (EViT, random) or merge pairs instead (ToMe).
 To try your own idea, add a method name to METHODS and a branch to `token_scores`.
 """
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 METHODS = ("none", "elip", "elip_inline", "evit", "tome", "random")
-TEXT_GUIDED = ("elip", "elip_inline")
+TEXT_GUIDED = ("elip", "elip_inline")      # the methods that need the text [CLS]
 
 
 @dataclass
 class PruneConfig:
-    method: str = "elip"            # one of METHODS
-    prune_layers: tuple = (2, 4, 10)        # layers before which tokens are pruned (0-based)
-    keep_ratios: tuple = (0.9, 0.65, 0.4)   # fraction of the M input patches kept at each cut
-    lam: float = 0.8                # weight of the image [CLS] in the fused [CLS] (Eq. 1)
-    merge: bool = True              # False: prune only (the paper's ablation, Fig. 3 left)
-    tome_r: int = 11                # ToMe only: tokens merged before every layer after the first
-    in_eval: bool = False           # also reduce in eval mode (the paper prunes in pre-training only)
+    method: str = "elip"                               # one of METHODS
+    prune_layers: tuple[int, ...] = (2, 4, 10)         # pruned before these layers (0-based)
+    keep_ratios: tuple[float, ...] = (0.9, 0.65, 0.4)  # fraction of the M patches kept at each cut
+    lam: float = 0.8                                   # weight of the image [CLS] in Eq. 1's fusion
+    merge: bool = True                                 # False: prune only (paper's Fig. 3)
+    tome_r: int = 11                                   # ToMe: tokens merged before layers 1, 2, ...
+    in_eval: bool = False                              # reduce in eval mode too (paper: no)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.prune_layers = tuple(int(i) for i in self.prune_layers)
         self.keep_ratios = tuple(float(r) for r in self.keep_ratios)
         if self.method not in METHODS:
@@ -56,7 +56,7 @@ class PruneConfig:
         if self.tome_r < 0:
             raise ValueError(f"tome_r {self.tome_r} must be >= 0")
 
-    def check(self, depth):
+    def check(self, depth: int) -> None:
         """Refuse a schedule that does not fit a ViT of `depth` layers (called at model build)."""
         if self.method in ("none", "tome"):
             return
@@ -65,8 +65,129 @@ class PruneConfig:
                              f"for a ViT of depth {depth}")
 
 
-def cut_layers(cfg, depth):
-    """{layer: keep_ratio} for the layers before which `cfg` reduces tokens."""
+# The paper's comparison rows (ELIP paper, section 4), as PruneConfig fields: PruneConfig(**preset).
+PRUNE_PRESETS = {
+    # ELIP as its official code runs it (section 4): blocks of 2, 2, 6, 2 layers
+    "elip": dict(method="elip", prune_layers=(2, 4, 10), keep_ratios=(0.9, 0.65, 0.4), lam=0.8,
+                 merge=True),
+    # EViT as the paper ran it: keep rate 0.7 in EViT's default configuration (section 4), whose
+    # default locations are layers 3, 6, 9; EViT fuses the inattentive tokens into one (merge).
+    # EViT keeps 0.7 of the tokens present at each location; our ratios count the M input
+    # patches, so they are the cumulative 0.7, 0.7^2, 0.7^3. (EViT also rounds up, counts its
+    # fused token as a candidate, so keeps one or two tokens more per cut, and weights the fused
+    # token by the raw attention where ours renormalises, Eq. 4; and it cuts inside layers 3, 6,
+    # 9, after their attention, where ours cuts before them, scored by the layer before.)
+    "evit_paper": dict(method="evit", prune_layers=(3, 6, 9), keep_ratios=(0.7, 0.49, 0.343),
+                       merge=True),
+    # ToMe as the paper ran it (section 4): r = 13 per layer with proportional attention (ToMe's
+    # default, and always on in ours). ToMe merges inside each of the 12 layers; ours before each
+    # layer after the first, 11 times.
+    "tome_paper": dict(method="tome", tome_r=13),
+}
+
+
+# ---- ELIP (Algorithm 1) ---------------------------------------------------------------------
+def fuse_cls(x: torch.Tensor, text_cls: torch.Tensor, lam: float) -> torch.Tensor:
+    """x (B, 1+N, D), text_cls (B, D) -> (B, 1+N, D): a copy of x with the fused [CLS] (Eq. 1).
+    lam = 1 is the image [CLS] alone, lam = 0 the text [CLS] alone."""
+    fused = lam * x[:, :1] + (1.0 - lam) * text_cls.unsqueeze(1).to(x.dtype)   # (B, 1, D) Eq. 1
+    return torch.cat([fused, x[:, 1:]], dim=1)                                  # (B, 1+N, D)
+
+
+@torch.no_grad()
+def lookahead_scores(layers: nn.ModuleList, x: torch.Tensor, text_cls: torch.Tensor,
+                     lam: float) -> torch.Tensor:
+    """layers of the coming block, x (B, 1+N, D), text_cls (B, D) -> scores (B, N), no grad.
+    Eq. 2: run the block on a copy of x carrying the fused [CLS]; score each token by the
+    attention the [CLS] query pays it in the block's last layer (post-softmax, head-averaged).
+    That last layer computes only the [CLS] row of attention, not the whole layer."""
+    y = fuse_cls(x, text_cls, lam)                                   # (B, 1+N, D) Eq. 1
+    for blk in layers[:-1]:
+        y = blk(y)                                                   # (B, 1+N, D)
+    return layers[-1].cls_attention(y)[:, 1:]                        # (B, N) Eq. 2, no [CLS] column
+
+
+def top_k_in_order(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """scores (B, N) -> keep_idx (B, K): the K = num_keep best tokens, in their original order."""
+    return scores.topk(num_keep, dim=1).indices.sort(dim=1).values   # (B, K)
+
+
+def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (B, N, C), idx (B, K) -> (B, K, C): the rows of each sample at its indices.
+    One index_select over the batch flattened into rows: its backward adds whole rows of C
+    (index_add), where a gather's would go element by element."""
+    B, N, C = t.shape
+    rows = idx + N * torch.arange(B, device=idx.device)[:, None]             # (B, K) into B*N
+    return t.reshape(B * N, C).index_select(0, rows.flatten()).view(B, -1, C)   # (B, K, C)
+
+
+def prune_and_merge(x: torch.Tensor, scores: torch.Tensor, num_keep: int,
+                    merge: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, 1+N, D), scores (B, N) -> x_out (B, 1+num_keep+merge, D), keep_idx (B, num_keep).
+    x_out is [CLS], the kept tokens in their original order, then the merged token (Eq. 4);
+    keep_idx holds ascending indices into the N non-[CLS] tokens. No gradient reaches the scores.
+    num_keep >= N returns x unchanged (and all N indices)."""
+    B, N = x.shape[0], x.shape[1] - 1
+    if num_keep >= N:
+        return x, torch.arange(N, device=x.device).expand(B, N)
+    scores = scores.detach()
+    keep_idx = top_k_in_order(scores, num_keep)                              # (B, K)
+    rows = torch.cat([keep_idx.new_zeros(B, 1), keep_idx + 1], dim=1)        # (B, 1+K) [CLS] first
+    kept = take(x, rows)                                                     # (B, 1+K, D)
+    if not merge:
+        return kept, keep_idx
+    # Eq. 4: the dropped tokens become one, weighted by their scores renormalised to sum to one
+    # (+1e-6 as the official code); the weights are zero at the kept tokens and carry no gradient.
+    w = scores.scatter(1, keep_idx, 0.0)                                     # (B, N)
+    w = w / (w.sum(dim=1, keepdim=True) + 1e-6)                              # (B, N)
+    merged = w.unsqueeze(1).to(x.dtype) @ x[:, 1:]                           # (B, 1, D)
+    return torch.cat([kept, merged], dim=1), keep_idx                        # (B, 1+K+1, D)
+
+
+# ---- the interface the ViT calls --------------------------------------------------------------
+def token_scores(cfg: PruneConfig, blocks: nn.ModuleList, layer: int, x: torch.Tensor,
+                 x_prev: torch.Tensor, text_cls: torch.Tensor | None) -> torch.Tensor:
+    """x (B, 1+N, D), x_prev (B, 1+N', D) -> scores (B, N) of x's non-[CLS] tokens, no grad.
+    For the cut before `layer`; `blocks` are the ViT's layers, x_prev the input of layer - 1
+    (what x was computed from)."""
+    if cfg.method == "elip":
+        cuts = list(cfg.prune_layers) + [len(blocks)]
+        end = cuts[cuts.index(layer) + 1]                   # the coming block: layers [layer, end)
+        return lookahead_scores(blocks[layer:end], x, text_cls, cfg.lam)
+    if cfg.method == "elip_inline":
+        return evit_scores(blocks[layer - 1], x_prev, text_cls, cfg.lam)
+    if cfg.method == "evit":
+        return evit_scores(blocks[layer - 1], x_prev)
+    if cfg.method == "random":
+        return random_scores(x)
+    raise ValueError(f"method {cfg.method!r} has no scores")
+
+
+def reduce_tokens(cfg: PruneConfig, blocks: nn.ModuleList, layer: int, x: torch.Tensor,
+                  x_prev: torch.Tensor, text_cls: torch.Tensor | None, num_patches: int,
+                  size: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """x (B, 1+N, D), size (B, 1+N) or None -> x (B, 1+N', D), size, src (B, N') or None.
+    Applies `cfg` before ViT layer `layer`. size: how many patches each token stands for (ToMe
+    only). src: for each output non-[CLS] token its index among the N input tokens, -1 for a
+    token fused from several; None when nothing changed."""
+    cuts = cut_layers(cfg, len(blocks))
+    if layer not in cuts:
+        return x, size, None
+    if cfg.method == "tome":
+        return tome_merge(blocks[layer], x, size, cfg.tome_r)
+    num_keep = int(num_patches * cuts[layer])                # K counts the M input patches
+    if num_keep >= x.shape[1] - 1:
+        return x, size, None
+    scores = token_scores(cfg, blocks, layer, x, x_prev, text_cls)          # (B, N)
+    x, keep_idx = prune_and_merge(x, scores, num_keep, cfg.merge)           # (B, 1+K+merge, D)
+    if cfg.merge:
+        keep_idx = torch.cat([keep_idx, keep_idx.new_full((x.shape[0], 1), -1)], dim=1)  # (B, K+1)
+    return x, size, keep_idx
+
+
+def cut_layers(cfg: PruneConfig, depth: int) -> dict[int, float | None]:
+    """{layer: keep_ratio} for the layers before which `cfg` reduces tokens (None for ToMe)."""
     if cfg.method == "none":
         return {}
     if cfg.method == "tome":
@@ -74,8 +195,9 @@ def cut_layers(cfg, depth):
     return dict(zip(cfg.prune_layers, cfg.keep_ratios))
 
 
-def token_counts(num_patches, depth, cfg):
-    """Sequence length entering each of the `depth` layers, [CLS] and merged token included."""
+def token_counts(num_patches: int, depth: int, cfg: PruneConfig) -> list[int]:
+    """M = num_patches, depth -> [L_0, ..., L_{depth-1}]: the sequence length entering each layer,
+    [CLS] and merged token included (what `reduce_tokens` produces in a training forward)."""
     cuts, n, counts = cut_layers(cfg, depth), num_patches, []
     for i in range(depth):
         if i in cuts and cfg.method == "tome":
@@ -87,119 +209,29 @@ def token_counts(num_patches, depth, cfg):
     return counts
 
 
-def take(t, idx):
-    """Rows of t (B, N, C) at idx (B, K): (B, K, C). One index_select over the batch flattened
-    into rows: its backward adds whole rows of C (index_add); a gather's would go element by
-    element, and cost twice the time on a CPU."""
-    B, N, C = t.shape
-    rows = idx + N * torch.arange(B, device=idx.device)[:, None]             # (B, K) into B*N
-    return t.reshape(B * N, C).index_select(0, rows.flatten()).view(B, -1, C)
+# ---- baselines: EViT (and our one-pass elip_inline), random, ToMe ---------------------------
+@torch.no_grad()
+def evit_scores(block: nn.Module, x: torch.Tensor, text_cls: torch.Tensor | None = None,
+                lam: float = 1.0) -> torch.Tensor:
+    """block, its input x (B, 1+N, D) -> scores (B, N), no grad: the head-averaged attention of
+    the [CLS] query in `block`, one pass, no look-ahead. EViT queries with the image [CLS]
+    (lam = 1); elip_inline, our research variant and not the paper's, with the fused [CLS] of
+    Eq. 1."""
+    y = x if lam == 1.0 else fuse_cls(x, text_cls, lam)             # (B, 1+N, D)
+    return block.cls_attention(y)[:, 1:]                            # (B, N)
 
 
-class KeepAndMerge(torch.autograd.Function):
-    """Eq. 4 as one autograd op. x (B, 1+N, D); rows (B, 1+K+1) indices into 1+N: [CLS], the
-    kept tokens (all distinct), then [CLS] again as a placeholder for the merged token; w (B, 1+N)
-    the merge weights, zero at [CLS] and at the kept tokens. Returns (B, 1+K+1, D): x's rows at
-    `rows`, the last one replaced by the merged token w @ x.
-    Why not plain autograd: its backward of index_select + matmul + cat makes four passes over a
-    (B, 1+N, D) gradient (zeros, index_add, the matmul's outer product, their sum). Every token
-    goes to exactly one output row (w is zero where `rows` points), so two do: the merged token's
-    gradient spread by w, then the kept rows' gradients written over it. On a CPU, where the op
-    is memory-bound, that halves its time."""
-
-    @staticmethod
-    def forward(ctx, x, rows, w):
-        out = take(x, rows)                                                  # (B, 1+K+1, D)
-        out[:, -1:] = w.unsqueeze(1) @ x                                     # (B, 1, D) merged
-        ctx.save_for_backward(rows, w)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, w = ctx.saved_tensors
-        grad_x = w.unsqueeze(2) * grad[:, -1:]                               # (B, 1+N, D)
-        batch = torch.arange(rows.shape[0], device=rows.device)[:, None]    # (B, 1)
-        grad_x[batch, rows[:, :-1]] = grad[:, :-1]                           # [CLS] and kept rows
-        return grad_x, None, None
-
-
-def prune_and_merge(x, scores, num_keep, merge=True):
-    """x (B, 1+N, D) with [CLS] first; scores (B, N), no grad.
-    Returns (x_out, keep_idx): x_out (B, 1+num_keep+merge, D) = [CLS], kept tokens in original
-    order, merged token; keep_idx (B, num_keep) ascending indices into the N non-[CLS] tokens.
-    num_keep >= N returns x unchanged."""
-    B, N1, D = x.shape
-    N = N1 - 1
-    if num_keep >= N:
-        return x, torch.arange(N, device=x.device).expand(B, N)
-    scores = scores.detach()
-    keep_idx = scores.topk(num_keep, dim=1).indices.sort(dim=1).values   # (B, K) original order
-    if not merge:
-        return take(x, F.pad(keep_idx + 1, (1, 0))), keep_idx           # [CLS] first
-    # Eq. 4: the dropped tokens become one, weighted by their scores renormalised to sum to one
-    # (+1e-6 as the official code); zero at the kept positions, and at [CLS] by the padding.
-    w = scores.scatter(1, keep_idx, 0.0)                                 # (B, N)
-    w = w / (w.sum(dim=1, keepdim=True) + 1e-6)
-    rows = F.pad(keep_idx + 1, (1, 1))                                   # (B, 1+K+1)
-    return KeepAndMerge.apply(x, rows, F.pad(w, (1, 0)).to(x.dtype)), keep_idx
-
-
-def fuse_cls(x, text_cls, lam):
-    """Eq. 1: a copy of x whose [CLS] is lam * image [CLS] + (1 - lam) * text [CLS]."""
-    fused = lam * x[:, :1] + (1.0 - lam) * text_cls.unsqueeze(1).to(x.dtype)   # (B, 1, D)
-    return torch.cat([fused, x[:, 1:]], dim=1)
+def random_scores(x: torch.Tensor) -> torch.Tensor:
+    """x (B, 1+N, D) -> scores (B, N), uniform: the control."""
+    return torch.rand(x.shape[0], x.shape[1] - 1, device=x.device)
 
 
 @torch.no_grad()
-def token_scores(cfg, blocks, layer, x, x_prev, text_cls):
-    """Scores (B, N) of the N non-[CLS] tokens of x (B, 1+N, D) for the cut before `layer`.
-    `blocks` are the ViT's layers; x_prev is the input of layer - 1 (what x was computed from)."""
-    if cfg.method == "elip":
-        # Eq. 2: look ahead through the coming block (up to the next cut) on a detached copy with
-        # the fused [CLS]; only the [CLS] row of the last layer's attention is needed.
-        cuts = list(cfg.prune_layers) + [len(blocks)]
-        end = cuts[cuts.index(layer) + 1]
-        y = fuse_cls(x.detach(), text_cls, cfg.lam)
-        for blk in blocks[layer:end - 1]:
-            y = blk(y)
-        return blocks[end - 1].cls_attention(y)[:, 1:]
-    if cfg.method in ("elip_inline", "evit"):
-        # One pass, no look-ahead: the [CLS] attention of the layer before the cut, over that
-        # layer's input. EViT queries with the image [CLS]; elip_inline (our research variant, not
-        # the paper's) with the fused [CLS] of Eq. 1.
-        lam = cfg.lam if cfg.method == "elip_inline" else 1.0
-        y = fuse_cls(x_prev, text_cls, lam) if lam < 1.0 else x_prev
-        return blocks[layer - 1].cls_attention(y)[:, 1:]
-    if cfg.method == "random":
-        return torch.rand(x.shape[0], x.shape[1] - 1, device=x.device)
-    raise ValueError(f"method {cfg.method!r} has no scores")
-
-
-def reduce_tokens(cfg, blocks, layer, x, x_prev, text_cls, num_patches, size):
-    """Apply `cfg` before ViT layer `layer`.
-    x (B, 1+N, D); size (B, 1+N) or None: how many patches each token stands for (ToMe only).
-    Returns (x, size, src): src (B, N') indices into the N input tokens of each output non-[CLS]
-    token, -1 for a token fused from several; src is None when nothing changed."""
-    cuts = cut_layers(cfg, len(blocks))
-    if layer not in cuts:
-        return x, size, None
-    if cfg.method == "tome":
-        return tome_merge(blocks[layer], x, size, cfg.tome_r)
-    num_keep = int(num_patches * cuts[layer])
-    if num_keep >= x.shape[1] - 1:
-        return x, size, None
-    scores = token_scores(cfg, blocks, layer, x, x_prev, text_cls)
-    x, keep_idx = prune_and_merge(x, scores, num_keep, cfg.merge)
-    if cfg.merge:
-        keep_idx = torch.cat([keep_idx, keep_idx.new_full((x.shape[0], 1), -1)], dim=1)
-    return x, size, keep_idx
-
-
-@torch.no_grad()
-def _tome_match(metric, r):
-    """Bipartite soft matching (Bolya et al., ToMe): split tokens alternately into sets A and B,
-    link every A token to its most similar B token, and merge the r most similar links.
-    metric (B, N, C). Returns (unm_idx (B, Na-r), src_idx (B, r), dst_idx (B, r)) into A / B."""
+def _tome_match(metric: torch.Tensor, r: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """metric (B, N, C) -> unm_idx (B, Na-r), src_idx (B, r), dst_idx (B, r), into A / B.
+    Bipartite soft matching (Bolya et al., ToMe): split tokens alternately into sets A and B,
+    link every A token to its most similar B token, and merge the r most similar links."""
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]                     # (B, Na, C), (B, Nb, C)
     sim = a @ b.transpose(1, 2)                                # (B, Na, Nb) cosine similarity
@@ -209,10 +241,12 @@ def _tome_match(metric, r):
     return unm_idx, src_idx, best_dst.gather(1, src_idx)
 
 
-def tome_merge(block, x, size, r):
-    """ToMe before `block`: merge r token pairs, matched on the keys the block's attention would
+def tome_merge(block: nn.Module, x: torch.Tensor, size: torch.Tensor | None, r: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x (B, 1+N, D), size (B, 1+N) or None -> x (B, 1+N-r, D), size (B, 1+N-r), src (B, N-r).
+    ToMe before `block`: merge r token pairs, matched on the keys the block's attention would
     compute, as size-weighted averages; [CLS] never merges. The block then uses proportional
-    attention (log size added to the attention logits)."""
+    attention (log size added to the attention logits). src as in `reduce_tokens`."""
     B, N1, D = x.shape
     N = N1 - 1
     r = min(r, N // 2)
@@ -231,6 +265,6 @@ def tome_merge(block, x, size, r):
     merged = torch.cat([take(a, unm), b], dim=1) / new_size[:, 1:, None]           # (B, N-r, D)
     # where each output token came from, in input order (A at even, B at odd positions);
     # B tokens that absorbed others are fused tokens: -1
-    src_b = (1 + 2 * torch.arange(b.shape[1], device=x.device)).expand(B, -1)
+    src_b = (1 + 2 * torch.arange(b.shape[1], device=x.device)).expand(B, -1)     # (B, Nb)
     src_idx = torch.cat([2 * unm, src_b.scatter(1, dst, -1)], dim=1)               # (B, N-r)
     return torch.cat([x[:, :1], merged], dim=1), new_size, src_idx

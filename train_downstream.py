@@ -3,11 +3,11 @@ Fine-tune a pre-trained ELIP model on a downstream task, then evaluate it on the
 
     python train_downstream.py --task retrieval          # the embedded world's version, CPU, minutes
     python train_downstream.py --task vqa --prune true   # keep the token pruning downstream (a study)
-    torchrun --nproc_per_node 4 train_downstream.py --task retrieval \
-        --pretrained out/pretrain/checkpoint.pt --train_file coco_train.json \
+    torchrun --nproc_per_node 4 train_downstream.py --task retrieval \\
+        --pretrained out/pretrain/checkpoint.pt --train_file coco_train.json \\
         --test_file coco_test.json --image_root /data/coco --crop_scale 0.5,1.0 --eval_k 256
 
-Tasks, each on ELIP's pre-trained encoders (model.py, "Downstream models"):
+Tasks, each on ELIP's pre-trained encoders (heads.py):
   retrieval  ITC + ITM with every caption of an image a positive; ITC ranks all pairs and ITM
              re-scores the top eval_k (ALBEF); TR/IR R@1/5/10, and the ITC-only figures
   vqa        a classifier over the answer list on the fusion [CLS], BCE on VQA soft scores
@@ -15,9 +15,9 @@ Tasks, each on ELIP's pre-trained encoders (model.py, "Downstream models"):
   ve         SNLI-VE: fusion [CLS] -> contradiction / neutral / entailment
   caption    the decoder with the prompt "a picture of "; greedy and beam search, BLEU-4, CIDEr-D
 With no --train_file/--test_file the data is the embedded world's version of the task; with them,
-the ALBEF/BLIP JSON files (and --answer_list for VQA). Every flag of DownstreamConfig works as in
-train_pretrain.py, and --task also sets that task's defaults (TASK_PRESETS). The flags, DDP, AMP,
-the training loop and the checkpoints are train_pretrain.py's.
+the ALBEF/BLIP JSON files (and --answer_list for VQA). Every field of DownstreamConfig (and of
+the nested RunConfig) is a flag, as in train_pretrain.py; --task also sets that task's defaults
+(TASK_PRESETS). The training loop, DDP, AMP and checkpoints are trainer.py's.
 
 Writes to out_dir (out/<task>): checkpoint.pt (the fine-tuned model; --resume auto continues it),
 log.jsonl, metrics.json (the test metrics beside a chance or majority baseline, the timings and
@@ -29,21 +29,23 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import data
 import eval as evaluation
-from model import (CaptionModel, ELIPModel, ModelConfig, NLVRModel, VEModel, VQAModel,
-                   load_pretrained)
+import metrics
+import world
+from config import config_from_dict, parse_config
+from heads import CaptionModel, NLVRModel, VEModel, VQAModel, load_pretrained
+from model import ELIPModel, ModelConfig
 from pruning import TEXT_GUIDED, PruneConfig
-from text_encoder import Tokenizer
-from train_pretrain import (TrainConfig, config_from_dict, fit, load_checkpoint, log_json,
-                            parse_config, resume_config, setup_distributed)
+from tokenizer import Tokenizer
+from trainer import (RunConfig, cleanup_distributed, fit, load_checkpoint, log_json,
+                     resume_config, seed_everything, setup_distributed)
 
 
 @dataclass
@@ -51,28 +53,16 @@ class DownstreamConfig:
     task: str = "retrieval"          # retrieval | vqa | nlvr | ve | caption; selects TASK_PRESETS
     pretrained: str = "out/pretrain/checkpoint.pt"   # a checkpoint of train_pretrain.py
     # data: ALBEF/BLIP JSON files (several: comma-separated); none given = the embedded world
-    train_file: tuple = ()
-    test_file: tuple = ()
-    image_root: str = ""
+    train_file: tuple[str, ...] = ()
+    test_file: tuple[str, ...] = ()
+    image_root: str = ""             # image paths in the JSON files are relative to this
     answer_list: str = ""            # VQA: a JSON list of answers; empty = the world's answers,
                                      # or every answer of the training files
     world_seed: int = 0
     world_train: int = 1000          # scenes (image pairs for nlvr) in the world's train split
     world_test: int = 200            # and in its test split
-    crop_scale: tuple = (0.8, 1.0)   # random-crop area, as train_pretrain (ALBEF: 0.5,1.0)
+    crop_scale: tuple[float, ...] = (0.8, 1.0)   # random-crop area (ALBEF: 0.5,1.0)
     prune: bool = False              # keep the pre-training pruning schedule, in evaluation too
-    # optimisation
-    epochs: int = 2
-    max_steps: int = 0               # stop after this many optimizer steps (0 = all epochs)
-    batch_size: int = 32             # per process
-    grad_accum: int = 1
-    lr: float = 1e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.02
-    warmup_steps: int = 20
-    alpha: float = 0.4               # retrieval: ITC distillation weight, ramped up in epoch 1
-    grad_clip: float = 0.0           # 0 = off
-    amp: str = "auto"                # auto (bf16 or fp16 on GPU, off on CPU) | bf16 | fp16 | off
     # evaluation
     eval_k: int = 16                 # retrieval: ITC candidates re-scored by ITM
     eval_batch_size: int = 64
@@ -80,14 +70,8 @@ class DownstreamConfig:
     length_penalty: float = 1.0      # captioning: the best beam by log-probability / length ** this
     max_new_tokens: int = 20         # captioning: tokens generated after the prompt
     prompt: str = "a picture of "    # captioning (BLIP)
-    # run
-    out_dir: str = "out/retrieval"   # each task's preset sets out/<task>
-    ckpt_every: int = 500            # steps between checkpoints (one is always written at the end)
-    resume: str = ""                 # a checkpoint path, or "auto" for out_dir/checkpoint.pt
-    log_every: int = 10
-    num_workers: int = 0
-    seed: int = 0
-    threads: int = 0                 # torch.set_num_threads on CPU (0 = leave torch's default)
+    run: RunConfig = field(default_factory=lambda: RunConfig(
+        epochs=2, lr=1e-4, min_lr=1e-6, warmup_steps=20, out_dir="out/retrieval"))
 
 
 # Each task's defaults, sized so that it fine-tunes and evaluates on the embedded world in a few
@@ -99,6 +83,8 @@ TASK_PRESETS = {
     "ve": dict(out_dir="out/ve", world_train=1600, epochs=2, lr=3e-4),
     "caption": dict(out_dir="out/caption", world_train=900, epochs=2, lr=3e-4),
 }
+# evaluation settings may change when a fine-tuning run resumes
+SAFE_ON_RESUME = ("eval_k", "eval_batch_size", "beam", "length_penalty", "max_new_tokens")
 
 # ---- data --------------------------------------------------------------------------------
 def vqa_collate(batch, tokenizer, max_len, answer_index):
@@ -122,9 +108,9 @@ def build_data(cfg, mc, tok):
         raise SystemExit("error: give both --train_file and --test_file, or neither "
                          "(the embedded world)")
     task, root = cfg.task, cfg.image_root or None
-    train_entries = list(cfg.train_file) or data.world_entries(task, "train", cfg.world_train,
+    train_entries = list(cfg.train_file) or world.world_entries(task, "train", cfg.world_train,
                                                                cfg.world_seed)
-    test_entries = list(cfg.test_file) or data.world_entries(task, "test", cfg.world_test,
+    test_entries = list(cfg.test_file) or world.world_entries(task, "test", cfg.world_test,
                                                              cfg.world_seed)
     train_tf = data.create_transform(mc.img_size, True, cfg.crop_scale)
     test_tf = data.create_transform(mc.img_size, False)
@@ -134,7 +120,7 @@ def build_data(cfg, mc, tok):
         return (data.RetrievalTrainDataset(train_entries, root, train_tf, **words),
                 data.RetrievalEvalDataset(test_entries, root, test_tf, **words), collate, collate)
     if task == "vqa":
-        answers = cfg.answer_list or (None if cfg.train_file else data.world_answer_list())
+        answers = cfg.answer_list or (None if cfg.train_file else world.world_answer_list())
         train = data.VQADataset(train_entries, root, train_tf, True, answers, **words)
         test = data.VQADataset(test_entries, root, test_tf, False, train.answer_list, **words)
         index = {a: i for i, a in enumerate(train.answer_list)}
@@ -179,31 +165,31 @@ def build_model(task, mc, tok, num_answers, prompt):
 
 # ---- evaluation --------------------------------------------------------------------------
 def evaluate(cfg, model, train_set, test_set, collate, tok, device, log):
-    """(metrics, baseline, what the baseline is, predictions or None) on the test split."""
+    """(scores, baseline, what the baseline is, predictions or None) on the test split."""
     bs, task = cfg.eval_batch_size, cfg.task
     if task == "retrieval":
-        metrics = evaluation.evaluate_retrieval(model, test_set, tok, device, k=cfg.eval_k,
+        scores = evaluation.evaluate_retrieval(model, test_set, tok, device, k=cfg.eval_k,
                                                 max_len=model.cfg.max_len, batch_size=bs)
-        chance = evaluation.chance_recall(test_set.img2txt)
-        log(evaluation.format_recall(metrics, chance, f"retrieval, {len(test_set)} test images, "
+        chance = metrics.chance_recall(test_set.img2txt)
+        log(metrics.format_recall(scores, chance, f"retrieval, {len(test_set)} test images, "
                                      f"ITM re-ranking of the top {cfg.eval_k}"))
-        log(evaluation.format_recall(metrics["itc"], None, "ITC only"))
-        return metrics, chance, "chance (random ranking)", None
+        log(metrics.format_recall(scores["itc"], None, "ITC only"))
+        return scores, chance, "chance (random ranking)", None
     if task == "vqa":
-        metrics, results = evaluation.evaluate_vqa(model, test_set, collate, device, bs)
+        scores, results = evaluation.evaluate_vqa(model, test_set, collate, device, bs)
         top = Counter(Counter(it["answers"]).most_common(1)[0][0] for it in train_set.items)
         majority = top.most_common(1)[0][0]
         truth = [it["answers"] for it in test_set.items]
-        baseline = {"vqa_score": evaluation.vqa_accuracy([majority] * len(truth), truth)} \
+        baseline = {"vqa_score": metrics.vqa_accuracy([majority] * len(truth), truth)} \
             if all(truth) else {}
-        return metrics, baseline, f"majority answer of the training set ({majority!r})", results
+        return scores, baseline, f"majority answer of the training set ({majority!r})", results
     if task in ("nlvr", "ve"):
-        metrics, _ = evaluation.evaluate_classifier(model, test_set, collate, device, bs)
+        scores, _ = evaluation.evaluate_classifier(model, test_set, collate, device, bs)
         majority = Counter(it["label"] for it in train_set.items).most_common(1)[0][0]
         labels = [it["label"] for it in test_set.items]
-        baseline = {"accuracy": evaluation.accuracy([majority] * len(labels), labels)}
-        return metrics, baseline, f"majority label of the training set ({majority})", None
-    metrics, captions = evaluation.evaluate_caption(model, test_set, tok, device, cfg.beam,
+        baseline = {"accuracy": metrics.accuracy([majority] * len(labels), labels)}
+        return scores, baseline, f"majority label of the training set ({majority})", None
+    scores, captions = evaluation.evaluate_caption(model, test_set, tok, device, cfg.beam,
                                                     cfg.max_new_tokens, bs, cfg.length_penalty)
     # majority: the most frequent training caption for every image; chance: a true caption of
     # another image (the next one's first reference)
@@ -211,23 +197,23 @@ def evaluate(cfg, model, train_set, test_set, collate, tok, device, log):
     refs = test_set.references
     guesses = {"": [common] * len(refs), "chance_": [r[0] for r in refs[1:] + refs[:1]]}
     baseline = {f"{name}{metric}": score(caps, refs) for name, caps in guesses.items()
-                for metric, score in (("bleu4", evaluation.bleu4), ("cider_d", evaluation.cider_d))}
+                for metric, score in (("bleu4", metrics.bleu4), ("cider_d", metrics.cider_d))}
     predictions = [{"image": it["images"][0], "greedy": g, "beam": b}
                    for it, g, b in zip(test_set.items, captions["greedy"], captions["beam"])]
-    return metrics, baseline, f"bleu4, cider_d: the most frequent training caption ({common!r}) " \
+    return scores, baseline, f"bleu4, cider_d: the most frequent training caption ({common!r}) " \
         "for every image; chance_*: a true caption of another image", predictions
 
 
 def main(argv=None):
-    cfg = parse_config(DownstreamConfig(), sys.argv[1:] if argv is None else argv, TASK_PRESETS,
-                       key="task")
-    cfg, ckpt = resume_config(cfg, DownstreamConfig)
-    rank, world, device = setup_distributed()
+    cfg, given = parse_config(DownstreamConfig(), sys.argv[1:] if argv is None else argv,
+                              TASK_PRESETS, key="task", doc=__doc__)
+    cfg, ckpt = resume_config(cfg, given, safe=SAFE_ON_RESUME)
+    rank, world_size, device = setup_distributed(cfg.run.dist_timeout)
     master = rank == 0
     log = tqdm.write if master else (lambda msg: None)
-    if cfg.threads and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    if cfg.run.threads and device.type == "cpu":
+        torch.set_num_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed, rank)
 
     # the pre-trained architecture and vocabulary; a resumed run has its own in its checkpoint
     if ckpt is not None:
@@ -239,7 +225,7 @@ def main(argv=None):
         source = load_checkpoint(cfg.pretrained)
         if not {"model", "config", "vocab"} <= source.keys():
             raise SystemExit(f"error: {cfg.pretrained} is not a checkpoint of train_pretrain.py")
-        mc = downstream_model_config(config_from_dict(TrainConfig, source["config"]).model, cfg)
+        mc = downstream_model_config(config_from_dict(ModelConfig, source["config"]["model"]), cfg)
         tok = Tokenizer(source["vocab"])
 
     # data: every entry is checked when the dataset is built, before any training step
@@ -276,35 +262,33 @@ def main(argv=None):
         if cfg.task != "retrieval":
             return m(*batch)
         images, ids, mask, idx = batch
-        alpha = cfg.alpha * min(1.0, step / steps_per_epoch)     # ALBEF's ramp-up in epoch 1
+        alpha = cfg.run.alpha * min(1.0, step / steps_per_epoch)     # ALBEF's ramp-up in epoch 1
         return m(images, ids, mask, alpha=alpha, idx=idx)
 
     extra = {"vocab": tok.vocab, "model_config": dataclasses.asdict(mc), "weights": weights,
              "answer_list": answers}
-    train_time = fit(cfg, model, train_set, train_collate, loss_fn, device, rank, world, log, ckpt,
-                     extra_state=extra, desc=cfg.task)
+    train_time = fit(cfg, model, train_set, train_collate, loss_fn, device, rank, world_size, log,
+                     ckpt, extra_state=extra, desc=cfg.task)
 
     if master:
         t0 = time.time()
-        metrics, baseline, baseline_kind, predictions = evaluate(
+        scores, baseline, baseline_kind, predictions = evaluate(
             cfg, model, train_set, test_set, test_collate, tok, device, log)
-        rec = {"task": cfg.task, "metrics": metrics, "baseline": baseline,
+        rec = {"task": cfg.task, "metrics": scores, "baseline": baseline,
                "baseline_kind": baseline_kind, "train_seconds": train_time,
                "eval_seconds": time.time() - t0, "train_samples": len(train_set),
                "test_samples": len(test_set), "prune": dataclasses.asdict(mc.prune),
                "pretrained": cfg.pretrained, "config": dataclasses.asdict(cfg),
                "weights": {"initialised": weights["initialised"], "unused": weights["unused"]}}
-        log_json(cfg.out_dir, {k: rec[k] for k in ("task", "metrics", "baseline")})
-        with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+        log_json(cfg.run.out_dir, {k: rec[k] for k in ("task", "metrics", "baseline")})
+        with open(os.path.join(cfg.run.out_dir, "metrics.json"), "w") as f:
             json.dump(rec, f, indent=1)
         if predictions is not None:
-            with open(os.path.join(cfg.out_dir, "predictions.json"), "w") as f:
+            with open(os.path.join(cfg.run.out_dir, "predictions.json"), "w") as f:
                 json.dump(predictions, f, indent=1)
-        log(f"{cfg.task} test: {json.dumps({k: v for k, v in metrics.items() if k != 'itc'})}; "
+        log(f"{cfg.task} test: {json.dumps({k: v for k, v in scores.items() if k != 'itc'})}; "
             f"baseline ({baseline_kind}): {json.dumps(baseline)}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    cleanup_distributed(world_size)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, size=None):
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
         B, N, D = x.shape
         H = self.num_heads
         q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, Dh)
@@ -34,7 +34,7 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)            # (B, H, N, Dh)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
-    def cls_attention(self, x):
+    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Head-averaged attention of the [CLS] query over all N tokens (post-softmax, the weights
         the forward pass would use): (B, N). Only the [CLS] query is computed, so this costs the
         key projection plus one attention row instead of a whole layer."""
@@ -48,7 +48,7 @@ class Attention(nn.Module):
         attn = (q @ k.transpose(-2, -1) / math.sqrt(D // H)).softmax(dim=-1)  # (B, H, 1, N)
         return attn.mean(dim=1).squeeze(1)                                    # (B, N)
 
-    def keys(self, x):
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
         """The attention keys (B, N, D), heads side by side (ToMe matches tokens on them)."""
         D = x.shape[-1]
         b = self.qkv.bias
@@ -66,7 +66,7 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def drop_path(x, p, training):
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop the residual branch for whole samples with probability p."""
     if p == 0.0 or not training:
         return x
@@ -85,14 +85,14 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x, size=None):
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
         x = x + drop_path(self.attn(self.norm1(x), size), self.drop_path, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
-    def cls_attention(self, x):
+    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
         return self.attn.cls_attention(self.norm1(x))
 
-    def keys(self, x):
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
         return self.attn.keys(self.norm1(x))
 
 
@@ -111,8 +111,10 @@ class PatchEmbed(nn.Module):
 
 class VisionTransformer(nn.Module):
 
-    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, prune=None, init_std=0.02):
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop_path_rate: float = 0.0,
+                 prune: pruning.PruneConfig | None = None, init_std: float = 0.02):
         super().__init__()
         self.prune = prune if prune is not None else pruning.PruneConfig(method="none")
         self.prune.check(depth)
@@ -129,10 +131,11 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(partial(_init_weights, std=init_std))
 
-    def forward(self, images, text_cls=None):
+    def forward(self, images: torch.Tensor, text_cls: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_features(images, text_cls)[0]
 
-    def forward_features(self, images, text_cls=None):
+    def forward_features(self, images: torch.Tensor, text_cls: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Returns (x, sources): x (B, L, D) after the final norm, [CLS] first; sources: for each
         layer before which the tokens changed, {layer: (B, N_i)}, the original patch index of each
         non-[CLS] token entering that layer, -1 for a token fused from several."""
@@ -174,7 +177,7 @@ def _init_weights(m, std):
         nn.init.zeros_(m.bias)
 
 
-def interpolate_pos_embed(pos_embed, num_patches):
+def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
     """Resize (1, 1+M, D) position embeddings to (1, 1+num_patches, D): bicubic on the 2-D grid,
     [CLS] untouched (as ALBEF does when fine-tuning at a higher resolution)."""
     M, D = pos_embed.shape[1] - 1, pos_embed.shape[2]
@@ -187,7 +190,7 @@ def interpolate_pos_embed(pos_embed, num_patches):
     return torch.cat([pos_embed[:, :1], grid], dim=1)
 
 
-def load_vit_weights(vit, checkpoint):
+def load_vit_weights(vit: VisionTransformer, checkpoint: str | dict) -> list[str]:
     """Load a DeiT/timm ViT checkpoint (a path, a state dict, or {"model": state dict}) strictly:
     every parameter of ours must be present with its shape, classification heads are dropped,
     position embeddings are interpolated to our resolution. Returns the unused keys."""

@@ -1,5 +1,5 @@
-"""What the pruning keeps (eval.py, section Analysis): the kept-patch masks against
-pruning.token_counts, the object-patch rule on hand-made masks, and the `keep` and `picture`
+"""What the pruning keeps (analysis.py): the kept-patch masks against pruning.token_counts, the
+object-patch rule on hand-made masks, loading a checkpoint, and the `keep` and `picture`
 commands end to end on a tiny random checkpoint."""
 import dataclasses
 import json
@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import eval as ev
-import train_pretrain
+import analysis
+import world
 from model import ELIPModel, ModelConfig
 from pruning import PruneConfig, token_counts
+from tokenizer import Tokenizer
+from trainer import save_checkpoint
 from vit import PatchEmbed, VisionTransformer
 
 
@@ -33,7 +35,7 @@ def test_kept_patches_match_token_counts(method):
     # prune only: every token entering a later layer but [CLS] is a patch, so the kept patches
     # are exactly what token_counts predicts
     prune = PruneConfig(method=method, merge=False, in_eval=True)
-    kept = ev.kept_patches(tiny_vit(prune), images, text_cls)                 # (B, S, M)
+    kept = analysis.kept_patches(tiny_vit(prune), images, text_cls)                 # (B, S, M)
     counts = token_counts(64, 12, prune)
     assert kept.shape == (3, 3, 64)
     for s, layer in enumerate(prune.prune_layers):
@@ -43,7 +45,7 @@ def test_kept_patches_match_token_counts(method):
     prune = PruneConfig(method=method, in_eval=True)
     vit = tiny_vit(prune)
     torch.manual_seed(0)                                  # the same draws for random, twice
-    kept = ev.kept_patches(vit, images, text_cls)
+    kept = analysis.kept_patches(vit, images, text_cls)
     torch.manual_seed(0)
     _, sources = vit.forward_features(images, text_cls)
     counts = token_counts(64, 12, prune)
@@ -60,7 +62,7 @@ def test_kept_patches_match_token_counts(method):
 def test_kept_patches_are_the_sources():
     images, text_cls = vit_inputs()
     vit = tiny_vit(PruneConfig(in_eval=True))
-    kept = ev.kept_patches(vit, images, text_cls)
+    kept = analysis.kept_patches(vit, images, text_cls)
     _, sources = vit.forward_features(images, text_cls)
     for s, src in enumerate(sources.values()):
         for b in range(3):
@@ -71,15 +73,15 @@ def test_kept_patches_are_the_sources():
 def test_method_none_keeps_everything():
     images, text_cls = vit_inputs()
     vit = tiny_vit(PruneConfig(method="none", in_eval=True))
-    kept = ev.kept_patches(vit, images, text_cls, layers=(2, 4, 10))
+    kept = analysis.kept_patches(vit, images, text_cls, layers=(2, 4, 10))
     assert kept.shape == (3, 3, 64) and kept.all()
-    assert ev.kept_patches(vit, images, text_cls).shape == (3, 0, 64)         # no cuts of its own
+    assert analysis.kept_patches(vit, images, text_cls).shape == (3, 0, 64)   # no cuts of its own
     named = torch.zeros(3, 64, dtype=torch.bool)
     named[:, 5:9] = True
     objects = named.clone()
     objects[:, 20:30] = True
     pairs = dict(images=images, scene=torch.arange(3), named=named, objects=objects)
-    fractions = ev.keep_fractions(vit, pairs, text_cls, [2, 4, 10], batch=2)
+    fractions = analysis.keep_fractions(vit, pairs, text_cls, [2, 4, 10], batch=2)
     assert fractions == [[1.0, 1.0, 1.0]] * 3
 
 
@@ -91,8 +93,8 @@ def test_keep_fractions_count_by_hand():
     objects = named.clone()
     objects[:, 50:] = True
     pairs = dict(images=images, scene=torch.tensor([0, 1]), named=named, objects=objects)
-    fractions = ev.keep_fractions(vit, pairs, text_cls, [2, 4, 10], batch=1)
-    kept = ev.kept_patches(vit, images, text_cls, [2, 4, 10])
+    fractions = analysis.keep_fractions(vit, pairs, text_cls, [2, 4, 10], batch=1)
+    kept = analysis.kept_patches(vit, images, text_cls, [2, 4, 10])
     for s in range(3):
         assert fractions[s][0] == pytest.approx((kept[:, s] & named).sum().item() / 20)
         assert fractions[s][1] == pytest.approx(kept[:, s, 50:].sum().item() / 28)
@@ -104,14 +106,14 @@ def test_a_cut_that_keeps_everything_leaves_the_mask_alone():
     prune = PruneConfig(prune_layers=(2, 4), keep_ratios=(1.0, 0.5), in_eval=True)
     _, sources = tiny_vit(prune).forward_features(images, text_cls)
     assert list(sources) == [4]                            # the first cut keeps every token
-    kept = ev.kept_patches(tiny_vit(prune), images, text_cls)
+    kept = analysis.kept_patches(tiny_vit(prune), images, text_cls)
     assert kept[:, 0].all() and (kept[:, 1].sum(1) == 32).all()
 
 
 def test_eval_mode_without_in_eval_is_refused():
     images, text_cls = vit_inputs()
     with pytest.raises(ValueError, match="in_eval"):
-        ev.kept_patches(tiny_vit(PruneConfig()), images, text_cls)
+        analysis.kept_patches(tiny_vit(PruneConfig()), images, text_cls)
 
 
 def test_object_patch_rule_on_a_hand_made_mask():
@@ -121,23 +123,23 @@ def test_object_patch_rule_on_a_hand_made_mask():
     mask[3, 8:15] = True
     mask[8:16, 8:16] = True                                      # bottom right: all
     mask[8, 0] = True                                            # bottom left: one pixel
-    assert ev.object_patches(mask, 8).tolist() == [True, False, False, True]
-    assert ev.object_patches(mask, 8, cover=0.25).tolist() == [True, True, False, True]
+    assert analysis.object_patches(mask, 8).tolist() == [True, False, False, True]
+    assert analysis.object_patches(mask, 8, cover=0.25).tolist() == [True, True, False, True]
     both = torch.stack([mask, ~mask])                            # (O, H, W) -> (O, M)
-    assert ev.object_patches(both, 8).tolist() == [[True, False, False, True],
+    assert analysis.object_patches(both, 8).tolist() == [[True, False, False, True],
                                                    [True, True, True, False]]
     # the same patch order as the ViT's patch embedding (row-major)
     embed = PatchEmbed(16, 8, 1)
     torch.nn.init.ones_(embed.proj.weight)
     torch.nn.init.zeros_(embed.proj.bias)
     touched = embed(mask.float().expand(1, 3, 16, 16))[0, :, 0] > 0         # (M,)
-    assert touched.tolist() == ev.object_patches(mask, 8, cover=1 / 64).tolist()
+    assert touched.tolist() == analysis.object_patches(mask, 8, cover=1 / 64).tolist()
 
 
 def test_grey_out_darkens_the_dropped_patches_only():
     pixels = np.random.default_rng(0).integers(60, 255, (16, 16, 3), dtype=np.uint8)
     keep = np.array([True, False, True, True])
-    out = ev.grey_out(pixels, keep, 8)
+    out = analysis.grey_out(pixels, keep, 8)
     assert (out[:8, :8] == pixels[:8, :8]).all() and (out[8:] == pixels[8:]).all()
     dropped = out[:8, 8:].astype(int)
     assert (dropped[..., 0] == dropped[..., 1]).all() and (dropped < pixels[:8, 8:]).all()
@@ -148,41 +150,68 @@ TINY = dict(img_size=32, patch_size=8, vision_width=32, text_width=32, vision_he
             text_heads=2, text_mlp=64, embed_dim=16, queue_size=0)
 
 
+WORLD_SEED = 3
+
+
+def tiny_model_config():
+    tok = Tokenizer.build([" ".join(world.World.vocabulary())])
+    return ModelConfig(**TINY, prune=PruneConfig(keep_ratios=(0.9, 0.6, 0.4)),
+                       vocab_size=tok.vocab_size, pad_id=tok.pad_id, cls_id=tok.cls_id,
+                       mask_id=tok.mask_id), tok
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    cfg = train_pretrain.TrainConfig(model=ModelConfig(**TINY))
-    tok = train_pretrain.make_tokenizer("", cfg.world_seed)
-    train_pretrain.set_vocab(cfg.model, tok)
+    """A checkpoint laid out as pre-training writes it: model, config (the TrainConfig as a dict,
+    the ModelConfig under "model", the world's seed at the top level) and vocab."""
+    mc, tok = tiny_model_config()
     torch.manual_seed(0)
-    model = ELIPModel(cfg.model)
+    model = ELIPModel(mc)
     path = str(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt")
-    train_pretrain.save_checkpoint(path, model=model.state_dict(),
-                                   config=dataclasses.asdict(cfg), vocab=tok.vocab)
+    save_checkpoint(path, model=model.state_dict(), vocab=tok.vocab,
+                    config=dict(model=dataclasses.asdict(mc), world_seed=WORLD_SEED, lr=1e-4))
     return path
+
+
+def test_load_for_analysis(checkpoint, tmp_path):
+    model, tok, seed = analysis.load_for_analysis(checkpoint)
+    mc, ref_tok = tiny_model_config()
+    assert seed == WORLD_SEED and model.cfg == mc and not model.training
+    assert tok.vocab == ref_tok.vocab
+    torch.manual_seed(0)
+    ref = ELIPModel(mc).state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    other = str(tmp_path / "other.pt")
+    save_checkpoint(other, model={}, config=dict(lr=1e-4))
+    with pytest.raises(SystemExit, match="not a checkpoint"):
+        analysis.load_for_analysis(other)
 
 
 def test_keep_command_end_to_end(checkpoint, tmp_path, capsys):
     out = tmp_path / "keep.json"
-    ev.keep_main(["--checkpoint", checkpoint, "--scenes", "3", "--captions", "2",
+    analysis.keep_main(["--checkpoint", checkpoint, "--scenes", "3", "--captions", "2",
                   "--methods", "none,elip,random", "--lams", "0.8,1.0", "--threads", "1",
                   "--out", str(out)])
     report = json.loads(out.read_text())
     assert [r["label"] for r in report["rows"]] == ["elip lam 0.8", "elip lam 1.0", "none",
                                                     "random"]
     assert report["pairs"] == 6 and report["num_patches"] == 16
+    assert report["world_seed"] == WORLD_SEED
     none = report["rows"][2]
     assert all(s[k] == 1.0 for s in none["stages"] for k in ("named", "other", "all"))
     for row in report["rows"]:
         assert [s["layer"] for s in row["stages"]] == [2, 4, 10]
         if row["method"] != "none":
             assert row["stages"][0]["all"] == int(16 * 0.9) / 16
+            # the checkpoint's schedule: 9 of 16 kept, one of them maybe the merged token
+            assert 8 / 16 <= row["stages"][1]["all"] <= 9 / 16
             assert all(0.0 <= s["named"] <= 1.0 for s in row["stages"])
     assert "elip lam 0.8" in capsys.readouterr().out
 
 
 def test_world_pairs_name_some_of_the_objects():
     mc = ModelConfig(**TINY)
-    pairs = ev.world_pairs(0, "test", 4, 5, mc, 0.5)
+    pairs = analysis.world_pairs(0, "test", 4, 5, mc, 0.5)
     assert pairs["images"].shape == (4, 3, 32, 32) and len(pairs["texts"]) == 20
     assert pairs["scene"].tolist() == [i for i in range(4) for _ in range(5)]
     assert not (pairs["named"] & ~pairs["objects"]).any()      # named objects are objects
@@ -191,16 +220,36 @@ def test_world_pairs_name_some_of_the_objects():
 
 def test_picture_writes_a_png_of_the_expected_size(checkpoint, tmp_path):
     out = tmp_path / "pruning.png"
-    ev.picture_main(["--checkpoint", checkpoint, "--images", "2", "--scale", "3",
+    analysis.picture_main(["--checkpoint", checkpoint, "--images", "2", "--scale", "3",
                      "--threads", "1", "--out", str(out)])
     with Image.open(out) as image:
         assert image.format == "PNG"
         cell = 32 * 3                                            # 3 stages + the input
-        assert image.size == (ev.PAD + 4 * (cell + ev.PAD), ev.HEAD + 2 * (cell + ev.LINE) + ev.PAD)
+        pad, head, line = analysis.PAD, analysis.HEAD, analysis.LINE
+        assert image.size == (pad + 4 * (cell + pad), head + 2 * (cell + line) + pad)
 
 
-@pytest.mark.parametrize("main", [ev.keep_main, ev.picture_main])
+@pytest.mark.parametrize("main", [analysis.keep_main, analysis.picture_main])
 def test_missing_checkpoint_names_the_path(main, tmp_path):
     missing = str(tmp_path / "nowhere" / "checkpoint.pt")
     with pytest.raises(SystemExit, match="nowhere/checkpoint.pt"):
         main(["--checkpoint", missing])
+
+
+def test_usage_and_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        analysis.main([])
+    assert e.value.code == 2
+    assert "usage: python analysis.py {keep,picture}" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown command 'draw'"):
+        analysis.main(["draw"])
+    for command, flag in [("keep", "--lams (float,..., default '0.8,0.6,1.0')"),
+                          ("picture", "--scale (int, default 4)")]:
+        with pytest.raises(SystemExit) as e:
+            analysis.main([command, "--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and flag in out
+        assert "--analysis.checkpoint (str, default 'out/pretrain/checkpoint.pt')" in out
+        assert "a checkpoint of train_pretrain.py" in out                 # the field's comment
+    with pytest.raises(SystemExit, match="split"):
+        analysis.main(["keep", "--split", "dev"])

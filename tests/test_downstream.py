@@ -16,10 +16,12 @@ from PIL import Image
 import train_downstream
 import train_pretrain
 import vit
-from model import CaptionModel, ELIPModel, VQAModel, load_pretrained
+from config import config_from_dict
+from heads import CaptionModel, VQAModel, load_pretrained
+from model import ELIPModel, ModelConfig
 from pruning import PruneConfig, token_counts
 from test_train_pretrain import ROOT, SMALL
-from text_encoder import Tokenizer
+from tokenizer import Tokenizer
 
 TASKS = ("retrieval", "vqa", "nlvr", "ve", "caption")
 COLOURS = [(220, 40, 40), (40, 200, 70), (40, 90, 235), (245, 215, 30), (170, 60, 230),
@@ -162,7 +164,7 @@ def test_prune_flag_prunes_in_fine_tuning_and_evaluation(tmp_path, pretrained, v
 def model_config(path, task, prune=False):
     ckpt = torch.load(path, weights_only=True)
     cfg = train_downstream.DownstreamConfig(task=task, prune=prune)
-    mc = train_pretrain.config_from_dict(train_pretrain.TrainConfig, ckpt["config"]).model
+    mc = config_from_dict(ModelConfig, ckpt["config"]["model"])
     return train_downstream.downstream_model_config(mc, cfg), ckpt
 
 

@@ -1,4 +1,5 @@
-"""Metrics of eval.py: hand-computed examples; parity with ALBEF's itm_eval and pycocoevalcap."""
+"""The metrics (metrics.py): hand-computed examples; parity with ALBEF's itm_eval and
+pycocoevalcap."""
 import inspect
 import math
 import random
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from eval import accuracy, bleu, bleu4, cider_d, recall_at_k, vqa_accuracy, vqa_score
+from metrics import (accuracy, bleu, bleu4, chance_recall, cider_d, format_recall, recall_at_k,
+                     vqa_accuracy, vqa_score)
 
 
 # -----------------------------------------------------------------------------
@@ -56,7 +58,7 @@ def test_recall_by_hand():
 
 
 def albef_itm_eval(scores_i2t, scores_t2i, img2txt, txt2img):
-    """ALBEF's itm_eval (ALBEF/Retrieval.py), transcribed: a loop over queries with argsort."""
+    """ALBEF's itm_eval (its retrieval script's), transcribed: a loop over queries with argsort."""
     ranks = np.zeros(scores_i2t.shape[0])
     for index, score in enumerate(scores_i2t):
         inds = np.argsort(score)[::-1]
@@ -99,6 +101,35 @@ def test_recall_ties_and_errors():
     with pytest.raises(ValueError):
         recall_at_k(np.zeros((2, 3)), np.zeros((2, 3)), [[0], [1, 2]], [0, 1, 1])
 
+
+def test_chance_recall_by_hand_and_by_sampling():
+    # 2 images with 2 captions each: T = 4 texts, N = 2 images
+    chance = chance_recall([[0, 1], [2, 3]])
+    assert chance["txt_r1"] == pytest.approx(100 * (1 - math.comb(2, 1) / math.comb(4, 1)))
+    assert chance["txt_r5"] == chance["txt_r10"] == 100.0      # a top 5 of 4 texts holds them all
+    assert chance["img_r1"] == 50.0 and chance["img_r5"] == 100.0
+    assert chance["r_mean"] == pytest.approx((chance["txt_r_mean"] + chance["img_r_mean"]) / 2)
+    # the mean recall of random scores approaches it (uneven caption counts, 7 images)
+    img2txt = {0: [0], 1: [1, 2, 3], 2: [4, 5], 3: [6], 4: [7, 8, 9, 10], 5: [11], 6: [12, 13]}
+    txt2img = [i for i, caps in img2txt.items() for _ in caps]
+    expected = chance_recall(img2txt)
+    g = torch.Generator().manual_seed(0)
+    runs = [recall_at_k(torch.rand(7, 14, generator=g), torch.rand(14, 7, generator=g), img2txt,
+                        txt2img) for _ in range(400)]
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
+        assert np.mean([r[key] for r in runs]) == pytest.approx(expected[key], abs=3.0), key
+
+
+def test_format_recall():
+    model = dict(txt_r1=12.5, txt_r5=40, txt_r10=60, img_r1=10, img_r5=35, img_r10=55, r_mean=35.4)
+    chance = chance_recall([[0, 1], [2, 3]])
+    lines = format_recall(model, chance, "zero-shot").splitlines()
+    assert lines[0] == "zero-shot" and lines[1].split() == ["txt_r1", "txt_r5", "txt_r10",
+                                                           "img_r1", "img_r5", "img_r10", "r_mean"]
+    assert lines[2].split() == ["model", "12.50", "40.00", "60.00", "10.00", "35.00", "55.00",
+                                "35.40"]
+    assert lines[3].split()[0] == "chance" and len(lines) == 4
+    assert len(format_recall(model).splitlines()) == 3                 # no chance row
 
 # -----------------------------------------------------------------------------
 # VQA and classification accuracy

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 import train_pretrain
-from train_pretrain import TrainConfig, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--img_size", "32", "--patch_size", "8", "--vision_width", "32", "--text_width", "32",
@@ -94,25 +93,23 @@ def test_bad_entries_are_named_before_training(tmp_path, entry, culprit):
     assert not (tmp_path / "o" / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (["--no_such_flag", "1"], "--no_such_flag is unknown"),
-    (["--batch_size", "many"], "--batch_size"),
-    (["--merge", "yes"], "true or false"),
-    (["--keep_ratios", "0.9,0.95,0.4"], "must not increase"),
-    (["--prune_layers", "2,4,12"], "depth 12"),
-    (["--lam", "2"], "lam"),
-    (["--method", "magic"], "not one of"),
-    (["--preset", "huge"], "preset"),
-])
-def test_bad_flags_are_refused(argv, msg):
-    with pytest.raises(SystemExit, match=msg):
-        parse_config(TrainConfig(), argv, {"tiny": {}})
+def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
+    out = str(tmp_path / "r")
+    train_pretrain.main(SMALL + ["--out_dir", out, "--max_steps", "1"])
+    with pytest.raises(SystemExit, match=r"--run.lr 1e-05 \(the checkpoint has 0.0005\)"):
+        train_pretrain.main(["--out_dir", out, "--resume", "auto", "--lr", "1e-5"])
+    with pytest.raises(SystemExit, match="--model.prune.lam"):
+        train_pretrain.main(["--out_dir", out, "--resume", "auto", "--lam", "0.5"])
+    # a flag that does not change the run is taken
+    train_pretrain.main(["--out_dir", out, "--resume", "auto", "--max_steps", "2", "--threads", "1"])
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 2
 
 
-def test_flags_presets_and_suffixes():
-    presets = {"tiny": {}, "big": {"vision_width": 256, "text_width": 256, "lr": 1e-4}}
-    cfg = parse_config(TrainConfig(), ["--preset", "big", "--lr=2e-4", "--prune.lam", "0.6",
-                                       "--keep_ratios", "0.8,0.5,0.3", "--distill", "false"],
-                       presets)
-    assert cfg.model.vision_width == 256 and cfg.lr == 2e-4 and cfg.model.prune.lam == 0.6
-    assert cfg.model.prune.keep_ratios == (0.8, 0.5, 0.3) and cfg.model.distill is False
+def test_help_lists_every_flag_with_type_default_and_comment():
+    proc = subprocess.run([sys.executable, "train_pretrain.py", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--model.prune.lam (float, default 0.8)" in proc.stdout
+    assert "weight of the image [CLS] in Eq. 1's fusion" in proc.stdout
+    assert "--train_files (str,..., default '')" in proc.stdout
+    assert "--run.lr (float, default 0.0005)" in proc.stdout

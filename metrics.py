@@ -1,0 +1,220 @@
+"""
+Metrics of ELIP's evaluation. They take scores, labels or caption strings (lists, numpy arrays or
+torch tensors) and return plain Python floats, and follow the reference code that papers report
+with:
+- retrieval recall@k as ALBEF's `itm_eval` (percentages), and the recall of a random ranking,
+- the VQA score min(1, matches / 3) against the 10 human answers,
+- accuracy for NLVR2 and SNLI-VE,
+- BLEU-1..4 and CIDEr-D as the COCO caption evaluation (pycocoevalcap's Bleu and Cider scorers,
+  whose Cider is CIDEr-D), run on captions that are already cleaned (data.pre_caption) instead of
+  going through its Java PTB tokenizer.
+"""
+import math
+from collections import Counter
+
+import numpy as np
+import torch
+
+
+def _ranks(scores, gt):
+    """0-based rank of the best ground-truth candidate of each query.
+    scores (Q, C); gt (Q, C) bool with at least one True per row. Returns (Q,) long.
+
+    The rank is the number of candidates sorted before it, counted with comparisons instead of
+    ALBEF's argsort per query (O(Q*C) work, no (Q, C) int64 index tensor). Ties are broken by
+    candidate index, as a stable descending sort would; ALBEF's np.argsort leaves them to the
+    sort algorithm. Without ties this is exactly ALBEF's rank."""
+    best = scores.masked_fill(~gt, float("-inf")).amax(1, keepdim=True)   # (Q, 1)
+    first = (gt & (scores == best)).int().argmax(1, keepdim=True)           # (Q, 1) first best gt
+    idx = torch.arange(scores.shape[1], device=scores.device)              # (C,)
+    ahead = (scores > best) | ((scores == best) & (idx < first))            # (Q, C)
+    return ahead.sum(1)
+
+
+def recall_at_k(scores_i2t, scores_t2i, img2txt, txt2img):
+    """Retrieval recall@1/5/10 in percent, as ALBEF's itm_eval.
+
+    scores_i2t (num_images, num_texts) and scores_t2i (num_texts, num_images): numpy or torch.
+    img2txt: for each image the indices of its captions (list of lists, or a dict as in ALBEF).
+    txt2img: for each caption the index of its image.
+    Text retrieval (txt_*) ranks captions for each image and counts the best-ranked of the image's
+    ground-truth captions; image retrieval (img_*) ranks images for each caption."""
+    scores_i2t, scores_t2i = torch.as_tensor(scores_i2t), torch.as_tensor(scores_t2i)
+    num_images, num_texts = scores_i2t.shape
+    if scores_t2i.shape != (num_texts, num_images):
+        raise ValueError(f"scores_t2i has shape {tuple(scores_t2i.shape)}, "
+                         f"expected ({num_texts}, {num_images})")
+    txt2img = torch.as_tensor(txt2img, dtype=torch.long, device=scores_t2i.device)
+    if txt2img.shape != (num_texts,):
+        raise ValueError(f"txt2img has {txt2img.numel()} entries for {num_texts} texts")
+
+    pairs = img2txt.items() if isinstance(img2txt, dict) else enumerate(img2txt)
+    rows, cols = zip(*[(i, t) for i, caps in pairs for t in caps])
+    gt_i2t = torch.zeros(num_images, num_texts, dtype=torch.bool, device=scores_i2t.device)
+    gt_i2t[list(rows), list(cols)] = True
+    if not gt_i2t.any(1).all():
+        raise ValueError("every image needs at least one caption in img2txt")
+    gt_t2i = torch.zeros(num_texts, num_images, dtype=torch.bool, device=scores_t2i.device)
+    gt_t2i[torch.arange(num_texts), txt2img] = True
+
+    result = {}
+    for name, ranks in (("txt", _ranks(scores_i2t, gt_i2t)), ("img", _ranks(scores_t2i, gt_t2i))):
+        for k in (1, 5, 10):
+            result[f"{name}_r{k}"] = 100.0 * (ranks < k).sum().item() / len(ranks)
+        result[f"{name}_r_mean"] = sum(result[f"{name}_r{k}"] for k in (1, 5, 10)) / 3
+    result["r_mean"] = (result["txt_r_mean"] + result["img_r_mean"]) / 2
+    return result
+
+
+def chance_recall(img2txt, ks=(1, 5, 10)):
+    """The expected recall (percent) of a random ranking, in recall_at_k's keys: text retrieval
+    hits when any of an image's g captions is among the top k of T texts,
+    1 - C(T-g, k) / C(T, k); image retrieval when the one image is among the top k of N."""
+    img2txt = list(img2txt.values()) if isinstance(img2txt, dict) else img2txt
+    T, N = sum(len(t) for t in img2txt), len(img2txt)
+    out = {}
+    for k in ks:
+        top = min(k, T)           # a top k longer than the T texts holds them all
+        out[f"txt_r{k}"] = 100 * float(np.mean([1 - math.comb(T - len(g), top) / math.comb(T, top)
+                                                for g in img2txt]))
+        out[f"img_r{k}"] = 100 * min(1.0, k / N)
+    for side in ("txt", "img"):
+        out[f"{side}_r_mean"] = float(np.mean([out[f"{side}_r{k}"] for k in ks]))
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def format_recall(metrics, chance=None, title="retrieval"):
+    """A small text table: TR/IR R@1/5/10 and their mean, with chance beside when given."""
+    keys = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
+    head = f"{'':>12}" + "".join(f"{k:>9}" for k in keys)
+    rows = [(name, m) for name, m in [("model", metrics), ("chance", chance)] if m is not None]
+    lines = [title, head] + [f"{name:>12}" + "".join(f"{m[k]:9.2f}" for k in keys)
+                             for name, m in rows]
+    return "\n".join(lines)
+
+
+def vqa_score(pred, answers):
+    """VQA score of one predicted answer against the human answers (10 in VQA v2):
+    min(1, matches / 3), i.e. an answer given by 3 or more annotators is fully right.
+    Strings are compared as given; the data pipeline normalises both sides the same way."""
+    return min(1.0, sum(a == pred for a in answers) / 3)
+
+
+def vqa_accuracy(preds, answers):
+    """Mean VQA score over questions, in [0, 1]. answers: one list of human answers per question."""
+    if len(preds) != len(answers) or not preds:
+        raise ValueError(f"{len(preds)} predictions for {len(answers)} questions")
+    return sum(vqa_score(p, a) for p, a in zip(preds, answers)) / len(preds)
+
+
+def _numpy(x):
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def accuracy(preds, labels):
+    """Fraction of predictions equal to their label, in [0, 1] (NLVR2, SNLI-VE, as ALBEF)."""
+    preds, labels = _numpy(preds), _numpy(labels)
+    if preds.shape != labels.shape or preds.size == 0:
+        raise ValueError(f"predictions {preds.shape} and labels {labels.shape} do not match")
+    return float((preds == labels).mean())
+
+
+def _caption_pairs(candidates, references):
+    """Lower-case whitespace tokens of each (candidate, references) pair.
+    candidates: {key: str} with references {key: [str, ...]}, or a list of str aligned with a list
+    of lists of str. The COCO evaluation lower-cases in its PTB tokenizer; punctuation is
+    expected to be gone already (data.pre_caption)."""
+    if isinstance(candidates, dict):
+        if not isinstance(references, dict) or candidates.keys() != references.keys():
+            raise ValueError("candidates and references must be dicts with the same keys")
+        references = [references[k] for k in candidates]
+        candidates = list(candidates.values())
+    if len(candidates) != len(references) or not candidates:
+        raise ValueError(f"{len(candidates)} candidates for {len(references)} reference lists")
+    pairs = []
+    for i, (cand, refs) in enumerate(zip(candidates, references)):
+        if isinstance(refs, str) or not refs:
+            raise ValueError(f"candidate {i}: references must be a non-empty list of strings")
+        pairs.append((cand.lower().split(), [r.lower().split() for r in refs]))
+    return pairs
+
+
+def _ngrams(words, n):
+    """Counts of all 1..n-grams of a token list, keyed by tuple."""
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1)
+                   for i in range(len(words) - k + 1))
+
+
+def bleu(candidates, references, n=4):
+    """Corpus-level BLEU-1..n as the COCO caption evaluation (pycocoevalcap Bleu, Papineni et al.).
+    Returns a list of n floats in [0, 1]; bleu4 is the headline number.
+
+    Clipped n-gram matches and n-gram counts are summed over the corpus before dividing (not a
+    mean of sentence scores). The reference length of a candidate is its 'closest' reference
+    (the shorter on a tie), and the brevity penalty is applied to the corpus totals."""
+    correct, guess = np.zeros(n), np.zeros(n)
+    cand_len = ref_len = 0
+    for cand, refs in _caption_pairs(candidates, references):
+        max_ref = Counter()
+        for ref in refs:
+            max_ref |= _ngrams(ref, n)          # | keeps the largest count of each n-gram
+        for gram, count in _ngrams(cand, n).items():
+            correct[len(gram) - 1] += min(count, max_ref[gram])
+        guess += np.maximum(0, len(cand) - np.arange(n))
+        cand_len += len(cand)
+        ref_len += min((abs(len(r) - len(cand)), len(r)) for r in refs)[1]
+    # pycocoevalcap's constants: tiny keeps a zero precision at 0 without a log, small avoids 0/0
+    tiny, small = 1e-15, 1e-9
+    precision = (correct + tiny) / (guess + small)
+    scores = np.cumprod(precision) ** (1.0 / np.arange(1, n + 1))  # geometric mean of p_1..p_k
+    ratio = (cand_len + tiny) / (ref_len + small)
+    if ratio < 1:
+        scores = scores * math.exp(1 - 1 / ratio)                   # brevity penalty
+    return scores.tolist()
+
+
+def bleu4(candidates, references):
+    """Corpus BLEU-4, the captioning headline number next to CIDEr-D."""
+    return bleu(candidates, references, n=4)[3]
+
+
+def cider_d(candidates, references, n=4, sigma=6.0):
+    """CIDEr-D (Vedantam et al. 2015) as the COCO caption evaluation computes it (pycocoevalcap's
+    Cider scorer, which is vrama91's CiderD with document frequencies from the evaluated corpus).
+
+    For each n = 1..4, candidate and references are tf-idf vectors over n-grams, with
+    idf = log(num_images) - log(max(1, df)) and df the number of images whose references contain
+    the n-gram. The "D" parts: the candidate weight is clipped by the reference weight in the dot
+    product (no reward for repeating an n-gram), and each candidate-reference pair is damped by a
+    Gaussian of their length difference (sigma = 6). Cosines are averaged over n and references,
+    scaled by 10, and averaged over images. With a single image every idf is 0 and so is the score.
+    """
+    pairs = _caption_pairs(candidates, references)
+    cand_counts = [_ngrams(cand, n) for cand, _ in pairs]
+    ref_counts = [[_ngrams(ref, n) for ref in refs] for _, refs in pairs]
+    df = Counter(gram for counts in ref_counts for gram in set().union(*counts))
+    log_num_images = math.log(len(pairs))
+
+    def tfidf(counts):
+        """-> one {n-gram: weight} dict per n, and the L2 norm of each."""
+        vec = [{} for _ in range(n)]
+        for gram, tf in counts.items():
+            vec[len(gram) - 1][gram] = tf * (log_num_images - math.log(max(1.0, df[gram])))
+        return vec, [math.sqrt(sum(w * w for w in v.values())) for v in vec]
+
+    scores = []
+    for (cand, refs), counts, refs_counts in zip(pairs, cand_counts, ref_counts):
+        vec, norm = tfidf(counts)
+        total = 0.0
+        for ref, ref_c in zip(refs, refs_counts):
+            ref_vec, ref_norm = tfidf(ref_c)
+            # the reference code measures lengths in bigrams; the difference is the same in words
+            # whenever both captions are non-empty, and otherwise every cosine is 0 anyway
+            penalty = math.exp(-((len(cand) - len(ref)) ** 2) / (2 * sigma ** 2))
+            for v, r, nv, nr in zip(vec, ref_vec, norm, ref_norm):
+                if nv > 0 and nr > 0:  # a zero vector has cosine 0 (all its weights are 0)
+                    dot = sum(min(w, r.get(g, 0.0)) * r.get(g, 0.0) for g, w in v.items())
+                    total += penalty * dot / (nv * nr)
+        scores.append(10.0 * total / (n * len(refs)))
+    return float(np.mean(scores))

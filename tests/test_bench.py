@@ -1,0 +1,237 @@
+"""The efficiency benchmark (bench.py): exact FLOP and saved-byte counts on cases worked out by
+hand, measured sequence lengths against pruning.token_counts, the ELIP+ batch search, the model
+configuration taken from the arch preset, the flags, and a small end-to-end run of
+`python bench.py`. No timing assertions."""
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bench
+from model import PRESETS as MODEL_PRESETS
+from pruning import PruneConfig, token_counts
+from vit import VisionTransformer
+
+METHODS = ["none", "elip", "elip_inline", "evit", "tome", "random"]
+
+
+def tiny_vit(prune):
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=12, num_heads=4,
+                             prune=prune)
+
+
+def vit_loss(vit):
+    def loss(batch):
+        g = torch.Generator().manual_seed(batch)
+        return vit(torch.randn(batch, 3, 32, 32, generator=g),
+                   torch.randn(batch, 48, generator=g)).mean()
+    return loss
+
+
+def test_flops_of_a_linear_layer():
+    B, I, O = 3, 5, 7
+    lin = nn.Linear(I, O)
+    fwd = 2 * B * I * O             # a multiply-add per (row, in, out) = 2 FLOPs; the bias is free
+    x = torch.randn(B, I)
+    with torch.no_grad(), bench.flop_counter_mode() as f:
+        lin(x)
+    assert f.get_total_flops() == fwd
+    # backward: the weight gradient x^T @ grad costs as much as the forward; an input that needs
+    # no gradient skips grad @ W, so a training step is 2x the forward, not 3x
+    with bench.flop_counter_mode() as f:
+        lin(x).sum().backward()
+    assert f.get_total_flops() == 2 * fwd
+    with bench.flop_counter_mode() as f:
+        lin(x.requires_grad_()).sum().backward()
+    assert f.get_total_flops() == 3 * fwd
+
+
+def test_flops_of_fused_attention_on_cpu():
+    B, H, N, Dh = 2, 3, 10, 8
+    q, k, v = (torch.randn(B, H, N, Dh, requires_grad=True) for _ in range(3))
+    unit = B * H * N * N * Dh
+    with torch.no_grad(), bench.flop_counter_mode() as f:
+        F.scaled_dot_product_attention(q, k, v)
+    assert f.get_total_flops() == 4 * unit                  # Q K^T and A V
+    with bench.flop_counter_mode() as f:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert f.get_total_flops() == (4 + 10) * unit           # backward: recompute + 4 products
+
+
+def test_flops_of_a_vit_training_step_exactly():
+    """The counted FLOPs of the unpruned tiny ViT equal the hand count: per layer 12 D^2 weights
+    (qkv 3, proj 1, MLP 8) and the two attention products; the patch embedding's input (the
+    images) needs no gradient, so its backward is the weight gradient only."""
+    vit = tiny_vit(PruneConfig(method="none"))
+    B, L, D, M, P = 2, 65, 48, 64, 4
+    fig = bench.train_step_figures(vit_loss(vit), vit, vit.blocks, B)
+    embed = 2 * B * M * D * (3 * P * P)
+    layer_fwd = 2 * B * L * 12 * D * D + 4 * B * L * L * D
+    layer_bwd = 2 * (2 * B * L * 12 * D * D) + 10 * B * L * L * D
+    assert fig["train_flops"] == 2 * embed + 12 * (layer_fwd + layer_bwd)
+
+
+def test_saved_bytes_known_cases():
+    x = torch.randn(3, 4, requires_grad=True)
+    y = torch.randn(3, 4, requires_grad=True)
+    n = 3 * 4 * 4                                           # bytes of one float32 (3, 4)
+
+    def saved(fn, exclude=()):
+        with bench.saved_tensor_bytes(exclude) as s:
+            out = fn()                  # counted at the end of the block: keep the graph alive
+        del out
+        return sum(s.values())
+
+    assert saved(lambda: x * y) == 2 * n                    # each factor, for the other's grad
+    assert saved(lambda: x * x) == n                        # saved twice, counted once
+    assert saved(lambda: x * y, exclude=[x]) == n
+    assert saved(lambda: x[:1] * y[:1]) == 2 * n            # a saved view holds all its storage
+    assert saved(lambda: x.detach() * y) == n               # only what y's gradient needs
+    with torch.no_grad():
+        assert saved(lambda: x * y) == 0
+    lin = nn.Linear(4, 5)                                   # weight excluded: the input only
+    assert saved(lambda: lin(torch.randn(3, 4)), exclude=list(lin.parameters())) == n
+
+
+def test_saved_bytes_keep_gradients_and_free_the_graph():
+    x = torch.randn(3, 4, requires_grad=True)
+    with bench.saved_tensor_bytes() as s:
+        y = torch.sigmoid(x)                                # saves its own output
+    assert sum(s.values()) == 3 * 4 * 4
+    g, = torch.autograd.grad(y.sum(), x)
+    assert torch.allclose(g, torch.sigmoid(x) * (1 - torch.sigmoid(x)))
+    with bench.saved_tensor_bytes():
+        y = torch.sigmoid(x)
+    ref = weakref.ref(y)
+    del y
+    gc.collect()
+    assert ref() is None            # never backpropagated, yet freed: no cycle through grad_fn
+
+
+def test_saved_bytes_leave_out_a_discarded_branch():
+    x = torch.randn(3, 4, requires_grad=True)
+    with bench.saved_tensor_bytes() as s:
+        torch.sigmoid(2 * x)        # its saved output is freed with the unused result
+        y = torch.sigmoid(x)
+    assert sum(s.values()) == 3 * 4 * 4
+    del y
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_measured_lengths_equal_token_counts(method):
+    prune = PruneConfig(method=method, tome_r=6)
+    vit = tiny_vit(prune)
+    fig = bench.train_step_figures(vit_loss(vit), vit, vit.blocks, 2)
+    counts = token_counts(vit.num_patches, 12, prune)
+    assert fig["lengths"] == counts
+    assert bench.removed_ratio(fig["lengths"], 64) == pytest.approx(1 - sum(counts) / (12 * 65))
+    if method != "none":
+        none = tiny_vit(PruneConfig(method="none"))
+        assert fig["act_bytes"] < bench.train_step_figures(vit_loss(none), none, none.blocks,
+                                                         2)["act_bytes"]
+
+
+def test_removed_ratio_and_tome_r_at_224():
+    elip = token_counts(196, 12, PruneConfig())
+    assert bench.removed_ratio(elip, 196) == pytest.approx(1 - 1684 / 2364)   # ~28.8%, paper ~30%
+    # ToMe removes r, 2r, ..., 11r tokens in layers 1..11: 66 r token-layers; r = 10 is closest
+    assert bench.matching_tome_r(196, 12, bench.removed_ratio(elip, 196)) == 10
+
+
+def test_elip_plus_search_on_known_memory_curves():
+    assert bench.elip_plus_batch(lambda b: 100 + 30 * b, 400, 2, 4)["batch"] == 10
+    curved = bench.elip_plus_batch(lambda b: 100 + 30 * b + b * b, 400, 2, 4)   # fit too hopeful
+    assert curved["batch"] == 7 and curved["bytes"] == 359
+    assert bench.elip_plus_batch(lambda b: 100 + 30 * b, 120, 2, 4, min_batch=2)["batch"] == 1
+
+
+def test_elip_plus_batch_fits():
+    none, elip = tiny_vit(PruneConfig(method="none")), tiny_vit(PruneConfig())
+    budget = bench.activation_bytes(vit_loss(none), none, 4)
+
+    def measure(b):
+        return bench.activation_bytes(vit_loss(elip), elip, b)
+
+    found = bench.elip_plus_batch(measure, budget, 2, 4)
+    assert found["batch"] > 4                   # elip stores ~73% of the activations here
+    assert measure(found["batch"]) == found["bytes"] <= budget < measure(found["batch"] + 1)
+
+
+def test_model_config_comes_from_the_arch_preset():
+    prune = PruneConfig(keep_ratios=(0.8, 0.6, 0.3))
+    mc = bench.bench_model_config(bench.BenchConfig(), prune)             # albef at 224 px
+    albef = MODEL_PRESETS["albef"]
+    assert (mc.img_size, mc.patch_size, mc.vision_width, mc.vision_depth, mc.vision_heads) == \
+        (224, albef["patch_size"], albef["vision_width"], albef["vision_depth"],
+         albef["vision_heads"])
+    assert (mc.text_layers, mc.fusion_layers, mc.losses) == \
+        (albef["text_layers"], albef["fusion_layers"], albef["losses"])
+    assert mc.prune == prune and mc.queue_size == 1024 and (mc.vocab_size, mc.max_len) == (1000, 30)
+    assert bench.bench_model_config(bench.BenchConfig(img_size=0), prune).img_size == 256
+    tiny = bench.bench_model_config(bench.BenchConfig(arch="tiny", img_size=0), prune)
+    assert (tiny.img_size, tiny.patch_size, tiny.queue_size) == (64, 8, 0)   # the arch's queue
+
+
+def test_method_prune_configs_share_the_schedule():
+    cfg = bench.BenchConfig(prune=PruneConfig(prune_layers=(3, 6), keep_ratios=(0.7, 0.5),
+                                              lam=0.6, tome_r=5))
+    prunes = bench.method_prune_configs(cfg, 196, 12)
+    assert list(prunes) == list(cfg.methods)                          # none first
+    elip = token_counts(196, 12, prunes["elip"])
+    assert prunes["tome"].tome_r == bench.matching_tome_r(196, 12, bench.removed_ratio(elip, 196))
+    for method, p in prunes.items():
+        assert p.method == method and p.in_eval
+        assert (p.prune_layers, p.keep_ratios, p.lam) == ((3, 6), (0.7, 0.5), 0.6)
+    cfg = bench.BenchConfig(methods=("tome", "none"), match_tome_r=False,
+                            prune=PruneConfig(tome_r=5))
+    prunes = bench.method_prune_configs(cfg, 196, 12)
+    assert list(prunes) == ["none", "tome"] and prunes["tome"].tome_r == 5
+
+
+def test_flags_and_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--preset", "tiny", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--arch (str, default 'tiny')" in out and "--img_size (int, default 0)" in out
+    assert "--prune.keep_ratios (float,..., default '0.9,0.65,0.4')" in out
+    assert "--methods (str,..., default 'none,elip,elip_inline,evit,tome,random')" in out
+    assert "timed runs of prune_and_merge at each cut" in out              # the field's comment
+    for argv, what in [(["--arch", "vit_huge"], "arch"), (["--methods", "elip,tome"], "none"),
+                       (["--whole_batch", "1"], "whole_batch"), (["--width", "64"], "unknown")]:
+        with pytest.raises(SystemExit, match=what):
+            bench.main(argv)
+
+
+def test_bench_command_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny", "--img_size", "32", "--batch", "2", "--reps", "1",
+                "--warmup", "0", "--op_reps", "1", "--timm_reps", "0", "--whole_model", "true",
+                "--whole_batch", "2", "--whole_vocab", "50", "--text_len", "6",
+                "--methods", "none,elip,tome", "--out", str(out)])
+    report = json.loads(out.read_text())
+    M = (32 // 8) ** 2                                  # the tiny arch: patch 8
+    assert report["model_config"]["img_size"] == 32 and report["model_config"]["queue_size"] == 0
+    assert report["tome_r"] == bench.matching_tome_r(M, 12, bench.removed_ratio(
+        token_counts(M, 12, PruneConfig()), M))
+    for scope in (report["vit"], report["whole_model"]):
+        assert list(scope) == ["none", "elip", "tome"]
+        for fig in scope.values():
+            assert fig["lengths_match_token_counts"]
+            assert fig["elip_plus"]["bytes"] <= scope["none"]["act_bytes"]
+        assert scope["elip"]["ratio"]["act_bytes"] < 1
+        assert scope["elip"]["ratio"]["train_flops"] < 1
+    pm = report["prune_and_merge"]
+    assert pm["of"] == "elip" and pm["step_s"] == report["vit"]["elip"]["step_s"]
+    assert [c["layer"] for c in pm["cuts"]] == [2, 4, 10]
+    assert [c["num_keep"] for c in pm["cuts"]] == [int(M * r) for r in (0.9, 0.65, 0.4)]
+    assert [c["input_shape"][1] for c in pm["cuts"]] == \
+        [token_counts(M, 12, PruneConfig())[i - 1] for i in (2, 4, 10)]
+    assert pm["share"] == pytest.approx(sum(c["seconds"] for c in pm["cuts"]) / pm["step_s"])
+    text = capsys.readouterr().out
+    assert "tome r = " in text and "all cuts: " in text

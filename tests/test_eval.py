@@ -1,0 +1,156 @@
+"""The evaluation loops (eval.py) on stand-in models whose scores are known: the ITM re-ranking
+of retrieval against recall_at_k on the same scores, the classifier, VQA and captioning loops
+against their metrics, and the model's mode restored after each."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eval import evaluate_caption, evaluate_classifier, evaluate_retrieval, evaluate_vqa
+from metrics import accuracy, bleu4, cider_d, recall_at_k, vqa_accuracy
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """The given samples, and the attributes the loop reads (text, img2txt, answer_list, ...)."""
+
+    def __init__(self, samples, **attrs):
+        self.samples = samples
+        self.__dict__.update(attrs)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+class Retriever(nn.Module):
+    """Images and texts are vectors; ITC scores their cosine, ITM minus their dot product, so that
+    re-ranking changes the order."""
+
+    def __init__(self, text_vecs):
+        super().__init__()
+        self.text_vecs = text_vecs                                            # (T, D)
+
+    def encode_text(self, ids, mask):
+        return self.text_vecs[ids[:, 0]][:, None]                             # (B, 1, D)
+
+    def encode_image(self, images):
+        return images[:, None]                                                # (B, 1, D)
+
+    def image_feat(self, embeds):
+        return F.normalize(embeds[:, 0], dim=-1)
+
+    def text_feat(self, embeds):
+        return F.normalize(embeds[:, 0], dim=-1)
+
+    def itm_logits(self, text_embeds, mask, image_embeds, ids):
+        s = -(text_embeds[:, 0] * image_embeds[:, 0]).sum(-1)                 # (B,)
+        return torch.stack([-s, s], dim=1)                                    # (B, 2)
+
+
+def index_tokenizer(texts, max_len):
+    """Each text is its own index: ids (B, 1)."""
+    ids = torch.tensor([[int(t)] for t in texts])
+    return ids, torch.ones_like(ids)
+
+
+def retrieval_case(num_images=6, per_image=2, dim=5):
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(num_images, dim, generator=g), torch.randn(
+        num_images * per_image, dim, generator=g)
+    img2txt = [list(range(i * per_image, (i + 1) * per_image)) for i in range(num_images)]
+    txt2img = [i for i in range(num_images) for _ in range(per_image)]
+    dataset = ListDataset([(images[i], i) for i in range(num_images)],
+                          text=[str(t) for t in range(len(texts))], img2txt=img2txt,
+                          txt2img=txt2img)
+    return Retriever(texts), dataset, images, texts
+
+
+def test_retrieval_reranks_every_pair_when_k_covers_all():
+    model, dataset, images, texts = retrieval_case()
+    model.train()
+    out = evaluate_retrieval(model, dataset, index_tokenizer, "cpu", k=100, batch_size=4)
+    assert model.training                                                     # mode restored
+    itm = -(images @ texts.T)                                                 # (N, T)
+    itc = F.normalize(images, dim=-1) @ F.normalize(texts, dim=-1).T
+    expected = recall_at_k(itm, itm.T, dataset.img2txt, dataset.txt2img)
+    assert out["itc"] == pytest.approx(recall_at_k(itc, itc.T, dataset.img2txt, dataset.txt2img))
+    assert {k: v for k, v in out.items() if k != "itc"} == pytest.approx(expected)
+    assert out["r_mean"] != pytest.approx(out["itc"]["r_mean"])              # re-ranking mattered
+
+
+def test_retrieval_with_k_1_keeps_the_itc_top_1():
+    model, dataset, _, _ = retrieval_case()
+    out = evaluate_retrieval(model, dataset, index_tokenizer, "cpu", k=1, batch_size=3)
+    for key in ("txt_r1", "img_r1"):                 # only the ITC top 1 gets a real ITM score
+        assert out[key] == pytest.approx(out["itc"][key])
+
+
+class Classifier(nn.Module):
+    def logits(self, x, y):
+        return F.one_hot((x + y) % 3, 3).float()                             # (B, 3)
+
+
+def test_classifier_accuracy_and_predictions():
+    x, y = torch.arange(10), torch.arange(10) * 2
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    dataset = ListDataset([(x[i], y[i], labels[i]) for i in range(10)])
+    model = Classifier().eval()
+    metrics, preds = evaluate_classifier(model, dataset, None, "cpu", batch_size=4)
+    assert preds.tolist() == ((x + y) % 3).tolist() and not model.training
+    assert metrics == {"accuracy": accuracy(preds, labels)}
+
+
+class Answerer(nn.Module):
+    def logits(self, images, ids, mask):
+        return F.one_hot(ids[:, 0], 4).float()                               # (B, 4)
+
+
+def vqa_collate(batch):
+    images, ids = zip(*batch)
+    ids = torch.tensor(ids)[:, None]
+    return torch.stack(images), ids, torch.ones_like(ids), None
+
+
+@pytest.mark.parametrize("with_answers", [True, False])
+def test_vqa_score_and_results(with_answers):
+    answer_list = ["yes", "no", "two", "red"]
+    picks = [0, 2, 3, 1, 2]
+    truth = [["yes"] * 10, ["two"] * 2 + ["three"] * 8, ["blue"] * 10, ["no"] * 3, ["two"]] \
+        if with_answers else [[]] * 5
+    dataset = ListDataset([(torch.zeros(3), p) for p in picks], answer_list=answer_list,
+                          question_ids=[10, 11, 12, 13, 14],
+                          items=[{"answers": t} for t in truth])
+    metrics, results = evaluate_vqa(Answerer(), dataset, vqa_collate, "cpu", batch_size=2)
+    answers = [answer_list[p] for p in picks]
+    assert results == [{"question_id": q, "answer": a} for q, a in zip(range(10, 15), answers)]
+    assert metrics == ({"vqa_score": vqa_accuracy(answers, truth)} if with_answers else {})
+
+
+class Captioner(nn.Module):
+    """Greedy says token ids [1, 2]; beam search [1, 3] for every image."""
+
+    def greedy(self, images, max_new_tokens):
+        return torch.tensor([[1, 2]]).expand(len(images), 2), None
+
+    def beam_search(self, images, beam, max_new_tokens, length_penalty):
+        return torch.tensor([[1, 3]]).expand(len(images), 2), None
+
+
+class WordTokenizer:
+    words = ["", "a", "red", "cube"]
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids.tolist())
+
+
+def test_caption_scores_greedy_and_beam():
+    refs = [["a red ball", "a red cube"], ["a cube", "one cube"], ["a red thing", "red"]]
+    dataset = ListDataset([(torch.zeros(3), i) for i in range(3)], references=refs)
+    metrics, captions = evaluate_caption(Captioner(), dataset, WordTokenizer(), "cpu",
+                                         batch_size=2)
+    assert captions == {"greedy": ["a red"] * 3, "beam": ["a cube"] * 3}
+    assert metrics == pytest.approx({
+        "greedy_bleu4": bleu4(["a red"] * 3, refs), "greedy_cider_d": cider_d(["a red"] * 3, refs),
+        "beam_bleu4": bleu4(["a cube"] * 3, refs), "beam_cider_d": cider_d(["a cube"] * 3, refs)})

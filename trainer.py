@@ -1,0 +1,318 @@
+"""
+The training loop shared by pre-training and fine-tuning, and what it needs: the optimisation and
+run settings (RunConfig, nested in both scripts' configs), DDP set-up, mixed precision, the
+optimizer and learning-rate schedule, per-rank seeds, atomic resumable checkpoints and the JSON log.
+
+Single process is the plain default; DDP starts only when torchrun sets RANK, and every
+collective sits behind that check.
+"""
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from config import config_from_dict
+
+
+@dataclass
+class RunConfig:
+    # optimisation
+    epochs: int = 5
+    max_steps: int = 0               # stop after this many optimizer steps (0 = all epochs)
+    batch_size: int = 32             # per process
+    grad_accum: int = 1              # micro-batches per optimizer step
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.02
+    warmup_steps: int = 50           # linear warmup from 0, then cosine to min_lr, per step
+    alpha: float = 0.4               # distillation weight, ramped up over the first epoch
+    grad_clip: float = 0.0           # 0 = off
+    amp: str = "auto"                # auto (bf16 or fp16 on GPU, off on CPU) | bf16 | fp16 | off
+    # run
+    out_dir: str = "out/pretrain"
+    ckpt_every: int = 500            # steps between checkpoints (one is always written at the end)
+    resume: str = ""                 # a checkpoint path, or "auto" for out_dir/checkpoint.pt
+    log_every: int = 10
+    num_workers: int = 0             # DataLoader worker processes per rank
+    seed: int = 0                    # rank r seeds its generators with seed + r
+    threads: int = 0                 # torch.set_num_threads on CPU (0 = leave torch's default)
+    dist_timeout: int = 60           # minutes a collective may wait for the other ranks
+
+
+# flags that may differ from the checkpoint's config when a run resumes: they change neither
+# the model nor the optimisation
+SAFE_ON_RESUME = ("run.resume", "run.max_steps", "run.threads", "run.num_workers",
+                  "run.log_every", "run.ckpt_every", "run.dist_timeout")
+
+
+# ---- distributed, seeds, precision ------------------------------------------------------
+def setup_distributed(timeout_minutes: int = 60):
+    """DDP when launched by torchrun (RANK in the environment), else a plain single process.
+    Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cleanup_distributed(world: int):
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int):
+    """Each rank its own stream (seed + rank, as ALBEF and BLIP): crops, flips, masks, negatives
+    and dropout differ between ranks. The sampler's shuffle is seeded apart and stays shared."""
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
+
+
+def autocast_and_scaler(amp: str, device: torch.device):
+    """bf16 autocast where the GPU has it, else fp16 with a gradient scaler; off on CPU."""
+    if amp == "auto":
+        amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp not in ("off", "bf16", "fp16"):
+        raise SystemExit(f"error: --amp {amp!r} is not one of auto, bf16, fp16, off")
+    if amp == "off":
+        return contextlib.nullcontext, torch.amp.GradScaler(device.type, enabled=False)
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype),
+            torch.amp.GradScaler(device.type, enabled=amp == "fp16"))
+
+
+# ---- optimizer and schedule -------------------------------------------------------------
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
+    """AdamW; weight decay on matrices only (not on biases, norms, the temperature)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+
+
+def lr_at(step: int, total: int, run: RunConfig) -> float:
+    """Linear warmup, then cosine decay from lr to min_lr."""
+    if step < run.warmup_steps:
+        return run.lr * (step + 1) / run.warmup_steps
+    t = (step - run.warmup_steps) / max(1, total - run.warmup_steps)
+    return run.min_lr + 0.5 * (run.lr - run.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# ---- checkpoints and log ----------------------------------------------------------------
+def rng_state() -> dict:
+    """Every generator's state as plain Python values: it pickles for all_gather_object and
+    loads with torch.load(weights_only=True)."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()]
+            if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    n = s["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]])
+
+
+def save_checkpoint(path: str, **state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def log_json(out_dir: str, rec: dict):
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def resume_config(cfg, given: dict, safe=()):
+    """With --resume, the run's config comes from the checkpoint. A flag given now that would
+    change the run (anything outside SAFE_ON_RESUME and `safe`) is refused, naming the flag."""
+    if not cfg.run.resume:
+        return cfg, None
+    path = os.path.join(cfg.run.out_dir, "checkpoint.pt") if cfg.run.resume == "auto" \
+        else cfg.run.resume
+    ckpt = load_checkpoint(path)
+    saved = config_from_dict(type(cfg), ckpt["config"])
+    changed = []
+    for dotted, value in given.items():
+        old = saved
+        for part in dotted.split("."):
+            old = getattr(old, part)
+        if dotted not in SAFE_ON_RESUME + tuple(safe) and old != value:
+            changed.append(f"--{dotted} {value!r} (the checkpoint has {old!r})")
+    if changed:
+        raise SystemExit(f"error: {path} was written with other settings; resuming cannot "
+                         f"change {'; '.join(changed)}. Start a new run (another --out_dir) "
+                         f"instead; on resume only {', '.join(SAFE_ON_RESUME + tuple(safe))} "
+                         f"may change")
+    for dotted, value in given.items():      # the safe ones take the value given now
+        owner = saved
+        *parents, attr = dotted.split(".")
+        for part in parents:
+            owner = getattr(owner, part)
+        setattr(owner, attr, value)
+    return saved, ckpt
+
+
+def params_fingerprint(model: torch.nn.Module) -> torch.Tensor:
+    """Two numbers that differ when any parameter differs (to check that DDP ranks agree)."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    weights = torch.linspace(1, 2, flat.numel(), dtype=torch.float64, device=flat.device)
+    return torch.stack([flat.sum(), (flat * weights).sum()])
+
+
+# ---- the loop ---------------------------------------------------------------------------
+def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=None,
+        extra_state=None, log_extra=None, desc="train", after_step=None):
+    """Train `model` on `train_set` with the settings of cfg.run; cfg (the whole config) is saved
+    in every checkpoint. loss_fn(model, batch, step, steps_per_epoch) -> dict of scalar tensors,
+    "loss" among them; after_step(), if given, runs once after each optimizer step (the
+    momentum encoders' update). Resumes from `ckpt` (a loaded checkpoint) when given; writes
+    out_dir/checkpoint.pt every ckpt_every steps and at the end, extra_state inside.
+    Returns the training time in seconds."""
+    run, master = cfg.run, rank == 0
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=run.seed, drop_last=True)
+    per_step = run.batch_size * run.grad_accum
+    steps_per_epoch = len(sampler) // per_step
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(train_set)} training samples cannot fill one step of "
+                         f"batch_size {run.batch_size} x grad_accum {run.grad_accum} x {world} "
+                         f"processes")
+    total_steps = steps_per_epoch * run.epochs
+    stop_step = min(total_steps, run.max_steps) if run.max_steps else total_steps
+    optimizer = build_optimizer(model, run.lr, run.weight_decay)
+    autocast, scaler = autocast_and_scaler(run.amp, device)
+    step = 0
+    if ckpt is not None:
+        if ckpt["world_size"] != world:
+            raise SystemExit(f"error: the checkpoint was written by {ckpt['world_size']} "
+                             f"processes and this run has {world}: the data order and the "
+                             f"per-rank random streams would not continue; resume with "
+                             f"{ckpt['world_size']} processes")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        log(f"resumed from step {step}")
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False) if world > 1 else model   # queues agree by all_gather
+    log(f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
+        f"parameters; {len(train_set)} samples; {total_steps} steps of {per_step * world} "
+        f"on {world} x {device.type}")
+    os.makedirs(run.out_dir, exist_ok=True)
+    log_path = os.path.join(run.out_dir, "log.jsonl")
+    if master:
+        # a fresh run starts a new log; a resumed one keeps the lines up to its checkpoint's step
+        old = []
+        if ckpt is not None and os.path.exists(log_path):
+            with open(log_path) as f:
+                old = [line for line in f if json.loads(line).get("step", 0) <= step]
+        with open(log_path, "w") as f:
+            f.writelines(old)
+
+    def checkpoint():
+        # every rank's random state, so that a resumed run continues each rank's own stream
+        rngs = [rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
+        if master:
+            save_checkpoint(os.path.join(run.out_dir, "checkpoint.pt"), model=model.state_dict(),
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                            config=dataclasses.asdict(cfg), step=step, rng=rngs,
+                            world_size=world, **(extra_state or {}))
+
+    # the sampler's order is fixed by (seed, epoch), so a resumed run skips the batches already
+    # seen and, with the saved RNG states restored, continues exactly (with num_workers = 0)
+    model.train()
+    bar = tqdm(total=stop_step, initial=step, disable=not master, desc=desc, dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    while step < stop_step:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        order = list(sampler)[in_epoch * per_step:]
+        # worker seeds differ per rank and per epoch
+        generator = torch.Generator().manual_seed((run.seed + rank) * 100_003 + epoch)
+        loader = DataLoader(Subset(train_set, order), batch_size=run.batch_size,
+                            num_workers=run.num_workers, collate_fn=collate, drop_last=True,
+                            pin_memory=device.type == "cuda", generator=generator)
+        if ckpt is not None:
+            set_rng_state(ckpt["rng"][rank])
+            ckpt = None
+        batches = iter(loader)
+        for _ in range(in_epoch, min(steps_per_epoch, in_epoch + stop_step - step)):
+            lr = lr_at(step, total_steps, run)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            sums = {}
+            for micro in range(run.grad_accum):
+                batch = [t.to(device, non_blocking=True) for t in next(batches)]
+                sync = micro == run.grad_accum - 1 or world == 1
+                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast():
+                    out = loss_fn(ddp_model, batch, step, steps_per_epoch)
+                scaler.scale(out["loss"] / run.grad_accum).backward()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() / run.grad_accum
+            if run.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), run.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
+            step += 1
+            seen += per_step * world
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()})
+            if master and (step % run.log_every == 0 or step == stop_step):
+                log_json(run.out_dir, dict(step=step, epoch=epoch, lr=lr, **sums,
+                                           images_per_s=seen / (time.time() - t0),
+                                           **(log_extra or {})))
+            if step % run.ckpt_every == 0 or step == stop_step:
+                checkpoint()
+    bar.close()
+
+    # the ranks must agree (gradients averaged by DDP, queues fed by all_gather)
+    if world > 1:
+        fp = params_fingerprint(model)
+        fps = [torch.empty_like(fp) for _ in range(world)]
+        dist.all_gather(fps, fp)
+        if master:
+            rec = {"rank_fingerprints": [f.tolist() for f in fps],
+                   "ranks_in_sync": all(torch.equal(f, fps[0]) for f in fps)}
+            log_json(run.out_dir, rec)
+            log(f"DDP ranks hold identical parameters: {rec['ranks_in_sync']}")
+    return time.time() - t0
