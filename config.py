@@ -8,7 +8,8 @@ Command-line flags from dataclasses: every field of a (nested) config is a flag.
 - A value parses by the field's declared type: `true`/`false` for bool, `2,4,10` for
   `tuple[int, ...]`, and so on.
 - A preset (the field named by `key`, e.g. `--preset albef`) first sets a consistent group of
-  fields; explicit flags override it.
+  fields; explicit flags override it. With a tuple of keys, e.g. ("task", "preset"), the presets
+  are keyed by the tuple of those fields' values (`--task vqa --preset albef`).
 - `--help` (or `-h`) prints every flag with its type, its default (after the preset, if one is
   given) and the comment written beside the field in the source.
 The nested dataclasses are rebuilt at the end, so their `__post_init__` checks see the final
@@ -85,8 +86,9 @@ def field_comments(cls) -> dict:
     return comments
 
 
-def help_text(cfg, presets: dict, key: str, doc: str) -> str:
-    lines = [doc.strip(), "", f"--{key}: one of {', '.join(presets)} (sets a group of flags "
+def help_text(cfg, presets: dict, keys: tuple, doc: str) -> str:
+    choices = ", ".join(" ".join(map(str, k)) if isinstance(k, tuple) else k for k in presets)
+    lines = [doc.strip(), "", f"--{' --'.join(keys)}: one of {choices} (sets a group of flags "
                                f"below; explicit flags override it)", ""]
     comments = {}
     for name, (owner, attr) in config_leaves(cfg).items():
@@ -119,20 +121,36 @@ def split_argv(argv: list) -> list:
     return pairs
 
 
-def parse_config(cfg, argv: list, presets: dict, key: str = "preset", doc: str = ""):
-    """Apply the preset named by the field `key`, then the flags, to cfg (see the module
-    docstring). Returns (the new config, {dotted name: value} of the flags given explicitly)."""
+def choose_preset(presets: dict, keys: tuple, values: tuple):
+    """The key of `presets` that the values of the fields `keys` name; an error names the first
+    value that no preset has (given the values before it) and the choices."""
+    if len(keys) == 1:
+        if values[0] not in presets:
+            raise SystemExit(f"error: --{keys[0]} {values[0]!r} is not one of {', '.join(presets)}")
+        return values[0]
+    for n, (key, value) in enumerate(zip(keys, values)):
+        choices = list(dict.fromkeys(k[n] for k in presets if k[:n] == values[:n]))
+        if value not in choices:
+            given = "".join(f" with --{k} {v!r}" for k, v in zip(keys[:n], values[:n]))
+            raise SystemExit(f"error: --{key} {value!r} is not one of {', '.join(choices)}{given}")
+    return values
+
+
+def parse_config(cfg, argv: list, presets: dict, key: str | tuple = "preset", doc: str = ""):
+    """Apply the preset named by the field `key` (or by the fields of a tuple of keys), then the
+    flags, to cfg (see the module docstring). Returns (the new config, {dotted name: value} of
+    the flags given explicitly)."""
     want_help = any(a in ("-h", "--help") for a in argv)
     pairs = split_argv([a for a in argv if a not in ("-h", "--help")])
     leaves = config_leaves(cfg)
-    preset = next((t for n, t in pairs if n == key), getattr(cfg, key))
-    if preset not in presets:
-        raise SystemExit(f"error: --{key} {preset!r} is not one of {', '.join(presets)}")
+    keys = (key,) if isinstance(key, str) else tuple(key)
+    values = tuple(next((t for n, t in pairs if n == k), getattr(cfg, k)) for k in keys)
+    preset = choose_preset(presets, keys, values)
     for name, value in presets[preset].items():
         owner, attr = leaves[resolve_flag(leaves, name)]
         setattr(owner, attr, value)
     if want_help:
-        print(help_text(cfg, presets, key, doc))
+        print(help_text(cfg, presets, keys, doc))
         raise SystemExit(0)
     given = {}
     for name, text in pairs:

@@ -247,13 +247,20 @@ class RetrievalEvalDataset(PretrainDataset):
 
 class CaptionDataset(PretrainDataset):
     """Captioning on the retrieval files. train: (image, caption) like PretrainDataset; eval:
-    (image, index), the cleaned reference captions of image i in .references[i]."""
+    (image, index), the cleaned reference captions of image i in .references[i] and the captions
+    as the file has them in .raw_references[i] (the COCO evaluation cleans them its own way)."""
 
     def __init__(self, source, image_root=None, transform=None, train=True, max_words=30,
                  check_images=True):
         super().__init__(source, image_root, transform, max_words, train, check_images)
         self.train = train
         self.references = [item["captions"] for item in self.items]
+        self.raw_references = [item["raw"] for item in self.items]
+
+    def parse(self, entry):
+        item = super().parse(entry)
+        return {**item, "raw": [entry["caption"]] if isinstance(entry["caption"], str)
+                else list(entry["caption"])}
 
     def __getitem__(self, i):
         if self.train:

@@ -26,6 +26,9 @@ from tqdm import tqdm
 from config import config_from_dict
 
 
+SCHEDULES = ("cosine", "albef", "epoch_cosine")
+
+
 @dataclass
 class RunConfig:
     # optimisation
@@ -36,7 +39,12 @@ class RunConfig:
     lr: float = 5e-4
     min_lr: float = 1e-5
     weight_decay: float = 0.02
-    warmup_steps: int = 50           # linear warmup from 0, then cosine to min_lr, per step
+    schedule: str = "cosine"         # cosine: warmup_steps from warmup_lr, then cosine per step;
+                                     # albef: ALBEF's timm cosine stepped per epoch (warmup in
+                                     # epoch 0, every 100 steps); epoch_cosine: BLIP's fine-tuning
+                                     # cosine, set once per epoch, no warmup
+    warmup_steps: int = 50           # linear warmup (albef: 100 x ALBEF's warmup_epochs)
+    warmup_lr: float = 0.0           # the learning rate the warmup starts from
     alpha: float = 0.4               # distillation weight, ramped up over the first epoch
     grad_clip: float = 0.0           # 0 = off
     amp: str = "auto"                # auto (bf16 or fp16 on GPU, off on CPU) | bf16 | fp16 | off
@@ -49,6 +57,10 @@ class RunConfig:
     seed: int = 0                    # rank r seeds its generators with seed + r
     threads: int = 0                 # torch.set_num_threads on CPU (0 = leave torch's default)
     dist_timeout: int = 60           # minutes a collective may wait for the other ranks
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
 
 
 # flags that may differ from the checkpoint's config when a run resumes: they change neither
@@ -110,12 +122,37 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
 
 
-def lr_at(step: int, total: int, run: RunConfig) -> float:
-    """Linear warmup, then cosine decay from lr to min_lr."""
+def lr_at(step: int, total: int, run: RunConfig, steps_per_epoch: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total`, by run.schedule."""
+    if run.schedule == "albef":
+        return albef_lr(step, steps_per_epoch, run)
+    if run.schedule == "epoch_cosine":
+        # BLIP's cosine_lr_schedule, set at the start of each epoch (train_retrieval.py,
+        # train_caption.py): (lr - min_lr) * 0.5 * (1 + cos(pi * epoch / epochs)) + min_lr
+        epoch = step // steps_per_epoch
+        return run.min_lr + 0.5 * (run.lr - run.min_lr) * (1 + math.cos(math.pi * epoch / run.epochs))
     if step < run.warmup_steps:
-        return run.lr * (step + 1) / run.warmup_steps
+        return run.warmup_lr + (run.lr - run.warmup_lr) * (step + 1) / run.warmup_steps
     t = (step - run.warmup_steps) / max(1, total - run.warmup_steps)
     return run.min_lr + 0.5 * (run.lr - run.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def albef_lr(step: int, steps_per_epoch: int, run: RunConfig) -> float:
+    """ALBEF's schedule as its scripts step timm's CosineLRScheduler (t_initial = epochs,
+    warmup_t = W warmup epochs, no warmup prefix, one cycle; ALBEF Retrieval.py, VE.py, NLVR.py,
+    VQA.py, Pretrain.py): in epoch 0, after iteration i (i % 100 == 0, i <= 100 W) the scheduler
+    steps to t = i // 100, so iteration j runs at t = min((j - 1) // 100, W); epoch e >= 1 runs at
+    t = e + W. At t < W the rate climbs linearly from warmup_lr to lr; from W on it is the
+    cosine min_lr + (lr - min_lr)(1 + cos(pi t / epochs)) / 2 of the undelayed t, and min_lr
+    once t reaches epochs. W = warmup_steps / 100."""
+    W = run.warmup_steps / 100
+    epoch, i = divmod(step, steps_per_epoch)
+    t = min(max(i - 1, 0) // 100, W) if epoch == 0 else epoch + W
+    if t < W:
+        return run.warmup_lr + t * (run.lr - run.warmup_lr) / W
+    if t < run.epochs:
+        return run.min_lr + 0.5 * (run.lr - run.min_lr) * (1 + math.cos(math.pi * t / run.epochs))
+    return run.min_lr
 
 
 # ---- checkpoints and log ----------------------------------------------------------------
@@ -273,7 +310,7 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
             ckpt = None
         batches = iter(loader)
         for _ in range(in_epoch, min(steps_per_epoch, in_epoch + stop_step - step)):
-            lr = lr_at(step, total_steps, run)
+            lr = lr_at(step, total_steps, run, steps_per_epoch)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             sums = {}
