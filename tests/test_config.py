@@ -78,3 +78,25 @@ def test_config_round_trips_through_a_checkpoint_dict():
     cfg, _ = parse_config(TrainConfig(), ["--preset", "albef", "--lam", "0.6"], PRESETS)
     back = config_from_dict(TrainConfig, dataclasses.asdict(cfg))
     assert back == cfg
+
+
+@dataclass
+class Task:
+    task: str = "a"
+    preset: str = "world"
+    lr: float = 1.0
+    k: int = 0
+
+
+def test_presets_keyed_by_two_fields():
+    presets = {("a", "world"): {"lr": 2.0}, ("a", "big"): {"lr": 3.0, "k": 5},
+               ("b", "world"): {"k": 1}}
+    cfg, given = parse_config(Task(), ["--task", "a", "--preset", "big", "--k", "7"], presets,
+                              key=("task", "preset"))
+    assert (cfg.lr, cfg.k) == (3.0, 7) and given == {"task": "a", "preset": "big", "k": 7}
+    cfg, _ = parse_config(Task(), ["--task", "b"], presets, key=("task", "preset"))
+    assert (cfg.task, cfg.preset, cfg.lr, cfg.k) == ("b", "world", 1.0, 1)
+    with pytest.raises(SystemExit, match="--task 'c' is not one of a, b"):
+        parse_config(Task(), ["--task", "c"], presets, key=("task", "preset"))
+    with pytest.raises(SystemExit, match="--preset 'big' is not one of world with --task 'b'"):
+        parse_config(Task(), ["--task", "b", "--preset", "big"], presets, key=("task", "preset"))
