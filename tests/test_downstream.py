@@ -378,3 +378,76 @@ def test_ddp_two_ranks_stay_identical(tmp_path, pretrained):
     assert [r["step"] for r in recs if "step" in r] == [1, 2]
     test = json.load(open(out / "metrics.json"))["test"][str(tmp_path / "test.json")]
     assert "r_mean" in test["metrics"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_64(tmp_path_factory):
+    """A two-step checkpoint pre-trained at 64 px (8 x 8 patches of 8 px)."""
+    out = tmp_path_factory.mktemp("pretrain_64")
+    train_pretrain.main(SMALL + ["--out_dir", str(out), "--max_steps", "2", "--img_size", "64"])
+    return str(out / "checkpoint.pt")
+
+
+def by_hand(pos_embed, new):
+    """ALBEF's interpolate_pos_embed written out: [CLS] kept, the grid resized bicubically."""
+    D = pos_embed.shape[-1]
+    grid = pos_embed[0, 1:].reshape(8, 8, D).permute(2, 0, 1)[None]               # (1, D, 8, 8)
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([pos_embed[0, :1], grid[0].permute(1, 2, 0).reshape(new * new, D)])[None]
+
+
+def test_position_embeddings_interpolated_on_load(pretrained_64, tmp_path):
+    """A 64 px checkpoint fine-tuned at 96 px: online and momentum ViT get the 12 x 12 grid,
+    [CLS] keeps its embedding, and the ViT gives the output of one whose position embeddings were
+    interpolated by hand."""
+    ckpt = torch.load(pretrained_64, weights_only=True)
+    cfg = train_downstream.DownstreamConfig(task="retrieval", img_size=96)
+    mc = tasks.downstream_model_config(config_from_dict(ModelConfig, ckpt["config"]["model"]), cfg)
+    model = ELIPModel(mc).eval()
+    rep = load_pretrained(model, ckpt["model"])
+    assert rep["interpolated"] == ["visual_encoder.pos_embed", "visual_encoder_m.pos_embed"]
+    for name in rep["interpolated"]:
+        ours, theirs = model.state_dict()[name], ckpt["model"][name]
+        assert ours.shape == (1, 1 + 144, 32)
+        assert torch.equal(ours[:, 0], theirs[:, 0])                               # [CLS]
+        assert torch.allclose(ours, by_hand(theirs, 12), atol=1e-6)
+    reference = vit.VisionTransformer(img_size=96, patch_size=8, embed_dim=32, depth=12,
+                                      num_heads=2).eval()
+    weights = {k.removeprefix("visual_encoder."): v for k, v in ckpt["model"].items()
+               if k.startswith("visual_encoder.")}
+    reference.load_state_dict({**weights, "pos_embed": by_hand(weights["pos_embed"], 12)})
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(model.visual_encoder(images), reference(images), atol=1e-5)
+    # the same through the script, which reports it
+    out = run_task(tmp_path, pretrained_64, "retrieval", "--img_size", "96")
+    rec = json.loads((out / "metrics.json").read_text())
+    assert rec["img_size"] == 96 and rec["weights"]["interpolated"] == rep["interpolated"]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["model_config"]["img_size"] == 96
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_evaluate_gives_the_metrics_of_the_fine_tuning_run(tmp_path, pretrained, task):
+    """--evaluate true on the checkpoint a fine-tuning run wrote: the same metrics, on every
+    test file given (each scored on its own), without training."""
+    out = run_task(tmp_path, pretrained, task, "--test_file",
+                   f"{tmp_path / 'test.json'},{tmp_path / 'train.json'}")
+    trained = json.loads((out / "metrics.json").read_text())["test"]
+    names = [str(tmp_path / "test.json"), str(tmp_path / "train.json")]
+    assert list(trained) == names and trained[names[0]] != trained[names[1]]
+    flags = ["--task", task, "--evaluate", "true", "--pretrained", str(out / "checkpoint.pt"),
+             "--test_file", ",".join(names), "--image_root", str(tmp_path / "images"),
+             "--out_dir", str(tmp_path / "eval"), "--eval_k", "3", "--eval_batch_size", "3",
+             "--beam", "2", "--max_length", "8"]
+    train_downstream.main(flags)
+    rec = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert rec["evaluate_only"] and rec["train_seconds"] == 0 and rec["weights"]["initialised"] == []
+    for name in names:
+        assert rec["test"][name]["metrics"] == trained[name]["metrics"]
+        # no training file, no majority baseline; chance needs none
+        assert rec["test"][name]["baseline"] == (trained[name]["baseline"] if task == "retrieval"
+                                                 else {})
+    assert not os.path.exists(tmp_path / "eval" / "checkpoint.pt")
+    # a fine-tuned checkpoint is for --evaluate of its own task only
+    with pytest.raises(SystemExit, match="fine-tuned"):
+        train_downstream.main(flags[:2] + flags[4:])
