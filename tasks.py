@@ -67,7 +67,8 @@ def build_data(cfg, mc, tok, answers=None):
         raise SystemExit("error: give both --train_file and --test_file (--test_file alone with "
                          "--evaluate true), or neither (the embedded world)")
     task, root, words = cfg.task, cfg.image_root or None, mc.max_len
-    train_tf = data.create_transform(mc.img_size, True, cfg.crop_scale)
+    train_tf = data.create_transform(mc.img_size, True, cfg.crop_scale, cfg.randaug_n,
+                                     cfg.randaug_m)
     test_tf = data.create_transform(mc.img_size, False)
     if answers is None and task == "vqa":
         answers = cfg.answer_list or (None if cfg.train_file else world.world_answer_list())

@@ -50,7 +50,7 @@ from heads import load_pretrained
 from model import ModelConfig
 from tasks import build_data, build_model, downstream_model_config, evaluate_task
 from tokenizer import Tokenizer
-from trainer import (RunConfig, cleanup_distributed, fit, load_checkpoint, log_json,
+from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, load_checkpoint, log_json,
                      resume_config, seed_everything, setup_distributed)
 
 
@@ -75,6 +75,8 @@ class DownstreamConfig:
     img_size: int = 0                # fine-tuning resolution (ALBEF, BLIP: 384); 0 = pre-training's
     max_len: int = 0                 # text tokens (BLIP captioning: 40); 0 = pre-training's
     crop_scale: tuple[float, ...] = (0.8, 1.0)   # random-crop area (ALBEF: 0.5,1.0)
+    randaug_n: int = 0               # RandAugment operations per training image (ALBEF, BLIP: 2)
+    randaug_m: int = 7               # and their strength, of 10 (ALBEF 7, BLIP 5)
     prune: bool = False              # keep the pre-training pruning schedule, in evaluation too
     negative_all_rank: bool = False  # retrieval: ITM negatives from every rank (BLIP on COCO)
     # evaluation
@@ -98,12 +100,15 @@ class DownstreamConfig:
 
 # The official fine-tuning of each backbone (ELIP's ALBEF/configs/*.yaml and BLIP/configs/*.yaml;
 # ALBEF's VQA.yaml and VE.yaml as salesforce/ALBEF has them): 384 px, random crops of 50-100% of
-# the area; ALBEF: AdamW wd 0.02, timm's cosine stepped per epoch after warmup_epochs x 100
-# steps from warmup_lr; BLIP: AdamW wd 0.05, cosine per epoch from lr to 0.
-ALBEF = dict(img_size=384, crop_scale=(0.5, 1.0), weight_decay=0.02, schedule="albef",
-             warmup_lr=1e-5, warmup_steps=100, min_lr=1e-6, alpha=0.4, num_workers=4)
-BLIP = dict(img_size=384, crop_scale=(0.5, 1.0), weight_decay=0.05, schedule="epoch_cosine",
-            lr=1e-5, min_lr=0.0, alpha=0.4, num_workers=4)
+# the area, RandAugment; ALBEF: AdamW wd 0.02 (its optim_factory rule), timm's cosine stepped per
+# epoch after warmup_epochs x 100 steps from warmup_lr; BLIP: AdamW wd 0.05 on every parameter,
+# cosine per epoch from lr to 0. alpha ramps up over epoch 0 (SNLI-VE: warm_up False).
+ALBEF = dict(img_size=384, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=7, weight_decay=0.02,
+             decay="albef", schedule="albef", warmup_lr=1e-5, warmup_steps=100, min_lr=1e-6,
+             alpha=0.4, alpha_ramp_epochs=1.0, num_workers=4)
+BLIP = dict(img_size=384, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=5, weight_decay=0.05,
+            decay="all", schedule="epoch_cosine", lr=1e-5, min_lr=0.0, alpha=0.4,
+            alpha_ramp_epochs=1.0, num_workers=4)
 TASK_PRESETS = {
     # the embedded world: each task fine-tunes and evaluates in a few minutes on a 2-core CPU
     # from the tiny pre-training checkpoint. Explicit flags override them.
@@ -122,7 +127,7 @@ TASK_PRESETS = {
     ("vqa", "albef"): {**ALBEF, "out_dir": "out/vqa_albef", "lr": 2e-5, "warmup_steps": 400,
                        "batch_size": 16, "eval_batch_size": 16, "epochs": 8},
     ("ve", "albef"): {**ALBEF, "out_dir": "out/ve_albef", "lr": 2e-5, "batch_size": 16,
-                      "eval_batch_size": 32, "epochs": 3},
+                      "eval_batch_size": 32, "epochs": 3, "alpha_ramp_epochs": 0.0},
     ("nlvr", "albef"): {**ALBEF, "out_dir": "out/nlvr_albef", "lr": 2e-5, "batch_size": 8,
                         "eval_batch_size": 8, "epochs": 10},
     ("retrieval", "blip_coco"): {**BLIP, "out_dir": "out/retrieval_blip_coco", "batch_size": 16,
@@ -220,7 +225,7 @@ def main(argv=None):
         if cfg.task != "retrieval":
             return m(*batch)
         images, ids, mask, idx = batch
-        alpha = cfg.run.alpha * min(1.0, step / steps_per_epoch)     # ALBEF's ramp-up in epoch 1
+        alpha = alpha_at(step, steps_per_epoch, cfg.run)
         return m(images, ids, mask, alpha=alpha, idx=idx)
 
     train_time = 0.0
