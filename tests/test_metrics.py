@@ -297,17 +297,59 @@ PTB_CASES = {   # caption -> what pycocoevalcap's PTBTokenizer and punctuation l
 }
 
 
+PTB_MORE = [   # more captions for the comparison with the Java tokenizer
+    'A  Man   with spaces ',
+    'a tennis-player.',
+    'e-mail t-shirt x-ray',
+    'A 2x4 board * star',
+    'Café naïve résumé',
+    'the end .',
+    "a ''double'' quote",
+    'U.S.A. is big',
+    "it's 10:30 am",
+    "A 'S word",
+    "a dog's.",
+    "what's up?",
+    "a kids' room",
+    "an 'I love NY' shirt",
+    "some 'quoted text'.",
+    "It is 5 o'clock.",
+    'a dog,',
+    'A.',
+    "dog's, cat's",
+    '(a) test',
+    'hello--world',
+    'semi;colon x:y',
+    'a cat(s) here',
+    'a b&w photo',
+    'I LOVE NY',
+    'he\'s "the best".',
+    'A man, a plan, a canal: Panama!',
+    'two men on bikes ; one is red',
+    "a woman's hat ( red )",
+    "Can't stop won't stop",
+    'a 3-4 year old',
+    'a cup of coffee?!?',
+    'A group of people standing around a kitchen.',
+    '"A sign that says \'stop\' on a pole."',
+    "A person's hand holding a cell-phone (iPhone).",
+    "There's a cat on the couch; it's sleeping.",
+    'The bus is red/white and blue.',
+    "people at the St. Patrick's day parade",
+]
+
+
 def test_ptb_tokenize_by_hand():
     for caption, tokens in PTB_CASES.items():
         assert " ".join(ptb_tokenize(caption)) == tokens, caption
 
 
 def test_ptb_tokenize_matches_pycocoevalcap_java():
-    """The same cases through pycocoevalcap's own tokenizer (Stanford CoreNLP 3.4.1 in Java)."""
+    """These cases and more through pycocoevalcap's own tokenizer (Stanford CoreNLP 3.4.1, Java)."""
     ptb = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer")
     if shutil.which("java") is None:
         pytest.skip("no java to run pycocoevalcap's PTBTokenizer")
-    captions = list(PTB_CASES)
+    captions = list(PTB_CASES) + PTB_MORE
     out = ptb.PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
     assert [out[i][0] for i in range(len(captions))] == [" ".join(ptb_tokenize(c)) for c in captions]
 
