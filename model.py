@@ -101,14 +101,16 @@ PRESETS = {
     # world's counts, exactly) true of the image, and ITM from scratch never left chance on them.
     "tiny": dict(tome_r=3, text_dropout=0.0, momentum=0.99, queue_size=0, distill=False,
                  itc_online_batch=True, init_std=0.1, itm_hard_negatives=False),
+    # ELIP's pre-training of ALBEF and BLIP: no drop path, ALBEF's 25 text tokens (truncated),
+    # BLIP's 30, ELIP's pruning schedule
     "albef": dict(img_size=256, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
-                  drop_path=0.1, text_width=768, text_layers=6, fusion_layers=6, text_heads=12,
-                  text_mlp=3072, max_len=30, losses=("itc", "itm", "mlm"), embed_dim=256,
-                  queue_size=65536, tome_r=11),
+                  drop_path=0.0, text_width=768, text_layers=6, fusion_layers=6, text_heads=12,
+                  text_mlp=3072, max_len=25, losses=("itc", "itm", "mlm"), embed_dim=256,
+                  queue_size=65536, tome_r=11, **{"prune.preset": "elip"}),
     "blip": dict(img_size=224, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
-                 drop_path=0.1, text_width=768, text_layers=12, fusion_layers=0, text_heads=12,
-                 text_mlp=3072, max_len=35, losses=("itc", "itm", "lm"), embed_dim=256,
-                 queue_size=57600, tome_r=11,
+                 drop_path=0.0, text_width=768, text_layers=12, fusion_layers=0, text_heads=12,
+                 text_mlp=3072, max_len=30, losses=("itc", "itm", "lm"), embed_dim=256,
+                 queue_size=57600, tome_r=11, **{"prune.preset": "elip"},
                  token_types=False, blip_tokens=True, tie_decoder=True, itm_weight_eps=1e-4),
 }
 

@@ -44,7 +44,7 @@ from heads import CaptionModel, NLVRModel, VEModel, VQAModel, load_pretrained
 from model import ELIPModel, ModelConfig
 from pruning import TEXT_GUIDED, PruneConfig
 from tokenizer import Tokenizer
-from trainer import (RunConfig, cleanup_distributed, fit, load_checkpoint, log_json,
+from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, load_checkpoint, log_json,
                      resume_config, seed_everything, setup_distributed)
 
 
@@ -262,7 +262,7 @@ def main(argv=None):
         if cfg.task != "retrieval":
             return m(*batch)
         images, ids, mask, idx = batch
-        alpha = cfg.run.alpha * min(1.0, step / steps_per_epoch)     # ALBEF's ramp-up in epoch 1
+        alpha = alpha_at(step, steps_per_epoch, cfg.run)
         return m(images, ids, mask, alpha=alpha, idx=idx)
 
     extra = {"vocab": tok.vocab, "model_config": dataclasses.asdict(mc), "weights": weights,
