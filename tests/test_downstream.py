@@ -387,8 +387,8 @@ def test_resume_continues_fine_tuning_exactly(tmp_path, pretrained):
 def test_ddp_two_ranks_stay_identical(tmp_path, pretrained):
     """Retrieval fine-tuning under torchrun (gloo): both ranks end with the same parameters."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29534", os.path.join(ROOT, "train_downstream.py"), "--task",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train_downstream.py"), "--task",
            "retrieval", "--pretrained", pretrained, *write_task(tmp_path, "retrieval"),
            "--out_dir", str(out), "--batch_size", "3", "--max_steps", "2", "--warmup_steps", "1",
            "--log_every", "1", "--eval_k", "3", "--eval_batch_size", "3"]
