@@ -113,8 +113,9 @@ class VEModel(FusionModel):
 
 class CaptionModel(nn.Module):
     """Captioning (BLIP): the ViT and the causal decoder, which reads the image through
-    cross-attention. Every caption starts with [CLS] and the prompt ("a picture of "), whose
-    positions carry no loss; generation continues the prompt, greedily or by beam search.
+    cross-attention. Every caption starts with [CLS] ([DEC] in the decoder when cfg.blip_tokens)
+    and the prompt ("a picture of "), whose positions carry no loss; generation continues the
+    prompt, greedily or by beam search.
 
     With text-guided pruning the ViT needs a text [CLS], but no caption exists at test time: the
     guide is the unimodal text encoder's [CLS] of the prompt, in training and in generation alike.
@@ -132,9 +133,13 @@ class CaptionModel(nn.Module):
         # [CLS] + prompt tokens, without [SEP]: the start of every caption (not a parameter)
         self.register_buffer("prompt_ids", torch.tensor(prompt_ids)[None], persistent=False)
         self.sep_id = sep_id
-        self.banned = [cfg.pad_id, cfg.cls_id, cfg.mask_id]     # never a word of a caption
+        # never a word of a caption
+        self.banned = [cfg.pad_id, cfg.cls_id, cfg.mask_id] + [i for i in (cfg.enc_id, cfg.dec_id)
+                                                               if i >= 0]
 
-    lm_loss = ELIPModel.lm_loss      # reads self.text_decoder and self.cfg only
+    # ELIPModel's decoder methods: they read self.text_decoder and self.cfg only
+    decode = ELIPModel.decode
+    lm_loss = ELIPModel.lm_loss
 
     def encode_image(self, images):
         text_cls = None
@@ -153,8 +158,7 @@ class CaptionModel(nn.Module):
 
     def token_log_probs(self, ids, image_embeds):
         """(B, L) ids -> (B, L, V): log-probabilities of the next token after each position."""
-        hidden = self.text_decoder(ids, None, image_embeds, None, mode="multimodal", causal=True)
-        logits = self.text_decoder.lm_logits(hidden)
+        logits = self.text_decoder.lm_logits(self.decode(ids, None, image_embeds))
         logits[..., self.banned] = float("-inf")
         return logits.log_softmax(-1)
 

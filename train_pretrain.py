@@ -30,7 +30,7 @@ from config import parse_config
 from model import ELIPModel, ModelConfig
 from pruning import token_counts
 from text_encoder import load_bert_weights
-from tokenizer import Tokenizer
+from tokenizer import BLIP_TOKENS, Tokenizer
 from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, log_json, resume_config,
                      seed_everything, setup_distributed)
 from vit import load_vit_weights
@@ -92,11 +92,12 @@ TRAIN_PRESETS = {
 PRESETS = {k: {**model_lib.PRESETS[k], **TRAIN_PRESETS[k]} for k in TRAIN_PRESETS}
 
 
-def make_tokenizer(vocab, world_seed):
-    """A BERT vocab.txt, or a vocabulary built from every word the embedded world can say."""
-    if vocab:
-        return Tokenizer.from_file(vocab)
-    return Tokenizer.build([" ".join(world.World(world_seed).vocabulary())])
+def make_tokenizer(vocab, world_seed, blip_tokens=False):
+    """A BERT vocab.txt, or a vocabulary built from every word the embedded world can say; with
+    blip_tokens, BLIP's [DEC] and [ENC] appended."""
+    tok = Tokenizer.from_file(vocab) if vocab else \
+        Tokenizer.build([" ".join(world.World(world_seed).vocabulary())])
+    return tok.add_tokens(BLIP_TOKENS) if blip_tokens else tok
 
 
 def init_weights(model, init_vit, init_bert, log):
@@ -111,7 +112,7 @@ def init_weights(model, init_vit, init_bert, log):
             report = load_bert_weights(enc, init_bert)
         model.text_encoder_m.load_state_dict(model.text_encoder.state_dict())
         log(f"loaded BERT weights from {init_bert}; randomly initialised: {report['missing']}; "
-            f"unused: {report['unused']}")
+            f"unused: {report['unused']}; rows added for new tokens: {report['grown']}")
 
 
 def main(argv=None):
@@ -126,10 +127,11 @@ def main(argv=None):
     seed_everything(cfg.run.seed, rank)
 
     # data: every entry is checked when the dataset is built, before any training step
-    tok = Tokenizer(ckpt["vocab"]) if ckpt else make_tokenizer(cfg.vocab, cfg.world_seed)
     mc = cfg.model
-    mc.vocab_size, mc.pad_id, mc.cls_id, mc.mask_id = (tok.vocab_size, tok.pad_id, tok.cls_id,
-                                                       tok.mask_id)
+    tok = Tokenizer(ckpt["vocab"]) if ckpt else make_tokenizer(cfg.vocab, cfg.world_seed,
+                                                               mc.blip_tokens)
+    mc.vocab_size, mc.pad_id, mc.cls_id, mc.mask_id, mc.enc_id, mc.dec_id = (
+        tok.vocab_size, tok.pad_id, tok.cls_id, tok.mask_id, tok.enc_id, tok.dec_id)
     source = list(cfg.train_files) or world.world_entries("pretrain", "train", cfg.world_train,
                                                           cfg.world_seed)
     try:

@@ -47,6 +47,18 @@ def pretrained_blip(tmp_path_factory):
     return str(out / "checkpoint.pt")
 
 
+@pytest.fixture(scope="module")
+def pretrained_blip_tied(tmp_path_factory):
+    """A two-step checkpoint with BLIP's own model: [DEC] and [ENC] added to the vocabulary, the
+    decoder tied to the text encoder, no token-type embeddings."""
+    out = tmp_path_factory.mktemp("pretrain_blip_tied")
+    train_pretrain.main(SMALL + ["--out_dir", str(out), "--max_steps", "2", "--text_layers", "3",
+                                 "--fusion_layers", "0", "--losses", "itc,itm,lm",
+                                 "--blip_tokens", "true", "--tie_decoder", "true",
+                                 "--token_types", "false", "--itm_weight_eps", "1e-4"])
+    return str(out / "checkpoint.pt")
+
+
 def write_task(tmp_path, task):
     """Train and test JSON files in the task's ALBEF/BLIP format, PNG images in a folder, and
     the flags that point train_downstream at them."""
@@ -222,6 +234,41 @@ def test_decoder_initialised_from_the_text_encoder(pretrained, pretrained_blip):
                        ckpt["model"]["text_decoder.encoder.layer.0.crossattention.self.key.weight"])
 
 
+def test_blip_checkpoint_with_tied_decoder_and_its_tokens(pretrained_blip_tied):
+    """Pre-training added [DEC] and [ENC] to the world's vocabulary and saved the tied decoder
+    under its own names; captioning loads every weight and decodes from [DEC]; VQA's image-
+    grounded encoder reads [ENC]."""
+    ckpt = torch.load(pretrained_blip_tied, weights_only=True)
+    tok, state = Tokenizer(ckpt["vocab"]), ckpt["model"]
+    assert tok.vocab[-2:] == ["[DEC]", "[ENC]"]
+    assert (ckpt["config"]["model"]["dec_id"], ckpt["config"]["model"]["enc_id"]) == \
+        (tok.dec_id, tok.enc_id) == (tok.vocab_size - 2, tok.vocab_size - 1)
+    for name in ("embeddings.word_embeddings.weight", "encoder.layer.2.intermediate.dense.weight",
+                 "encoder.layer.0.crossattention.self.key.weight"):
+        assert torch.equal(state["text_decoder." + name], state["text_encoder." + name]), name
+    assert not torch.equal(state["text_decoder.encoder.layer.0.attention.self.query.weight"],
+                           state["text_encoder.encoder.layer.0.attention.self.query.weight"])
+    assert not any("token_type" in k for k in state)
+    mc, _ = model_config(pretrained_blip_tied, "caption")
+    model = CaptionModel(mc, tok.encode("a picture of")[:-1], tok.sep_id)
+    rep = load_pretrained(model, state)
+    assert rep["initialised"] == [] and rep["loaded"] == list(model.state_dict())
+    first = []
+    model.text_decoder.register_forward_pre_hook(lambda mod, args: first.append(args[0][:, 0]))
+    model.eval().greedy(torch.randn(2, 3, 32, 32), max_length=model.prompt_ids.shape[1] + 2)
+    assert first and all((f == tok.dec_id).all() for f in first)
+    mc, _ = model_config(pretrained_blip_tied, "vqa")
+    vqa = VQAModel(mc, 3)
+    load_pretrained(vqa, state)
+    first.clear()
+    vqa.text_encoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: first.append((kwargs["mode"], args[0][:, 0])), with_kwargs=True)
+    ids, mask = tok(["what colour is it"], max_len=12)
+    vqa.eval().logits(torch.randn(1, 3, 32, 32), ids, mask)
+    assert [(mode, f.tolist()) for mode, f in first] == [("text", [tok.cls_id]),
+                                                        ("multimodal", [tok.enc_id])]
+
+
 @pytest.fixture(scope="module")
 def captioner(pretrained):
     """A captioning model in eval mode, and three images. Its weights are random, with large word
@@ -364,8 +411,8 @@ def test_resume_continues_fine_tuning_exactly(tmp_path, pretrained):
 def test_ddp_two_ranks_stay_identical(tmp_path, pretrained):
     """Retrieval fine-tuning under torchrun (gloo): both ranks end with the same parameters."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29534", os.path.join(ROOT, "train_downstream.py"), "--task",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train_downstream.py"), "--task",
            "retrieval", "--pretrained", pretrained, *write_task(tmp_path, "retrieval"),
            "--out_dir", str(out), "--batch_size", "3", "--max_steps", "2", "--warmup_steps", "1",
            "--log_every", "1", "--eval_k", "3", "--eval_batch_size", "3"]

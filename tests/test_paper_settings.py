@@ -60,6 +60,11 @@ OFFICIAL = {
         "model.distill": True,              # ALBEF/models/model_pretrain.py:121-128
         "model.itc_online_batch": False,    # ALBEF/models/model_pretrain.py:114-131
         "model.itm_hard_negatives": True,   # ALBEF/models/model_pretrain.py:148-170
+        "model.itm_weight_eps": 0.0,        # ALBEF/models/model_pretrain.py:150-154 softmax,
+                                            # diagonal zeroed, nothing added
+        "model.token_types": True,          # ALBEF/models/xbert.py:175 token_type_embeddings
+        "model.blip_tokens": False,         # [CLS] throughout (fusion on the text states)
+        "model.tie_decoder": False,         # no decoder
         "model.max_len": 25,                # ALBEF/Pretrain.py:59 max_length=25, truncation
         "pad_to_max_len": False,            # ALBEF/Pretrain.py:59 padding='longest'
         "max_words": 30,                    # ALBEF/dataset/caption_dataset.py:85
@@ -111,6 +116,10 @@ OFFICIAL = {
         "model.distill": True,              # BLIP/models/blip_pretrain.py:127-134
         "model.itc_online_batch": False,
         "model.itm_hard_negatives": True,   # BLIP/models/blip_pretrain.py:158-162
+        "model.itm_weight_eps": 1e-4,       # BLIP/models/blip_pretrain.py:159,161 +1e-4
+        "model.token_types": False,         # BLIP/models/med.py:52-58 word + position only
+        "model.blip_tokens": True,          # BLIP/models/blip_pretrain.py:148 [ENC], :204 [DEC]
+        "model.tie_decoder": True,          # BLIP/models/blip_pretrain.py:95
         "model.label_smoothing": 0.1,       # BLIP/models/med.py:914
         "model.max_len": 30,                # BLIP/models/blip_pretrain.py:102 max_length=30
         "pad_to_max_len": True,             # BLIP/models/blip_pretrain.py:102 'max_length'

@@ -21,9 +21,14 @@ def final_model(out_dir):
     return torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=True)["model"]
 
 
-def test_resume_gives_the_same_parameters(tmp_path):
+BLIP_MODEL = ["--text_layers", "3", "--fusion_layers", "0", "--losses", "itc,itm,lm",
+              "--blip_tokens", "true", "--tie_decoder", "true", "--token_types", "false"]
+
+
+@pytest.mark.parametrize("model", [[], BLIP_MODEL], ids=["albef", "blip_tied"])
+def test_resume_gives_the_same_parameters(tmp_path, model):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    three_per_epoch = SMALL + ["--world_train", "12"]                     # 12 samples / batch 4
+    three_per_epoch = SMALL + model + ["--world_train", "12"]             # 12 samples / batch 4
     train_pretrain.main(three_per_epoch + ["--out_dir", a, "--max_steps", "5"])
     train_pretrain.main(three_per_epoch + ["--out_dir", b, "--max_steps", "2"])   # stops mid-epoch
     train_pretrain.main(["--out_dir", b, "--resume", "auto", "--max_steps", "5"])
@@ -54,11 +59,12 @@ def test_paper_presets_train_at_small_width(tmp_path, preset, lrs):
     assert [r["lr"] for r in recs] == pytest.approx(lrs, rel=1e-12)
 
 
-def test_ddp_two_ranks_stay_identical(tmp_path):
+@pytest.mark.parametrize("model", [[], BLIP_MODEL], ids=["albef", "blip_tied"])
+def test_ddp_two_ranks_stay_identical(tmp_path, model):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29533", os.path.join(ROOT, "train_pretrain.py"),
-           *SMALL, "--out_dir", out, "--max_steps", "3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train_pretrain.py"), *SMALL, *model, "--out_dir", out,
+           "--max_steps", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
