@@ -270,10 +270,11 @@ def main(argv=None):
     train_time = fit(cfg, model, train_set, train_collate, loss_fn, device, rank, world_size, log,
                      ckpt, extra_state=extra, desc=cfg.task)
 
+    # every rank evaluates its share of the test split (eval.py); rank 0 writes the results
+    t0 = time.time()
+    scores, baseline, baseline_kind, predictions = evaluate(
+        cfg, model, train_set, test_set, test_collate, tok, device, log)
     if master:
-        t0 = time.time()
-        scores, baseline, baseline_kind, predictions = evaluate(
-            cfg, model, train_set, test_set, test_collate, tok, device, log)
         rec = {"task": cfg.task, "metrics": scores, "baseline": baseline,
                "baseline_kind": baseline_kind, "train_seconds": train_time,
                "eval_seconds": time.time() - t0, "train_samples": len(train_set),

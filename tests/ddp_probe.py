@@ -1,0 +1,109 @@
+"""Run by the tests under torchrun (or as a single process):
+
+    python ddp_probe.py fit OUT_DIR         trainer.fit on a toy problem whose batches show what
+                                            each rank drew; once straight to 6 steps, once to 3
+                                            steps and then resumed to 6 (the generators moved on
+                                            in between); OUT_DIR/{straight,resumed}/draws_<rank>.json
+    python ddp_probe.py retrieval CKPT OUT  eval.evaluate_retrieval of a train_pretrain.py
+                                            checkpoint on the world's test split; OUT_<rank>.json
+"""
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import data
+import eval as evaluation
+import world
+from config import config_from_dict
+from model import ELIPModel, ModelConfig
+from tokenizer import Tokenizer
+from trainer import (RunConfig, cleanup_distributed, fit, load_checkpoint, seed_everything,
+                     setup_distributed)
+
+SAMPLES = 32
+
+
+class Draws(torch.utils.data.Dataset):
+    """Sample i: its index and a draw of torch's generator, like a flip or a crop."""
+
+    def __len__(self):
+        return SAMPLES
+
+    def __getitem__(self, i):
+        return torch.tensor(float(i)), torch.rand(())
+
+
+@dataclass
+class ProbeConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def toy_model():
+    return nn.Sequential(nn.Linear(2, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+
+
+def fit_run(out_dir, max_steps, rank, world_size, device, ckpt=None):
+    """fit for max_steps; returns {step: {"index", "augment", "in_step"}} of this rank."""
+    cfg = ProbeConfig(RunConfig(batch_size=4, epochs=2, max_steps=max_steps, lr=1e-2,
+                                warmup_steps=1, log_every=1, out_dir=out_dir))
+    model = toy_model().to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    draws = {}
+
+    def loss_fn(m, batch, step, steps_per_epoch):
+        index, augment = batch
+        in_step = torch.rand(len(index), device=device)    # like MLM masks and ITM negatives
+        draws[step + 1] = {"index": index.tolist(), "augment": augment.tolist(),
+                           "in_step": in_step.tolist()}
+        x = torch.stack([augment, in_step], 1)                                     # (B, 2)
+        return {"loss": (m(x).squeeze(1) - index / SAMPLES).pow(2).mean()}
+
+    fit(cfg, model, Draws(), torch.utils.data.default_collate, loss_fn, device, rank,
+        world_size, lambda msg: None, ckpt)
+    return draws
+
+
+def fit_main(out):
+    rank, world_size, device = setup_distributed(1)
+    seed_everything(0, rank)
+    straight = fit_run(os.path.join(out, "straight"), 6, rank, world_size, device)
+    seed_everything(0, rank)
+    resumed = os.path.join(out, "resumed")
+    draws = fit_run(resumed, 3, rank, world_size, device)
+    torch.manual_seed(1234 + rank)            # a restarted process starts from other states
+    ckpt = load_checkpoint(os.path.join(resumed, "checkpoint.pt"))
+    draws.update(fit_run(resumed, 6, rank, world_size, device, ckpt))
+    for name, d in (("straight", straight), ("resumed", draws)):
+        with open(os.path.join(out, name, f"draws_{rank}.json"), "w") as f:
+            json.dump(d, f)
+    cleanup_distributed(world_size)
+
+
+def retrieval_scores(ckpt_path, device, images=7, k=4, batch_size=3):
+    ckpt = load_checkpoint(ckpt_path)
+    mc = config_from_dict(ModelConfig, ckpt["config"]["model"])
+    model = ELIPModel(mc).to(device)
+    model.load_state_dict(ckpt["model"])
+    test_set = data.RetrievalEvalDataset(world.world_entries("retrieval", "test", images), None,
+                                         data.create_transform(mc.img_size, train=False),
+                                         max_words=mc.max_len)
+    return evaluation.evaluate_retrieval(model, test_set, Tokenizer(ckpt["vocab"]), device, k=k,
+                                         max_len=mc.max_len, batch_size=batch_size)
+
+
+def retrieval_main(ckpt_path, out):
+    rank, world_size, device = setup_distributed(1)
+    scores = retrieval_scores(ckpt_path, device)
+    with open(f"{out}_{rank}.json", "w") as f:
+        json.dump(scores, f)
+    cleanup_distributed(world_size)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    {"fit": fit_main, "retrieval": retrieval_main}[sys.argv[1]](*sys.argv[2:])
