@@ -3,9 +3,11 @@
     python ddp_probe.py fit OUT_DIR         trainer.fit on a toy problem whose batches show what
                                             each rank drew; once straight to 6 steps, once to 3
                                             steps and then resumed to 6 (the generators moved on
-                                            in between); OUT_DIR/{straight,resumed}/draws_<rank>.json
-    python ddp_probe.py retrieval CKPT OUT  eval.evaluate_retrieval of a train_pretrain.py
-                                            checkpoint on the world's test split; OUT_<rank>.json
+                                            in between): OUT_DIR/{straight,resumed}/, in each
+                                            draws_<rank>.json
+    python ddp_probe.py eval CKPT OUT       eval.evaluate_retrieval of a train_pretrain.py
+                                            checkpoint on the world's test split, and the other
+                                            loops on stand-in models; OUT_<rank>.json
 """
 import json
 import os
@@ -19,6 +21,7 @@ import data
 import eval as evaluation
 import world
 from config import config_from_dict
+from eval import evaluate_caption, evaluate_classifier, evaluate_vqa
 from model import ELIPModel, ModelConfig
 from tokenizer import Tokenizer
 from trainer import (RunConfig, cleanup_distributed, fit, load_checkpoint, seed_everything,
@@ -96,14 +99,73 @@ def retrieval_scores(ckpt_path, device, images=7, k=4, batch_size=3):
                                          max_len=mc.max_len, batch_size=batch_size)
 
 
-def retrieval_main(ckpt_path, out):
+class Samples(torch.utils.data.Dataset):
+    def __init__(self, samples, **attrs):
+        self.samples = samples
+        self.__dict__.update(attrs)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+class Classifier(nn.Module):
+    def logits(self, x, y):
+        return torch.nn.functional.one_hot((x + y) % 3, 3).float()              # (B, 3)
+
+
+class Answerer(nn.Module):
+    def logits(self, images, ids, mask):
+        return torch.nn.functional.one_hot(ids[:, 0], 4).float()                # (B, 4)
+
+
+def vqa_collate(batch):
+    images, ids = zip(*batch)
+    ids = torch.tensor(ids)[:, None]
+    return torch.stack(images), ids, torch.ones_like(ids), None
+
+
+class Captioner(nn.Module):
+    """Image i (a vector of i's) is captioned "a <word i>" greedily, "<word i> a" by beam search."""
+
+    def greedy(self, images, max_new_tokens):
+        return torch.stack([torch.zeros_like(images[:, 0]), images[:, 0] + 2], 1).long(), None
+
+    def beam_search(self, images, beam, max_new_tokens, length_penalty):
+        return self.greedy(images, max_new_tokens)[0].flip(1), None
+
+
+def loop_results():
+    """The classifier, VQA and captioning loops on stand-in models (as test_eval's), 11 samples
+    in batches of 4 (uneven shares), as plain JSON values."""
+    x, y = torch.arange(11), torch.tensor([5, 1, 7, 2, 2, 9, 0, 4, 3, 8, 6])
+    labels = torch.arange(11) % 3
+    classifier = Samples([(x[i], y[i], labels[i]) for i in range(11)])
+    scores, preds = evaluate_classifier(Classifier(), classifier, None, "cpu", batch_size=4)
+    picks = [0, 2, 3, 1, 2, 1, 0, 3, 3, 2, 1]
+    vqa = Samples([(torch.zeros(3), p) for p in picks], answer_list=["yes", "no", "2", "red"],
+                      question_ids=list(range(11)), items=[{"answers": ["no"]}] * 11)
+    vqa_scores, answers = evaluate_vqa(Answerer(), vqa, vqa_collate, "cpu", batch_size=4)
+    caption = Samples([(torch.full((3,), float(i)), i) for i in range(11)],
+                          references=[["a cube"]] * 11)
+    tokenizer = type("Words", (), {"decode": lambda self, ids: " ".join(
+        ("a", "?", *map(str, range(11)))[i] for i in ids.tolist())})()
+    caption_scores, captions = evaluate_caption(Captioner(), caption, tokenizer, "cpu",
+                                                batch_size=4)
+    return {"classifier": [scores, preds.tolist()], "vqa": [vqa_scores, answers],
+            "caption": [caption_scores, captions]}
+
+
+def eval_main(ckpt_path, out):
     rank, world_size, device = setup_distributed(1)
-    scores = retrieval_scores(ckpt_path, device)
+    results = {"retrieval": retrieval_scores(ckpt_path, device), "loops": loop_results()}
     with open(f"{out}_{rank}.json", "w") as f:
-        json.dump(scores, f)
+        json.dump(results, f)
     cleanup_distributed(world_size)
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    {"fit": fit_main, "retrieval": retrieval_main}[sys.argv[1]](*sys.argv[2:])
+    {"fit": fit_main, "eval": eval_main}[sys.argv[1]](*sys.argv[2:])
