@@ -18,7 +18,8 @@ has its own copy of; RSS also counts the pages it still shares with the main pro
 loading: writes --images JPEGs of a web photo's size (640 x 480, quality 90: smooth colour
 fields with grain, about 120 KB as a real photo) and measures images/s of the albef preset's
 pre-training sample (data.PretrainDataset: read, decode, data.create_transform's random resized
-crop at the preset's resolution, flip, normalise; the caption cleaned) in one process, then
+crop at the preset's resolution, flip, RandAugment, normalise; the caption cleaned; --randaug_n 0
+without RandAugment) in one process, then
 through a DataLoader of 1..--workers workers; printed beside what one GPU consumes in ELIP's
 ALBEF pre-training (the paper's Table 1, see GPU_IMAGES_PER_S).
 """
@@ -76,6 +77,8 @@ class LoadingConfig:
     batch: int = 8                   # samples per DataLoader batch
     img_size: int = MODEL_PRESETS["albef"]["img_size"]
     crop_scale: tuple[float, ...] = (0.2, 1.0)   # the albef preset's random-crop area
+    randaug_n: int = 2               # the albef preset's RandAugment: operations per image
+    randaug_m: int = 7               # and their strength
     dir: str = "out/bench_data/jpeg"
     threads: int = 1                 # torch threads per process (DataLoader workers use 1)
 
@@ -222,7 +225,8 @@ def run_loading(cfg: LoadingConfig) -> dict:
     sizes = [os.path.getsize(os.path.join(cfg.dir, n)) for n in names]
     entries = [{"image": n, "caption": f"a photo of a street number {i}"}
                for i, n in enumerate(names)]
-    transform = data.create_transform(cfg.img_size, True, tuple(cfg.crop_scale))
+    transform = data.create_transform(cfg.img_size, True, tuple(cfg.crop_scale), cfg.randaug_n,
+                                      cfg.randaug_m)
     dataset = data.PretrainDataset(entries, cfg.dir, transform)
     images_per_s(dataset, cfg.batch, 0, cfg.batch)                         # warm-up
     out = {"jpeg_kb": sum(sizes) / len(sizes) / 1024, "transform": repr(transform),
@@ -239,7 +243,8 @@ def format_loading(r: dict, cfg: LoadingConfig) -> str:
     gpu = GPU_IMAGES_PER_S["4.0M images"]
     lines = [f"loading: {cfg.images} JPEGs {cfg.width}x{cfg.height} quality {cfg.quality} "
              f"(mean {r['jpeg_kb']:.0f} KB), albef pre-training sample at {cfg.img_size} px, "
-             f"crop scale {tuple(cfg.crop_scale)}; {r['cpus']} CPUs, load "
+             f"crop scale {tuple(cfg.crop_scale)}, RandAugment {cfg.randaug_n}/{cfg.randaug_m}; "
+             f"{r['cpus']} CPUs, load "
              f"{', '.join(f'{x:.1f}' for x in r['load'])}",
              f"  one process: {per_worker:.1f} images/s ({1000 / per_worker:.1f} ms an image)"]
     lines += [f"  DataLoader, {w} worker{'s' * (w > 1)}: {v:.1f} images/s ({v / w:.1f} per worker)"

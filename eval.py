@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from metrics import accuracy, bleu4, cider_d, recall_at_k, vqa_accuracy
+from metrics import accuracy, caption_scores, recall_at_k, vqa_accuracy
 
 
 # ---- sharing the work over DDP ranks ----------------------------------------------------
@@ -75,11 +75,14 @@ def embed_retrieval_set(model, dataset, tokenizer, device, max_len, batch_size=6
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, dataset, tokenizer, device, k=16, max_len=32, batch_size=64):
-    """Image-text retrieval as ALBEF evaluates it: rank all pairs by ITC similarity, re-score the
-    top k candidates of each query with the ITM head, report recall@1/5/10. Also returns the
-    ITC-only figures under the key "itc". Under DDP each rank re-scores the queries of its block
-    of rows, as ALBEF's evaluation splits the similarity matrix's rows over the ranks."""
+def evaluate_retrieval(model, dataset, tokenizer, device, k=16, max_len=32, batch_size=64,
+                       add_itc=False):
+    """Image-text retrieval as ALBEF and BLIP evaluate it: rank all pairs by ITC similarity,
+    re-score the top k candidates of each query with the ITM head's match logit (ALBEF), plus
+    their ITC cosine similarity with add_itc (BLIP, train_retrieval.py), report recall@1/5/10.
+    Also returns the ITC-only figures under the key "itc". Under DDP each rank re-scores the
+    queries of its block of rows, as ALBEF's evaluation splits the similarity matrix's rows
+    over the ranks."""
     was_training = model.training
     model.eval()
     image_embeds, text_embeds, ids, mask = embed_retrieval_set(model, dataset, tokenizer, device,
@@ -97,7 +100,10 @@ def evaluate_retrieval(model, dataset, tokenizer, device, k=16, max_len=32, batc
         img, txt = (q, c) if query_is_image else (c, q)
         logits = torch.cat([model.itm_logits(text_embeds[t], mask[t], image_embeds[i], ids[t])[:, 1]
                             for i, t in zip(img.split(batch_size), txt.split(batch_size))])
-        mine = torch.full_like(sim[rows], -100.0).scatter(1, top, logits.view(-1, k).to(sim.dtype))
+        scores = logits.view(-1, k).to(sim.dtype)                                  # (Qr, k)
+        if add_itc:
+            scores = scores + sim[rows].gather(1, top)
+        mine = torch.full_like(sim[rows], -100.0).scatter(1, top, scores)          # (Qr, C)
         return gather_rows(mine, sim.shape[0])
 
     i2t, t2i = rerank(sim, k_i2t, True), rerank(sim.T, k_t2i, False)
@@ -142,24 +148,26 @@ def evaluate_vqa(model, dataset, collate, device, batch_size=64):
 
 
 @torch.no_grad()
-def evaluate_caption(model, dataset, tokenizer, device, beam=3, max_new_tokens=20, batch_size=64,
-                     length_penalty=1.0):
-    """Captioning: greedy and beam-search captions of every image, each scored with BLEU-4 and
-    CIDEr-D against all of the image's references (dataset.references).
-    Returns ({"greedy_bleu4", "greedy_cider_d", "beam_bleu4", "beam_cider_d"},
-    {"greedy": [caption, ...], "beam": [caption, ...]})."""
+def evaluate_caption(model, dataset, tokenizer, device, beam=3, max_length=20, min_length=5,
+                     batch_size=64, length_penalty=1.0, repetition_penalty=1.0):
+    """Captioning: greedy and beam-search captions of every image (lengths counting [CLS] and
+    the prompt, as BLIP's), each scored with BLEU-4 and CIDEr-D against all of the image's
+    references as the file has them, both sides cleaned as the COCO caption evaluation cleans
+    them (metrics.caption_scores). Returns ({"greedy_bleu4", "greedy_cider_d", "beam_bleu4",
+    "beam_cider_d"}, {"greedy": [caption, ...], "beam": [caption, ...]})."""
     was_training = model.training
     model.eval()
     captions = {"greedy": [], "beam": []}
+    limits = dict(max_length=max_length, min_length=min_length,
+                  repetition_penalty=repetition_penalty)
     for images, _ in shard_loader(dataset, batch_size):
         images = images.to(device)
-        for name, (tokens, _) in (("greedy", model.greedy(images, max_new_tokens)),
-                                  ("beam", model.beam_search(images, beam, max_new_tokens,
-                                                             length_penalty))):
+        for name, (tokens, _) in (("greedy", model.greedy(images, **limits)),
+                                  ("beam", model.beam_search(images, beam, length_penalty=length_penalty,
+                                                             **limits))):
             captions[name] += [tokenizer.decode(t) for t in tokens.cpu()]
     model.train(was_training)
     captions = {name: gather_list(caps, len(dataset)) for name, caps in captions.items()}
-    metrics = {f"{name}_{metric}": score(caps, dataset.references)
-               for name, caps in captions.items()
-               for metric, score in (("bleu4", bleu4), ("cider_d", cider_d))}
+    metrics = {f"{name}_{metric}": value for name, caps in captions.items()
+               for metric, value in caption_scores(caps, dataset.raw_references).items()}
     return metrics, captions

@@ -59,6 +59,8 @@ class ModelConfig:
     itc_online_batch: bool = False   # ITC's in-batch candidates from the online encoders (CLIP),
                                      # not the momentum ones (ALBEF); see itc_loss
     itm_hard_negatives: bool = True  # ITM negatives drawn by ITC similarity (ALBEF), or uniformly
+    negative_all_rank: bool = False  # ITM negatives drawn from every DDP rank's batch (BLIP's
+                                     # COCO retrieval fine-tuning), not the local batch only
     label_smoothing: float = 0.1     # LM loss (BLIP)
     prune: PruneConfig = field(default_factory=PruneConfig)
 
@@ -90,14 +92,16 @@ PRESETS = {
     # world's counts, exactly) true of the image, and ITM from scratch never left chance on them.
     "tiny": dict(tome_r=3, text_dropout=0.0, momentum=0.99, queue_size=0, distill=False,
                  itc_online_batch=True, init_std=0.1, itm_hard_negatives=False),
+    # ELIP's pre-training of ALBEF and BLIP: no drop path, ALBEF's 25 text tokens (truncated),
+    # BLIP's 30, ELIP's pruning schedule
     "albef": dict(img_size=256, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
-                  drop_path=0.1, text_width=768, text_layers=6, fusion_layers=6, text_heads=12,
-                  text_mlp=3072, max_len=30, losses=("itc", "itm", "mlm"), embed_dim=256,
-                  queue_size=65536, tome_r=11),
+                  drop_path=0.0, text_width=768, text_layers=6, fusion_layers=6, text_heads=12,
+                  text_mlp=3072, max_len=25, losses=("itc", "itm", "mlm"), embed_dim=256,
+                  queue_size=65536, tome_r=11, **{"prune.preset": "elip"}),
     "blip": dict(img_size=224, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
-                 drop_path=0.1, text_width=768, text_layers=12, fusion_layers=0, text_heads=12,
-                 text_mlp=3072, max_len=35, losses=("itc", "itm", "lm"), embed_dim=256,
-                 queue_size=57600, tome_r=11),
+                 drop_path=0.0, text_width=768, text_layers=12, fusion_layers=0, text_heads=12,
+                 text_mlp=3072, max_len=30, losses=("itc", "itm", "lm"), embed_dim=256,
+                 queue_size=57600, tome_r=11, **{"prune.preset": "elip"}),
 }
 
 
@@ -121,13 +125,39 @@ def build_text(cfg, decoder=False):
         initializer_range=cfg.init_std))
 
 
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_gather(x):
     """Concatenate x from every DDP rank (no gradient): feeds the queues with every rank's batch."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed():
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather that keeps the graph (BLIP's GatherLayer): each rank's slice of the gathered
+    tensor gets the gradient that every rank's loss sends it, summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def all_gather_with_grad(x):
+    """Concatenate x from every DDP rank along dim 0, gradient flowing back to each rank's x."""
+    return GatherWithGrad.apply(x) if distributed() else x
 
 
 class ELIPModel(nn.Module):
@@ -293,26 +323,57 @@ class ELIPModel(nn.Module):
     def itm_loss(self, image_embeds, text_embeds, input_ids, attention_mask, image_feat,
                  text_feat, idx=None):
         """Image-text matching: each pair, plus for each text a negative image and for each image
-        a negative text: hard negatives drawn from the in-batch similarity softmax (ALBEF 3.2), or,
-        with cfg.itm_hard_negatives off, any other sample uniformly."""
+        a negative text (itm_negatives)."""
         B = image_embeds.shape[0]
-        with torch.no_grad():
-            same = torch.eye(B, dtype=torch.bool, device=image_feat.device) if idx is None \
-                else idx[:, None] == idx[None]                                     # (B, B)
-            w_i2t = w_t2i = (~same).float()
-            if self.cfg.itm_hard_negatives:
-                sim_i2t = image_feat @ text_feat.T / self.temp.clamp(0.001, 0.5)     # (B, B)
-                w_i2t = sim_i2t.softmax(1).masked_fill(same, 0) + 1e-8 * ~same
-                w_t2i = sim_i2t.T.softmax(1).masked_fill(same, 0) + 1e-8 * ~same
-            neg_image = torch.multinomial(w_t2i, 1).squeeze(1)                     # (B,)
-            neg_text = torch.multinomial(w_i2t, 1).squeeze(1)                      # (B,)
-        image_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])  # (3B, L, D)
-        text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])       # (3B, T, D)
-        ids_all = torch.cat([input_ids, input_ids, input_ids[neg_text]])
-        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
-        logits = self.itm_logits(text_all, mask_all, image_all, ids_all)             # (3B, 2)
+        image_neg, text_neg, ids_neg, mask_neg, _ = self.itm_negatives(
+            image_embeds, text_embeds, input_ids, attention_mask, image_feat, text_feat, idx)
+        T = text_neg.shape[1]           # negatives from other ranks come padded to max_len
+        text_embeds = F.pad(text_embeds, (0, 0, 0, T - text_embeds.shape[1]))          # (B, T, D)
+        input_ids = F.pad(input_ids, (0, T - input_ids.shape[1]), value=self.cfg.pad_id)
+        attention_mask = F.pad(attention_mask, (0, T - attention_mask.shape[1]))      # (B, T)
+        image_all = torch.cat([image_embeds, image_neg, image_embeds])                # (3B, L, D)
+        text_all = torch.cat([text_embeds, text_embeds, text_neg])                    # (3B, T, D)
+        ids_all = torch.cat([input_ids, input_ids, ids_neg])
+        mask_all = torch.cat([attention_mask, attention_mask, mask_neg])
+        logits = self.itm_logits(text_all, mask_all, image_all, ids_all)              # (3B, 2)
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
         return F.cross_entropy(logits, labels)
+
+    def itm_negatives(self, image_embeds, text_embeds, input_ids, attention_mask, image_feat,
+                      text_feat, idx=None):
+        """For each text a negative image, for each image a negative text: hard negatives drawn
+        from the similarity softmax (ALBEF 3.2), or, with cfg.itm_hard_negatives off, any other
+        sample uniformly; never one of the same image (idx). The candidates are the local batch,
+        or with cfg.negative_all_rank every rank's batch, as BLIP's COCO fine-tuning: weights
+        over all ranks' features (no gradient), image and text embeddings gathered with their
+        gradient (BLIP gathers only the images so; its text states are recomputed from the ids).
+        Returns (image_neg (B, L, D), text_neg (B, T, D), ids_neg, mask_neg (B, T), and the
+        drawn (neg_image, neg_text) rows of the candidates)."""
+        B, everywhere = image_embeds.shape[0], self.cfg.negative_all_rank and distributed()
+        gather = all_gather if everywhere else (lambda x: x)
+        with torch.no_grad():
+            if idx is None:     # each sample its own image, numbered apart on every rank
+                idx = torch.arange(B, device=image_feat.device) + (dist.get_rank() * B if everywhere else 0)
+            same = idx[:, None] == gather(idx)[None]                                  # (B, N)
+            w_i2t = w_t2i = (~same).float()
+            if self.cfg.itm_hard_negatives:
+                temp = self.temp.clamp(0.001, 0.5)
+                w_i2t = (image_feat @ gather(text_feat).T / temp).softmax(1)            # (B, N)
+                w_t2i = (text_feat @ gather(image_feat).T / temp).softmax(1)            # (B, N)
+                w_i2t = w_i2t.masked_fill(same, 0) + 1e-8 * ~same
+                w_t2i = w_t2i.masked_fill(same, 0) + 1e-8 * ~same
+            neg_image = torch.multinomial(w_t2i, 1).squeeze(1)                         # (B,)
+            neg_text = torch.multinomial(w_i2t, 1).squeeze(1)                          # (B,)
+        if everywhere:          # one text length on every rank
+            T = self.cfg.max_len
+            text_embeds = F.pad(text_embeds, (0, 0, 0, T - text_embeds.shape[1]))     # (B, T, D)
+            input_ids = F.pad(input_ids, (0, T - input_ids.shape[1]), value=self.cfg.pad_id)
+            attention_mask = F.pad(attention_mask, (0, T - attention_mask.shape[1]))
+            image_embeds = all_gather_with_grad(image_embeds)                           # (N, L, D)
+            text_embeds = all_gather_with_grad(text_embeds)                             # (N, T, D)
+            input_ids, attention_mask = all_gather(input_ids), all_gather(attention_mask)
+        return (image_embeds[neg_image], text_embeds[neg_text], input_ids[neg_text],
+                attention_mask[neg_text], (neg_image, neg_text))
 
     def mask_tokens(self, input_ids):
         """BERT masking: 15% of tokens (never [PAD] or [CLS]); of those 80% [MASK], 10% a random

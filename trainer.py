@@ -38,8 +38,17 @@ class RunConfig:
     lr: float = 5e-4
     min_lr: float = 1e-5
     weight_decay: float = 0.02
-    warmup_steps: int = 50           # linear warmup from 0, then cosine to min_lr, per step
-    alpha: float = 0.4               # distillation weight, ramped up over the first epoch
+    decay: str = "matrices"          # which parameters weight decay acts on: matrices (2-D and
+                                     # up) | albef (all but 1-D ones and *.bias) | all (BLIP)
+    schedule: str = "cosine"         # cosine (per step) | albef | blip (as their pre-training
+                                     # code steps it) | epoch_cosine (BLIP's fine-tuning); lr_at
+    warmup_steps: int = 50           # cosine: linear warmup from 0, then cosine to min_lr;
+                                     # albef, blip: the warmup's iterations in epoch 0
+    warmup_lr: float = 0.0           # albef, blip: the lr the warmup starts from
+    lr_decay_rate: float = 0.9       # blip: lr * lr_decay_rate ** epoch after epoch 0
+    alpha: float = 0.4               # distillation weight, ramped up over the first epochs
+    alpha_ramp_epochs: float = 1.0   # epochs of alpha's linear ramp from 0 (ALBEF 1, BLIP 2;
+                                     # 0 = none)
     grad_clip: float = 0.0           # 0 = off
     amp: str = "auto"                # auto (bf16 or fp16 on GPU, off on CPU) | bf16 | fp16 | off
     # run
@@ -55,6 +64,16 @@ class RunConfig:
                                      # entry replaces it) and logged; the run stops once more than
                                      # this fraction of the entries were skipped ...
     bad_images_floor: int = 20       # ... and more than this many
+
+    def __post_init__(self):
+        if self.decay not in ("matrices", "albef", "all"):
+            raise ValueError(f"decay {self.decay!r} is not one of matrices, albef, all")
+        if self.schedule not in ("cosine", "albef", "blip", "epoch_cosine"):
+            raise ValueError(f"schedule {self.schedule!r} is not one of cosine, albef, blip, "
+                             f"epoch_cosine")
+        if self.schedule == "albef" and self.warmup_steps % ALBEF_LR_STAIR:
+            raise ValueError(f"warmup_steps {self.warmup_steps}: the albef schedule warms up in "
+                             f"stairs of {ALBEF_LR_STAIR} iterations, so it must be a multiple")
 
 
 # flags that may differ from the checkpoint's config when a run resumes: they change neither
@@ -118,20 +137,82 @@ def autocast_and_scaler(amp: str, device: torch.device):
 
 
 # ---- optimizer and schedule -------------------------------------------------------------
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
-    """AdamW; weight decay on matrices only (not on biases, norms, the temperature)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+def decayed(name: str, p: torch.Tensor, decay: str) -> bool:
+    """Whether weight decay acts on parameter `name`: matrices: 2-D and up (not biases, norms,
+    the temperature); albef: ALBEF's rule (optim/optim_factory.py), all but 1-D parameters and
+    those named *.bias, so the 0-d temperature, pos_embed and cls_token decay; all: BLIP's
+    AdamW over model.parameters()."""
+    if decay == "matrices":
+        return p.dim() >= 2
+    if decay == "albef":
+        return p.dim() != 1 and not name.endswith(".bias")
+    return True
 
 
-def lr_at(step: int, total: int, run: RunConfig) -> float:
-    """Linear warmup, then cosine decay from lr to min_lr."""
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                    decay: str = "matrices"):
+    """AdamW; weight decay on the parameters `decayed` picks, none on the rest."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if decayed(n, p, decay)],
+               "weight_decay": weight_decay},
+              {"params": [p for n, p in params if not decayed(n, p, decay)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999))
+
+
+ALBEF_LR_STAIR = 100    # ALBEF's pre-training steps its scheduler every 100 iterations of warmup
+
+
+def timm_cosine(t: int, run: RunConfig) -> float:
+    """The lr of timm's CosineLRScheduler at t (ALBEF's scheduler/cosine_lr.py with
+    t_initial = epochs, warmup_t = warmup_steps / 100, one cycle): linear from warmup_lr to lr
+    over the warmup, then a cosine from lr to min_lr over `epochs` units, min_lr after."""
+    warmup_t = run.warmup_steps // ALBEF_LR_STAIR
+    if t < warmup_t:
+        return run.warmup_lr + t * (run.lr - run.warmup_lr) / warmup_t
+    t -= warmup_t
+    if t >= run.epochs:
+        return run.min_lr
+    return run.min_lr + 0.5 * (run.lr - run.min_lr) * (1 + math.cos(math.pi * t / run.epochs))
+
+
+def lr_at(step: int, steps_per_epoch: int, run: RunConfig) -> float:
+    """The learning rate of optimizer step `step` (from 0), by run.schedule:
+    cosine: linear warmup from 0 over warmup_steps, then a cosine from lr to min_lr at the end.
+    albef: as ALBEF's Pretrain.py steps timm's cosine scheduler: in epoch 0, to t = i // 100
+      after each iteration i = 0, 100, ... <= warmup_steps, so iteration i runs at
+      t = (i - 1) // 100 (warmup_lr before the first step); at the start of epoch e >= 1, to
+      t = e + warmup_steps / 100: one cosine value per epoch.
+    blip: as BLIP's pretrain.py: in epoch 0, min(lr, warmup_lr + (lr - warmup_lr) * i /
+      warmup_steps) at iteration i; from epoch e >= 1, max(min_lr, lr * lr_decay_rate ** e).
+    epoch_cosine: as BLIP's fine-tuning (cosine_lr_schedule at the start of each epoch in
+      train_retrieval.py, train_caption.py): min_lr + (lr - min_lr)(1 + cos(pi e / epochs)) / 2
+      for all of epoch e, no warmup. ALBEF fine-tunes with albef, as its pre-training."""
+    epoch, i = divmod(step, steps_per_epoch)
+    if run.schedule == "albef":
+        if epoch > 0:
+            return timm_cosine(epoch + run.warmup_steps // ALBEF_LR_STAIR, run)
+        return timm_cosine(min(max(0, (i - 1) // ALBEF_LR_STAIR),
+                               run.warmup_steps // ALBEF_LR_STAIR), run)
+    if run.schedule == "blip":
+        if epoch == 0 and i < run.warmup_steps:
+            return min(run.lr, run.warmup_lr + (run.lr - run.warmup_lr) * i / run.warmup_steps)
+        return max(run.min_lr, run.lr * run.lr_decay_rate ** epoch)
+    if run.schedule == "epoch_cosine":
+        return run.min_lr + 0.5 * (run.lr - run.min_lr) * (1 + math.cos(math.pi * epoch / run.epochs))
+    total = steps_per_epoch * run.epochs
     if step < run.warmup_steps:
         return run.lr * (step + 1) / run.warmup_steps
     t = (step - run.warmup_steps) / max(1, total - run.warmup_steps)
     return run.min_lr + 0.5 * (run.lr - run.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def alpha_at(step: int, steps_per_epoch: int, run: RunConfig) -> float:
+    """The distillation weight: alpha, ramped up linearly from 0 over the first
+    alpha_ramp_epochs epochs (ALBEF: alpha * min(1, i / len) in epoch 0; BLIP:
+    alpha * min(1, step / (2 len)))."""
+    if run.alpha_ramp_epochs <= 0:
+        return run.alpha
+    return run.alpha * min(1.0, step / (run.alpha_ramp_epochs * steps_per_epoch))
 
 
 # ---- checkpoints and log ----------------------------------------------------------------
@@ -263,7 +344,7 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
                          f"processes")
     total_steps = steps_per_epoch * run.epochs
     stop_step = min(total_steps, run.max_steps) if run.max_steps else total_steps
-    optimizer = build_optimizer(model, run.lr, run.weight_decay)
+    optimizer = build_optimizer(model, run.lr, run.weight_decay, run.decay)
     autocast, scaler = autocast_and_scaler(run.amp, device)
     step = 0
     # entries skipped for an unreadable image, {dataset index: message}, over the whole run
@@ -359,7 +440,7 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
             ckpt = None
         batches = iter(loader)
         for _ in range(in_epoch, min(steps_per_epoch, in_epoch + stop_step - step)):
-            lr = lr_at(step, total_steps, run)
+            lr = lr_at(step, steps_per_epoch, run)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             sums = {}

@@ -130,11 +130,11 @@ def vqa_collate(batch):
 class Captioner(nn.Module):
     """Image i (a vector of i's) is captioned "a <word i>" greedily, "<word i> a" by beam search."""
 
-    def greedy(self, images, max_new_tokens):
+    def greedy(self, images, **limits):
         return torch.stack([torch.zeros_like(images[:, 0]), images[:, 0] + 2], 1).long(), None
 
-    def beam_search(self, images, beam, max_new_tokens, length_penalty):
-        return self.greedy(images, max_new_tokens)[0].flip(1), None
+    def beam_search(self, images, beam, **limits):
+        return self.greedy(images)[0].flip(1), None
 
 
 def loop_results():
@@ -149,7 +149,7 @@ def loop_results():
                       question_ids=list(range(11)), items=[{"answers": ["no"]}] * 11)
     vqa_scores, answers = evaluate_vqa(Answerer(), vqa, vqa_collate, "cpu", batch_size=4)
     caption = Samples([(torch.full((3,), float(i)), i) for i in range(11)],
-                          references=[["a cube"]] * 11)
+                          raw_references=[["a cube"]] * 11)
     tokenizer = type("Words", (), {"decode": lambda self, ids: " ".join(
         ("a", "?", *map(str, range(11)))[i] for i in ids.tolist())})()
     caption_scores, captions = evaluate_caption(Captioner(), caption, tokenizer, "cpu",

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import bench_data
+import train_pretrain
 from test_train_pretrain import ROOT
 
 
@@ -35,6 +36,12 @@ def test_loading_reports_images_per_s_beside_the_gpu(tmp_path, capsys):
     assert 80 < report["jpeg_kb"] < 200                        # a web photo's file size
     assert report["gpu_images_per_s"]["4.0M images"] == pytest.approx(32.2, abs=0.05)
     assert "one GPU in ELIP's ALBEF pre-training: 32.2 images/s" in capsys.readouterr().out
+
+
+def test_loading_follows_the_albef_preset():
+    albef, cfg = train_pretrain.PRESETS["albef"], bench_data.LoadingConfig()
+    assert (cfg.img_size, tuple(cfg.crop_scale), cfg.randaug_n, cfg.randaug_m) == (
+        albef["img_size"], albef["crop_scale"], albef["randaug_n"], albef["randaug_m"])
 
 
 def test_help_and_bad_flags():

@@ -172,3 +172,55 @@ def test_init_std_sets_the_random_weights():
         for w in (m.visual_encoder.blocks[0].attn.qkv.weight,
                   m.text_encoder.encoder.layer[0].attention.self.query.weight):
             assert abs(w.std().item() - std) < 0.1 * std
+
+
+def negatives_on_two_ranks(rank, store):
+    """One of two gloo ranks (torch.multiprocessing.spawn): BLIP's negatives from every rank."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=2)
+    torch.manual_seed(rank)
+    B, T, other = 3, 4 + rank, 1 - rank           # the ranks pad their texts to other lengths
+    m = tiny(losses=("itc", "itm"), negative_all_rank=True, max_len=8, queue_size=0)
+    D = m.cfg.text_width
+    with torch.no_grad():
+        m.temp.fill_(0.001)
+    # every sample's text and image lie along the other rank's image and text: the softmax puts
+    # all weight on the other rank (the local candidates are e^-1000 behind)
+    e = torch.eye(16)
+    image_feat, text_feat = e[[other] * B], e[[rank] * B]
+    image_embeds = torch.randn(B, 17, D, requires_grad=True)
+    text_embeds = torch.randn(B, T, D, requires_grad=True)
+    ids, mask = torch.randint(5, 40, (B, T)), torch.ones(B, T, dtype=torch.long)
+    idx = torch.arange(B) + 10 * rank
+    image_neg, text_neg, ids_neg, mask_neg, (neg_image, neg_text) = m.itm_negatives(
+        image_embeds, text_embeds, ids, mask, image_feat, text_feat, idx)
+    # rows of the gathered candidates: rank 0's are 0..B-1, rank 1's B..2B-1
+    assert all(r // B == other for r in neg_image.tolist() + neg_text.tolist()), (neg_image, neg_text)
+    # the embeddings come from the other rank, the texts padded to max_len
+    everything = [torch.empty(B, 17, D) for _ in range(2)]
+    torch.distributed.all_gather(everything, image_embeds.detach())
+    assert torch.equal(image_neg, everything[other][neg_image - other * B])
+    assert text_neg.shape == (B, 8, D) and ids_neg.shape == mask_neg.shape == (B, 8)
+    assert (mask_neg.sum(1) == 4 + other).all()
+    # gradients flow back to the rank that owns the row: each of my rows gets 1 per time the
+    # other rank drew it
+    (image_neg.sum() + text_neg.sum()).backward()
+    drawn = [torch.empty(B, dtype=torch.long) for _ in range(2)]
+    torch.distributed.all_gather(drawn, neg_image)
+    times = torch.bincount(drawn[other] - rank * B, minlength=B).float()         # (B,)
+    assert torch.equal(image_embeds.grad, times[:, None, None].expand(B, 17, D))
+    torch.distributed.all_gather(drawn, neg_text)
+    times = torch.bincount(drawn[other] - rank * B, minlength=B).float()
+    assert torch.equal(text_embeds.grad, times[:, None, None].expand(B, T, D))
+    # and the whole ITM loss runs on the padded batch
+    image_embeds.grad = None
+    m.itm_loss(image_embeds, text_embeds, ids, mask, image_feat, text_feat, idx).backward()
+    assert image_embeds.grad.abs().sum() > 0
+    torch.distributed.destroy_process_group()
+
+
+def test_itm_negatives_from_every_rank_with_gradient(tmp_path):
+    """negative_all_rank (BLIP's COCO retrieval): on two gloo ranks, every negative is drawn
+    from the other rank when the similarities say so, and the loss's gradient reaches that
+    rank's embeddings (BLIP's GatherLayer)."""
+    torch.multiprocessing.spawn(negatives_on_two_ranks, args=(str(tmp_path / "store"),), nprocs=2)

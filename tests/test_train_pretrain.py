@@ -73,6 +73,21 @@ def test_resume_gives_the_same_parameters(tmp_path):
     assert logged_steps(a) == list(range(1, 6))                               # starts a new log
 
 
+@pytest.mark.parametrize("preset, lrs", [("albef", [1e-5, 1e-5, 1e-5]),     # t = 0 for now
+                                         ("blip", [1e-6 + i * 99e-6 / 100 for i in range(3)])])
+def test_paper_presets_train_at_small_width(tmp_path, preset, lrs):
+    """The albef and blip presets' whole pipeline (RandAugment, their schedules, weight decay
+    groups, caption cleaning, padding) at a small width, 3 steps, warmup over 100 iterations."""
+    out = str(tmp_path / preset)
+    train_pretrain.main(["--preset", preset, *SMALL, "--warmup_steps", "100", "--text_mlp", "64",
+                         "--num_workers", "0", "--out_dir", out, "--max_steps", "3",
+                         "--world_train", "12"])
+    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl")) if '"step"' in l]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    assert [r["lr"] for r in recs] == pytest.approx(lrs, rel=1e-12)
+
+
 def test_ddp_two_ranks_stay_identical(tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
