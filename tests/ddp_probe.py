@@ -4,7 +4,8 @@
                                             each rank drew; once straight to 6 steps, once to 3
                                             steps and then resumed to 6 (the generators moved on
                                             in between): OUT_DIR/{straight,resumed}/, in each
-                                            draws_<rank>.json
+                                            draws_<rank>.json; then a run whose loader fails on
+                                            rank 1: OUT_DIR/failing/stopped_<rank>.txt
     python ddp_probe.py eval CKPT OUT       eval.evaluate_retrieval of a train_pretrain.py
                                             checkpoint on the world's test split, and the other
                                             loops on stand-in models; OUT_<rank>.json
@@ -31,12 +32,19 @@ SAMPLES = 32
 
 
 class Draws(torch.utils.data.Dataset):
-    """Sample i: its index and a draw of torch's generator, like a flip or a crop."""
+    """Sample i: its index and a draw of torch's generator, like a flip or a crop. With `fail`,
+    the ninth sample read raises an error that is not an unreadable image."""
+
+    def __init__(self, fail=False):
+        self.fail, self.reads = fail, 0
 
     def __len__(self):
         return SAMPLES
 
     def __getitem__(self, i):
+        self.reads += 1
+        if self.fail and self.reads == 9:
+            raise ValueError(f"broken sample {i}")
         return torch.tensor(float(i)), torch.rand(())
 
 
@@ -49,7 +57,7 @@ def toy_model():
     return nn.Sequential(nn.Linear(2, 16), nn.Dropout(0.5), nn.Linear(16, 1))
 
 
-def fit_run(out_dir, max_steps, rank, world_size, device, ckpt=None):
+def fit_run(out_dir, max_steps, rank, world_size, device, ckpt=None, fail=False):
     """fit for max_steps; returns {step: {"index", "augment", "in_step"}} of this rank."""
     cfg = ProbeConfig(RunConfig(batch_size=4, epochs=2, max_steps=max_steps, lr=1e-2,
                                 warmup_steps=1, log_every=1, out_dir=out_dir))
@@ -66,7 +74,7 @@ def fit_run(out_dir, max_steps, rank, world_size, device, ckpt=None):
         x = torch.stack([augment, in_step], 1)                                     # (B, 2)
         return {"loss": (m(x).squeeze(1) - index / SAMPLES).pow(2).mean()}
 
-    fit(cfg, model, Draws(), torch.utils.data.default_collate, loss_fn, device, rank,
+    fit(cfg, model, Draws(fail), torch.utils.data.default_collate, loss_fn, device, rank,
         world_size, lambda msg: None, ckpt)
     return draws
 
@@ -84,6 +92,12 @@ def fit_main(out):
     for name, d in (("straight", straight), ("resumed", draws)):
         with open(os.path.join(out, name, f"draws_{rank}.json"), "w") as f:
             json.dump(d, f)
+    # rank 1's loader fails in step 3: every rank stops there with the message, none waits
+    try:
+        fit_run(os.path.join(out, "failing"), 6, rank, world_size, device, fail=rank == 1)
+    except SystemExit as e:
+        with open(os.path.join(out, "failing", f"stopped_{rank}.txt"), "w") as f:
+            f.write(str(e))
     cleanup_distributed(world_size)
 
 

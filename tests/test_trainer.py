@@ -1,8 +1,8 @@
 """trainer.py: the fine-tuning learning-rate schedules (trainer.lr_at) against the official code
 that they follow: ALBEF's fine-tuning scripts stepping timm's cosine scheduler, BLIP's per-epoch
 cosine. Under 2 gloo ranks (torchrun), each rank draws its own random stream while the sampler's
-shuffle is shared, and a resumed run continues exactly (ddp_probe.py fit); the skipping of
-unreadable entries."""
+shuffle is shared, a resumed run continues exactly, and a loader failing on one rank stops
+them all (ddp_probe.py fit); the skipping of unreadable entries."""
 import json
 import math
 import os
@@ -98,6 +98,12 @@ def test_two_ranks_own_streams_shared_shuffle_exact_resume(tmp_path):
     for step in range(1, 7):
         for key in ("augment", "in_step"):
             assert straight[0][step][key] != straight[1][step][key], (step, key)
+    # a loader failing on rank 1 stops both ranks at the same step, with its message
+    for rank in (0, 1):
+        stopped = (tmp_path / "failing" / f"stopped_{rank}.txt").read_text()
+        assert "data loading failed on rank 1: ValueError: broken sample" in stopped
+    logged = [json.loads(line) for line in open(tmp_path / "failing" / "log.jsonl")]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2]
 
 
 class Flaky(torch.utils.data.Dataset):
