@@ -10,15 +10,21 @@ list. The embedded world (world.py) plugs into the same classes: its entries nam
     loader = DataLoader(dataset, batch_size=32, collate_fn=make_collate(tokenizer, 30))
 
 gives the same batches as real COCO files would, only smaller. Nothing is skipped silently: a
-malformed entry, an empty caption or a missing image is an error that names the JSON file and
-the index of the entry.
+malformed entry, an empty caption or a missing image (checked at construction unless
+check_images=False) is an error that names the JSON file and the index of the entry, and so is
+an image that cannot be read when loaded (OSError); the training loop (trainer.fit) skips such
+an entry, names it in its log, and stops past a limit.
 """
 
+import bisect
 import json
 import math
 import os
+import pickle
 import re
+from array import array
 from collections import Counter
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -93,7 +99,9 @@ def load_image(path, image_root=None):
     try:
         with Image.open(full) as image:
             return image.convert("RGB")
-    except OSError as e:   # PIL's UnidentifiedImageError and truncated files are OSErrors
+    # unreadable, truncated and empty files raise OSError (UnidentifiedImageError among them);
+    # a few decoders raise the others on corrupt data
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise OSError(f"cannot read image {full}: {e}") from e
 
 
@@ -198,12 +206,12 @@ def _texts(entry, key, clean, max_words):
 
 
 def _read(source):
-    """Yield (entry, "<file>, entry <index>") from a JSON path, a list of them, or a list of
-    entries (then named "<entries>")."""
+    """Yield (name, list of entries) per JSON file of `source`: a path, a list of paths, or a list
+    of entries (one list, named "<entries>")."""
     if isinstance(source, (str, os.PathLike)):
         source = [source]
     if not all(isinstance(s, (str, os.PathLike)) for s in source):
-        yield from ((e, f"<entries>, entry {i}") for i, e in enumerate(source))
+        yield "<entries>", source
         return
     for file in source:
         with open(file, encoding="utf-8") as f:
@@ -214,41 +222,92 @@ def _read(source):
         if not isinstance(entries, list):
             raise ValueError(f"{file}: expected a JSON list of entries, "
                              f"got {type(entries).__name__}")
-        yield from ((e, f"{file}, entry {i}") for i, e in enumerate(entries))
+        yield str(file), entries
+
+
+class PackedList(Sequence):
+    """A read-only list of small records (the parsed entries), each pickled into one growing
+    buffer, found by its offset. A DataLoader worker forked from the main process shares these
+    pages for good: reading record i unpickles a fresh copy and writes nothing stored. A list of
+    dicts instead is copied into every worker page by page, as reading it updates reference
+    counts and the garbage collector walks it (a million entries: hundreds of MB per worker)."""
+
+    def __init__(self):
+        self.buffer, self.offsets = bytearray(), array("q", [0])
+
+    def append(self, record):
+        self.buffer += pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+        self.offsets.append(len(self.buffer))
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} records")
+        i %= len(self)
+        return pickle.loads(memoryview(self.buffer)[self.offsets[i]:self.offsets[i + 1]])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 class JSONDataset(Dataset):
     """The shared base: reads and validates every entry at construction (self.parse, per
-    dataset), checks that image files exist, loads and transforms images, and mirrors an image
-    together with its text when `flip` (p=0.5). Errors name the JSON file and the entry index.
+    dataset), checks that image files exist (if check_images; see missing_images), loads and
+    transforms images, and mirrors an image together with its text when `flip` (p=0.5). Errors
+    name the JSON file and the entry index.
     source: a JSON path, a list of paths (concatenated), or a list of entries ("<entries>")."""
 
     swap_words = True   # a mirrored image's texts swap left and right
 
     def __init__(self, source, image_root, transform, flip, check_images):
         self.image_root, self.transform, self.flip = image_root, transform, flip
-        self.items, self.origins = [], []
-        for entry, where in _read(source):
-            try:
-                if not isinstance(entry, dict):
-                    raise ValueError(f"expected a JSON object, got {type(entry).__name__}")
-                item = self.parse(entry)
-                for path in item["images"]:
-                    if path.startswith("world:"):
-                        world.parse_world_path(path)   # rendered on load: only the name can be wrong
-                    elif check_images:
-                        full = os.path.join(image_root, path) if image_root else path
-                        if not os.path.isfile(full):
-                            raise FileNotFoundError(f"image not found: {full}")
-            except (ValueError, FileNotFoundError) as e:
-                raise type(e)(f"{where}: {e}") from None
-            self.items.append(item)
-            self.origins.append(where)
+        # entries packed (PackedList), and each file's name with the index of its first entry,
+        # so that a corpus of millions of entries costs no Python object per entry
+        self.items, self.files = PackedList(), []
+        for name, entries in _read(source):
+            self.files.append((name, len(self.items)))
+            for k, entry in enumerate(entries):
+                try:
+                    if not isinstance(entry, dict):
+                        raise ValueError(f"expected a JSON object, got {type(entry).__name__}")
+                    item = self.parse(entry)
+                    for path in item["images"]:
+                        if path.startswith("world:"):
+                            world.parse_world_path(path)   # rendered on load: only the name can be wrong
+                except ValueError as e:
+                    raise ValueError(f"{name}, entry {k}: {e}") from None
+                self.items.append(item)
         if not self.items:
             raise ValueError("the dataset has no entries")
+        if check_images:
+            missing, first = self.missing_images()
+            if missing:
+                raise FileNotFoundError(first[0] + (f" (and {missing - 1} more images are "
+                                                    f"missing)" if missing > 1 else ""))
 
     def __len__(self):
         return len(self.items)
+
+    def origin(self, i):
+        """"<file>, entry <index in that file>" of entry i."""
+        name, first = self.files[bisect.bisect_right([f for _, f in self.files], i) - 1]
+        return f"{name}, entry {i - first}"
+
+    def missing_images(self, rank=0, world_size=1, keep=5):
+        """(how many, the first `keep` messages) of the entries i = rank, rank + world_size, ...
+        whose image files do not exist: under DDP each rank checks its share of a corpus of
+        millions of files, and the ranks then add up their counts."""
+        count, first = 0, []
+        for i in range(rank, len(self), world_size):
+            for path in self.items[i]["images"]:
+                full = os.path.join(self.image_root, path) if self.image_root else path
+                if not path.startswith("world:") and not os.path.isfile(full):
+                    count += 1
+                    if len(first) < keep:
+                        first.append(f"{self.origin(i)}: image not found: {full}")
+        return count, first
 
     def load(self, i, *texts):
         """The transformed image(s) of entry i and `texts`; on a coin flip (if self.flip) the
@@ -260,7 +319,7 @@ class JSONDataset(Dataset):
             try:
                 image = load_image(path, self.image_root)
             except (OSError, ValueError) as e:
-                raise type(e)(f"{self.origins[i]}: {e}") from e
+                raise type(e)(f"{self.origin(i)}: {e}") from e
             image = ImageOps.mirror(image) if flip else image
             images.append(self.transform(image) if self.transform else image)
         return images, [swap_left_right(t) if flip and self.swap_words else t for t in texts]

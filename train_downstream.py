@@ -235,21 +235,23 @@ def main(argv=None):
         train_time = fit(cfg, model, train_set, train_collate, loss_fn, device, rank, world_size,
                          log, ckpt, extra_state=extra, desc=cfg.task)
 
+    # every rank evaluates its share of each test set (eval.py); rank 0 writes the results
+    files, predictions = {}, {}
+    for name, test_set in test_sets.items():
+        t0 = time.time()
+        scores, baseline, kind, preds = evaluate_task(cfg, model, train_set, test_set,
+                                                      test_collate, tok, device, log)
+        files[name] = {"metrics": scores, "baseline": baseline, "baseline_kind": kind,
+                       "test_samples": len(test_set), "eval_seconds": time.time() - t0}
+        if preds is not None:
+            predictions[name] = preds
+        log(f"{cfg.task} {name}: {json.dumps({k: v for k, v in scores.items() if k != 'itc'})}"
+            f"; baseline ({kind}): {json.dumps(baseline)}")
     if master:
         os.makedirs(cfg.run.out_dir, exist_ok=True)
-        files, predictions = {}, {}
-        for name, test_set in test_sets.items():
-            t0 = time.time()
-            scores, baseline, kind, preds = evaluate_task(cfg, model, train_set, test_set,
-                                                          test_collate, tok, device, log)
-            files[name] = {"metrics": scores, "baseline": baseline, "baseline_kind": kind,
-                           "test_samples": len(test_set), "eval_seconds": time.time() - t0}
-            if preds is not None:
-                predictions[name] = preds
-            log_json(cfg.run.out_dir, {"task": cfg.task, "test_file": name, "metrics": scores,
-                                       "baseline": baseline})
-            log(f"{cfg.task} {name}: {json.dumps({k: v for k, v in scores.items() if k != 'itc'})}"
-                f"; baseline ({kind}): {json.dumps(baseline)}")
+        for name, f in files.items():
+            log_json(cfg.run.out_dir, {"task": cfg.task, "test_file": name,
+                                       "metrics": f["metrics"], "baseline": f["baseline"]})
         rec = {"task": cfg.task, "evaluate_only": cfg.evaluate, "test": files,
                "train_seconds": train_time, "train_samples": len(train_set) if train_set else 0,
                "prune": dataclasses.asdict(mc.prune), "img_size": mc.img_size,

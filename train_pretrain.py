@@ -31,8 +31,8 @@ from model import ELIPModel, ModelConfig
 from pruning import token_counts
 from text_encoder import load_bert_weights
 from tokenizer import BLIP_TOKENS, Tokenizer
-from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, log_json, resume_config,
-                     seed_everything, setup_distributed)
+from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, gather_objects, log_json,
+                     resume_config, seed_everything, setup_distributed)
 from vit import load_vit_weights
 
 
@@ -42,6 +42,9 @@ class TrainConfig:
     # data: ALBEF-format JSON files; none given = the embedded world (no download)
     train_files: tuple[str, ...] = ()
     image_root: str = ""             # image paths in the JSON files are relative to this
+    check_images: bool = True        # check that every image file exists before training (the
+                                     # ranks split the files); false: a missing one is skipped
+                                     # when read, like an unreadable one (--max_bad_images)
     world_seed: int = 0
     world_train: int = 6000          # scenes in the embedded world's train split
     world_test: int = 200            # scenes in its test split (zero-shot retrieval at the end)
@@ -118,7 +121,7 @@ def init_weights(model, init_vit, init_bert, log):
 def main(argv=None):
     cfg, given = parse_config(TrainConfig(), sys.argv[1:] if argv is None else argv, PRESETS,
                               doc=__doc__)
-    cfg, ckpt = resume_config(cfg, given)
+    cfg, ckpt = resume_config(cfg, given, safe=("check_images",))
     rank, world_size, device = setup_distributed(cfg.run.dist_timeout)
     master = rank == 0
     log = tqdm.write if master else (lambda msg: None)
@@ -140,9 +143,16 @@ def main(argv=None):
         clean = data.pre_caption_blip if cfg.caption_style == "blip" else data.pre_caption
         train_set = data.PretrainDataset(source, cfg.image_root or None, transform,
                                          max_words=cfg.max_words, clean=clean,
-                                         swap_words=cfg.swap_left_right)
+                                         swap_words=cfg.swap_left_right, check_images=False)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    if cfg.check_images:
+        # millions of files: each rank checks its share, and every rank learns the total
+        found = gather_objects(train_set.missing_images(rank, world_size), world_size)
+        missing, first = sum(n for n, _ in found), [m for _, ms in found for m in ms]
+        if missing:
+            raise SystemExit(f"error: {missing} image files do not exist: {'; '.join(first)}"
+                             + (" ..." if missing > len(first) else ""))
 
     # model
     model = ELIPModel(mc).to(device)
@@ -166,23 +176,25 @@ def main(argv=None):
                      extra_state={"vocab": tok.vocab}, log_extra={"stage_tokens": stage_tokens},
                      desc="pretrain")
 
-    # zero-shot retrieval on the embedded world's held-out split (only for the default data)
-    if master and not cfg.train_files and cfg.world_test > 0:
+    # zero-shot retrieval on the embedded world's held-out split (only for the default data);
+    # under DDP every rank embeds and re-ranks its share (eval.py), rank 0 reports
+    if not cfg.train_files and cfg.world_test > 0:
         test_set = data.RetrievalEvalDataset(
             world.world_entries("retrieval", "test", cfg.world_test, cfg.world_seed), None,
             data.create_transform(mc.img_size, train=False))
         scores = evaluation.evaluate_retrieval(model, test_set, tok, device, k=cfg.eval_k,
                                                max_len=mc.max_len)
-        chance = metrics.chance_recall(test_set.img2txt)
-        rec = {"zero_shot_retrieval": scores, "chance": chance, "train_seconds": train_time,
-               "prune_method": mc.prune.method}
-        log_json(cfg.run.out_dir, rec)
-        log(metrics.format_recall(scores, chance, f"zero-shot retrieval, world test split "
-                                  f"({len(test_set)} images, prune={mc.prune.method}), "
-                                  f"ITM re-ranking of the top {cfg.eval_k}"))
-        log(metrics.format_recall(scores["itc"], None, "ITC only"))
-        with open(os.path.join(cfg.run.out_dir, "zero_shot.json"), "w") as f:
-            json.dump(rec, f, indent=1)
+        if master:
+            chance = metrics.chance_recall(test_set.img2txt)
+            rec = {"zero_shot_retrieval": scores, "chance": chance, "train_seconds": train_time,
+                   "prune_method": mc.prune.method}
+            log_json(cfg.run.out_dir, rec)
+            log(metrics.format_recall(scores, chance, f"zero-shot retrieval, world test split "
+                                      f"({len(test_set)} images, prune={mc.prune.method}), "
+                                      f"ITM re-ranking of the top {cfg.eval_k}"))
+            log(metrics.format_recall(scores["itc"], None, "ITC only"))
+            with open(os.path.join(cfg.run.out_dir, "zero_shot.json"), "w") as f:
+                json.dump(rec, f, indent=1)
     cleanup_distributed(world_size)
 
 

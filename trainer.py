@@ -14,13 +14,15 @@ import math
 import os
 import random
 import time
+import traceback
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from config import config_from_dict
@@ -58,6 +60,10 @@ class RunConfig:
     seed: int = 0                    # rank r seeds its generators with seed + r
     threads: int = 0                 # torch.set_num_threads on CPU (0 = leave torch's default)
     dist_timeout: int = 60           # minutes a collective may wait for the other ranks
+    max_bad_images: float = 0.001    # an entry whose image cannot be read is skipped (the next
+                                     # entry replaces it) and logged; the run stops once more than
+                                     # this fraction of the entries were skipped ...
+    bad_images_floor: int = 20       # ... and more than this many
 
     def __post_init__(self):
         if self.decay not in ("matrices", "albef", "all"):
@@ -73,7 +79,8 @@ class RunConfig:
 # flags that may differ from the checkpoint's config when a run resumes: they change neither
 # the model nor the optimisation
 SAFE_ON_RESUME = ("run.resume", "run.max_steps", "run.threads", "run.num_workers",
-                  "run.log_every", "run.ckpt_every", "run.dist_timeout")
+                  "run.log_every", "run.ckpt_every", "run.dist_timeout", "run.max_bad_images",
+                  "run.bad_images_floor")
 
 
 # ---- distributed, seeds, precision ------------------------------------------------------
@@ -97,6 +104,15 @@ def cleanup_distributed(world: int):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def gather_objects(obj, world: int) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] in a single process."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def seed_everything(seed: int, rank: int):
@@ -275,6 +291,38 @@ def params_fingerprint(model: torch.nn.Module) -> torch.Tensor:
     return torch.stack([flat.sum(), (flat * weights).sum()])
 
 
+# ---- unreadable images --------------------------------------------------------------------
+class SkipUnreadable(Dataset):
+    """dataset[i], or, if its image cannot be read (the dataset raises OSError: unreadable,
+    truncated, empty or missing file), the next entry's, and so on: returns (sample, [(index,
+    message) of each entry skipped]). The skipped entries travel with the sample, so they reach
+    the main process from DataLoader workers too. After `max_tries` unreadable entries in a row
+    the sample is None: fit stops the run then, as the limit is passed."""
+
+    def __init__(self, dataset, max_tries: int):
+        self.dataset, self.max_tries = dataset, min(max_tries, len(dataset))
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        skipped = []
+        for j in range(i, i + self.max_tries):
+            j %= len(self.dataset)
+            try:
+                return self.dataset[j], skipped
+            except OSError as e:
+                skipped.append((j, str(e)))
+        return None, skipped
+
+
+def collate_skipping(batch, collate):
+    """(collate(samples), the entries skipped to get them); (None, ...) if a sample is None."""
+    samples, skipped = zip(*batch)
+    batch = None if any(s is None for s in samples) else collate(list(samples))
+    return batch, [s for ss in skipped for s in ss]
+
+
 # ---- the loop ---------------------------------------------------------------------------
 def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=None,
         extra_state=None, log_extra=None, desc="train", after_step=None):
@@ -282,8 +330,10 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
     in every checkpoint. loss_fn(model, batch, step, steps_per_epoch) -> dict of scalar tensors,
     "loss" among them; after_step(), if given, runs once after each optimizer step (the
     momentum encoders' update). Resumes from `ckpt` (a loaded checkpoint) when given; writes
-    out_dir/checkpoint.pt every ckpt_every steps and at the end, extra_state inside.
-    Returns the training time in seconds."""
+    out_dir/checkpoint.pt every ckpt_every steps and at the end, extra_state inside. An entry
+    whose image cannot be read is replaced by the next one (SkipUnreadable) and named in the
+    log; past run.max_bad_images every rank stops at the same micro-batch with an error naming
+    the last ones. Returns the training time in seconds."""
     run, master = cfg.run, rank == 0
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=run.seed, drop_last=True)
     per_step = run.batch_size * run.grad_accum
@@ -297,6 +347,9 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
     optimizer = build_optimizer(model, run.lr, run.weight_decay, run.decay)
     autocast, scaler = autocast_and_scaler(run.amp, device)
     step = 0
+    # entries skipped for an unreadable image, {dataset index: message}, over the whole run
+    skip_limit = max(run.bad_images_floor, int(run.max_bad_images * len(train_set)))
+    skipped = {}
     if ckpt is not None:
         if ckpt["world_size"] != world:
             raise SystemExit(f"error: the checkpoint was written by {ckpt['world_size']} "
@@ -306,6 +359,7 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
+        skipped = dict(ckpt.get("skipped_images", []))
         log(f"resumed from step {step}")
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     broadcast_buffers=False) if world > 1 else model   # queues agree by all_gather
@@ -333,7 +387,37 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
             save_checkpoint(os.path.join(run.out_dir, "checkpoint.pt"), model=model.state_dict(),
                             optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                             config=dataclasses.asdict(cfg), step=step, rng=rngs,
-                            world_size=world, **(extra_state or {}))
+                            world_size=world, skipped_images=list(skipped.items()),
+                            **(extra_state or {}))
+
+    def note_skipped(new, failure):
+        """Every rank learns every rank's skipped entries (and whether a loader failed) before
+        the micro-batch's forward, so that all ranks stop at the same step or none does."""
+        counts = torch.tensor([len(new), failure is not None], device=device)
+        if world > 1:
+            dist.all_reduce(counts)
+        if not counts.any():
+            return
+        reports = gather_objects((new, failure), world)
+        failures = [f for _, f in reports if f]
+        if failures:
+            raise SystemExit(f"error: data loading failed on {'; '.join(failures)}")
+        fresh = []
+        for index, message in (x for new, _ in reports for x in new):
+            if index not in skipped:
+                skipped[index] = message
+                fresh.append(message)
+                log(f"skipped an entry: {message}")
+        if master and fresh:
+            log_json(run.out_dir, {"step": step + 1, "skipped": fresh,
+                                   "skipped_total": len(skipped)})
+        if len(skipped) > skip_limit or len(skipped) == len(train_set):
+            last = "; ".join(list(skipped.values())[-5:])
+            raise SystemExit(f"error: {len(skipped)} of the {len(train_set)} training entries "
+                             f"have an image that cannot be read, more than the limit of "
+                             f"{skip_limit} (--max_bad_images {run.max_bad_images} of the "
+                             f"entries, at least --bad_images_floor {run.bad_images_floor}); "
+                             f"the last: {last}")
 
     # the sampler's order is fixed by (seed, epoch), so a resumed run skips the batches already
     # seen and, with the saved RNG states restored, continues exactly (with num_workers = 0)
@@ -346,9 +430,11 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
         order = list(sampler)[in_epoch * per_step:]
         # worker seeds differ per rank and per epoch
         generator = torch.Generator().manual_seed((run.seed + rank) * 100_003 + epoch)
-        loader = DataLoader(Subset(train_set, order), batch_size=run.batch_size,
-                            num_workers=run.num_workers, collate_fn=collate, drop_last=True,
-                            pin_memory=device.type == "cuda", generator=generator)
+        loader = DataLoader(Subset(SkipUnreadable(train_set, skip_limit + 1), order),
+                            batch_size=run.batch_size, num_workers=run.num_workers,
+                            collate_fn=partial(collate_skipping, collate=collate),
+                            drop_last=True, pin_memory=device.type == "cuda",
+                            generator=generator)
         if ckpt is not None:
             set_rng_state(ckpt["rng"][rank])
             ckpt = None
@@ -359,7 +445,15 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
                 g["lr"] = lr
             sums = {}
             for micro in range(run.grad_accum):
-                batch = [t.to(device, non_blocking=True) for t in next(batches)]
+                try:
+                    batch, new, failure = *next(batches), None
+                except Exception as e:   # one rank's failing loader must not leave the others
+                    if world == 1:       # waiting in the step's collectives
+                        raise
+                    traceback.print_exc()
+                    batch, new, failure = None, [], f"rank {rank}: {type(e).__name__}: {e}"
+                note_skipped(new, failure)
+                batch = [t.to(device, non_blocking=True) for t in batch]
                 sync = micro == run.grad_accum - 1 or world == 1
                 with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast():
                     out = loss_fn(ddp_model, batch, step, steps_per_epoch)

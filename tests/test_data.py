@@ -2,6 +2,7 @@
 embedded world's entries), the flip, transforms and collate."""
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -430,3 +431,48 @@ def test_transform_without_randaugment_is_unchanged():
     torch.manual_seed(3)
     b = create_transform(64, True, (0.8, 1.0), randaug_n=2, randaug_m=7)(image)
     assert b.shape == a.shape and b.dtype == a.dtype
+
+
+# -----------------------------------------------------------------------------
+# corpus scale: packed entries, the existence check split over ranks
+
+def test_packed_list_holds_the_records():
+    records = [{"images": [f"{i}.jpg"], "captions": ["a b"] * (i % 3 + 1)} for i in range(50)]
+    packed = data.PackedList()
+    for r in records:
+        packed.append(r)
+    assert len(packed) == 50 and list(packed) == records
+    assert packed[7] == records[7] and packed[-1] == records[-1]
+    assert packed[7] is not packed[7]                     # a fresh copy: nothing stored is touched
+    with pytest.raises(IndexError):
+        packed[50]
+    assert list(pickle.loads(pickle.dumps(packed))) == records       # spawned workers get a copy
+
+
+def test_missing_images_split_over_ranks_and_named(tmp_path):
+    write_pngs(tmp_path, ["a.png"])
+    one = write_json(tmp_path / "one.json", [{"image": "a.png", "caption": "x"}] * 3)
+    two = write_json(tmp_path / "two.json", [{"image": "a.png", "caption": "x"},
+                                             {"image": "gone1.png", "caption": "x"},
+                                             {"image": "gone2.png", "caption": "x"}])
+    ds = PretrainDataset([one, two], str(tmp_path), check_images=False)
+    assert ds.origin(4) == f"{two}, entry 1" and ds.origin(2) == f"{one}, entry 2"
+    count, first = ds.missing_images()
+    assert count == 2 and first == [f"{two}, entry {k}: image not found: {tmp_path}/gone{k}.png"
+                                    for k in (1, 2)]
+    shares = [ds.missing_images(rank, 3) for rank in range(3)]
+    assert sum(n for n, _ in shares) == 2
+    assert sorted(m for _, ms in shares for m in ms) == first
+    with pytest.raises(FileNotFoundError, match=r"two.json, entry 1: .*gone1.png \(and 1 more"):
+        PretrainDataset([one, two], str(tmp_path))
+
+
+@pytest.mark.parametrize("content", [b"", b"GIF89a but not really", None])
+def test_unreadable_images_raise_oserror_naming_the_file(tmp_path, content):
+    path = tmp_path / "bad.jpg"
+    if content is None:                                   # a JPEG cut in the middle
+        Image.new("RGB", (64, 48), (200, 30, 30)).save(path, quality=90)
+        content = path.read_bytes()[:300]
+    path.write_bytes(content)
+    with pytest.raises(OSError, match="cannot read image .*bad.jpg"):
+        load_image(str(path))

@@ -1,13 +1,19 @@
 """The evaluation loops (eval.py) on stand-in models whose scores are known: the ITM re-ranking
 of retrieval against recall_at_k on the same scores, the classifier, VQA and captioning loops
-against their metrics, and the model's mode restored after each."""
+against their metrics, and the model's mode restored after each; 2 DDP ranks against one."""
+import json
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ddp_probe
+import train_pretrain
 from eval import evaluate_caption, evaluate_classifier, evaluate_retrieval, evaluate_vqa
 from metrics import accuracy, bleu4, cider_d, recall_at_k, vqa_accuracy
+from test_train_pretrain import SMALL, torchrun
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -177,3 +183,25 @@ def test_caption_scores_greedy_and_beam_against_the_raw_references():
         "greedy_bleu4": bleu4(["a red"] * 3, clean), "greedy_cider_d": cider_d(["a red"] * 3, clean),
         "beam_bleu4": bleu4(["a cube"] * 3, clean), "beam_cider_d": cider_d(["a cube"] * 3, clean)})
     assert model.limits == [(20, 5, 1.0), (3, 20, 5, 1.0, 1.0)] * 2          # two batches
+
+
+def test_two_ranks_give_the_results_of_one(tmp_path):
+    """2 gloo ranks, each embedding and re-ranking its share (7 images and 35 captions: uneven
+    shares, batches of 3), against one process, on the same checkpoint and data; the other
+    loops on stand-ins, 11 samples in batches of 4."""
+    train_pretrain.main(SMALL + ["--out_dir", str(tmp_path), "--max_steps", "1"])
+    ckpt = str(tmp_path / "checkpoint.pt")
+    single = ddp_probe.retrieval_scores(ckpt, torch.device("cpu"))
+    proc = torchrun([os.path.join("tests", "ddp_probe.py"), "eval", ckpt, str(tmp_path / "out")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loops = json.loads(json.dumps(ddp_probe.loop_results()))           # as the ranks wrote it
+    for rank in (0, 1):
+        got = json.load(open(tmp_path / f"out_{rank}.json"))
+        scores = got["retrieval"]
+        assert scores.keys() == single.keys()
+        assert scores["itc"] == pytest.approx(single["itc"])
+        assert {k: v for k, v in scores.items() if k != "itc"} == pytest.approx(
+            {k: v for k, v in single.items() if k != "itc"})
+        assert got["loops"] == loops
+    assert single["r_mean"] != single["itc"]["r_mean"]                    # ITM re-ranked
+    assert len(set(loops["classifier"][1])) == 3 and len(set(loops["caption"][1]["beam"])) == 11
