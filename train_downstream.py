@@ -41,7 +41,7 @@ import metrics
 import world
 from config import config_from_dict, parse_config
 from heads import CaptionModel, NLVRModel, VEModel, VQAModel, load_pretrained
-from model import ELIPModel, ModelConfig
+from model import ELIPModel, ModelConfig, MomentumStep
 from pruning import TEXT_GUIDED, PruneConfig
 from tokenizer import Tokenizer
 from trainer import (RunConfig, cleanup_distributed, fit, load_checkpoint, log_json,
@@ -258,17 +258,21 @@ def main(argv=None):
     if cfg.task == "caption":
         log(f"prompt tokens: {' '.join(tok.vocab[i] for i in model.prompt_ids[0].tolist())}")
 
+    # retrieval fine-tunes ELIPModel: its momentum encoders and queues step as in pre-training
+    momentum = MomentumStep(model) if cfg.task == "retrieval" else None
+
     def loss_fn(m, batch, step, steps_per_epoch):
-        if cfg.task != "retrieval":
+        if momentum is None:
             return m(*batch)
         images, ids, mask, idx = batch
         alpha = cfg.run.alpha * min(1.0, step / steps_per_epoch)     # ALBEF's ramp-up in epoch 1
-        return m(images, ids, mask, alpha=alpha, idx=idx)
+        return momentum.take(m(images, ids, mask, alpha=alpha, idx=idx))
 
     extra = {"vocab": tok.vocab, "model_config": dataclasses.asdict(mc), "weights": weights,
              "answer_list": answers}
     train_time = fit(cfg, model, train_set, train_collate, loss_fn, device, rank, world_size, log,
-                     ckpt, extra_state=extra, desc=cfg.task)
+                     ckpt, extra_state=extra, desc=cfg.task,
+                     after_step=momentum.after_step if momentum else None)
 
     if master:
         t0 = time.time()
