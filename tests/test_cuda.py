@@ -1,5 +1,6 @@
-"""On a GPU: the main job, a DDP run over 2 GPUs with NCCL, and every downstream task, each a few
-steps on a very small model (mixed precision as `--amp auto` picks it). They skip without CUDA;
+"""On a GPU: the main job, a DDP run over 2 GPUs with NCCL, every downstream task and the
+efficiency benchmark, each a few steps on a very small model (mixed precision as `--amp auto`
+picks it). They skip without CUDA;
 on a GPU machine: `python -m pytest -q tests/test_cuda.py`."""
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import bench
 import train_downstream
 import train_pretrain
 from test_train_pretrain import ROOT, SMALL
@@ -93,3 +95,16 @@ def test_downstream_task_on_gpu(tmp_path, capsys, pretrained, task):
     rec = json.loads((out / "metrics.json").read_text())
     assert rec["task"] == task and rec["metrics"]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(str(out)) if "step" in r)
+
+
+@needs_cuda
+def test_bench_on_gpu(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny", "--arch", "albef", "--img_size", "64", "--batch", "2",
+                "--reps", "1", "--warmup", "1", "--op_reps", "1", "--timm_reps", "0",
+                "--whole_model", "true", "--whole_batch", "2", "--whole_vocab", "50",
+                "--text_len", "6", "--methods", "none,elip,tome", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["machine"]["device"].startswith("cuda") and report["machine"]["gpu"]
+    for scope in (report["vit"], report["whole_model"]):
+        assert all(fig["cuda_peak_bytes"] > 0 for fig in scope.values())
