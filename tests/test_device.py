@@ -22,11 +22,11 @@ def shrunk(preset, **kw):
     """The preset's architecture and objectives at toy size: losses, queue on/off,
     distillation, drop path, dropout and the BLIP/ALBEF text layout kept; three cuts of the
     pruning schedule in 4 layers."""
-    p = dict(PRESETS[preset])
-    p.pop("tome_r")
+    p = {k: v for k, v in PRESETS[preset].items() if k in ModelConfig.__dataclass_fields__}
     prune = PruneConfig(prune_layers=(1, 2, 3), tome_r=2, **kw.pop("prune", {}))
     p.update(img_size=32, patch_size=8, vision_width=32, vision_depth=4, text_width=32,
              vision_heads=2, text_heads=2, text_mlp=64, embed_dim=16, vocab_size=VOCAB, max_len=T,
+             dec_id=VOCAB - 2, enc_id=VOCAB - 1,                  # BLIP's [DEC], [ENC]
              text_layers=min(2, p.get("text_layers", 2)),
              fusion_layers=min(1, p.get("fusion_layers", 2)),
              queue_size=min(16, p.get("queue_size", 1024)), prune=prune, **kw)
