@@ -57,7 +57,7 @@ def recall_at_k(scores_i2t, scores_t2i, img2txt, txt2img):
     if not gt_i2t.any(1).all():
         raise ValueError("every image needs at least one caption in img2txt")
     gt_t2i = torch.zeros(num_texts, num_images, dtype=torch.bool, device=scores_t2i.device)
-    gt_t2i[torch.arange(num_texts), txt2img] = True
+    gt_t2i[torch.arange(num_texts, device=txt2img.device), txt2img] = True
 
     result = {}
     for name, ranks in (("txt", _ranks(scores_i2t, gt_i2t)), ("img", _ranks(scores_t2i, gt_t2i))):

@@ -8,7 +8,8 @@ One forward pass, in the order ELIP needs:
      flows back to the text through the pruning decision
   3. ITC against momentum features and queues, ITM with hard negatives, and MLM (ALBEF) or
      LM captioning (BLIP) on the pruned image tokens
-The momentum (teacher) encoders always see all tokens.
+The momentum (teacher) encoders always see all tokens, run only when a loss reads them, and are
+updated, with the queues written, once per optimizer step (MomentumStep).
 """
 import copy
 from dataclasses import dataclass, field
@@ -225,17 +226,29 @@ class ELIPModel(nn.Module):
     def momentum_params(self):
         return [p for _, m in self.online_momentum_pairs() for p in m.parameters()]
 
+    @property
+    def reads_momentum(self) -> bool:
+        """Whether a loss reads the momentum encoders: ITC's in-batch candidates (ALBEF), which
+        also weigh ITM's negatives, its queues or its distillation targets, or MLM's
+        distillation. When none does (the tiny preset) they neither run nor update: ALBEF's
+        teacher costs a forward pass of both encoders per step."""
+        c = self.cfg
+        itc = "itc" in c.losses and (c.queue_size > 0 or c.distill)
+        candidates = ("itc" in c.losses or "itm" in c.losses) and not c.itc_online_batch
+        return itc or candidates or ("mlm" in c.losses and c.distill)
+
     @torch.no_grad()
     def momentum_update(self):
-        """theta_m <- m * theta_m + (1 - m) * theta."""
+        """theta_m <- m * theta_m + (1 - m) * theta, as ALBEF's _momentum_update computes it."""
+        m = self.cfg.momentum
         for online, mom in self.online_momentum_pairs():
             for p, p_m in zip(online.parameters(), mom.parameters()):
-                p_m.lerp_(p, 1.0 - self.cfg.momentum)
+                p_m.mul_(m).add_((1 - m) * p)
 
     @torch.no_grad()
     def enqueue(self, image_feat, text_feat, idx=None):
         """Write the features of every rank's batch at the queue pointer, wrapping around."""
-        n, q = image_feat.shape[0], self.image_queue.shape[1]
+        q = self.image_queue.shape[1]
         if q == 0:          # no queue: in-batch negatives only
             return
         image_feat, text_feat = all_gather(image_feat), all_gather(text_feat)
@@ -246,7 +259,7 @@ class ELIPModel(nn.Module):
         self.text_queue[:, slots] = text_feat.T
         self.idx_queue[slots] = idx
         self.queue_filled[slots] = True
-        self.queue_ptr.fill_((int(self.queue_ptr) + n) % q)
+        self.queue_ptr.copy_((self.queue_ptr + n) % q)      # on the device: no host round trip
 
     # ---- encoders ------------------------------------------------------------------------
     def encode_text(self, input_ids, attention_mask, momentum=False):
@@ -291,20 +304,22 @@ class ELIPModel(nn.Module):
 
     # ---- the pre-training step -------------------------------------------------------------
     def forward(self, images, input_ids, attention_mask, alpha=0.4, idx=None):
-        """Returns a dict of the active losses (scalars) and `loss`, their sum."""
+        """Returns a dict of the active losses (scalars) and `loss`, their sum; with a queue,
+        also "queue": this batch's momentum features and ids, which MomentumStep writes to the
+        queues once per optimizer step (the forward changes no state of the model)."""
         cfg = self.cfg
         text_embeds = self.encode_text(input_ids, attention_mask)               # (B, T, Dt)
         # ELIP: the text [CLS], unprojected, guides the ViT's pruning (Eq. 1); the ViT scores
         # tokens without gradient, so nothing flows back to the text through this path
         image_embeds = self.encode_image(images, text_embeds[:, 0])             # (B, L', Dv)
         image_feat, text_feat = self.image_feat(image_embeds), self.text_feat(text_embeds)
-        out = {}
-        with torch.no_grad():
-            self.momentum_update()
-            image_embeds_m = self.encode_image(images, momentum=True)           # all tokens
-            text_embeds_m = self.encode_text(input_ids, attention_mask, momentum=True)
-            image_feat_m = self.image_feat(image_embeds_m, momentum=True)
-            text_feat_m = self.text_feat(text_embeds_m, momentum=True)
+        out, image_embeds_m, image_feat_m, text_feat_m = {}, None, None, None
+        if self.reads_momentum:
+            with torch.no_grad():
+                image_embeds_m = self.encode_image(images, momentum=True)       # all tokens
+                text_embeds_m = self.encode_text(input_ids, attention_mask, momentum=True)
+                image_feat_m = self.image_feat(image_embeds_m, momentum=True)
+                text_feat_m = self.text_feat(text_embeds_m, momentum=True)
         if "itc" in cfg.losses:
             out["itc"] = self.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx)
         if "itm" in cfg.losses:
@@ -325,8 +340,10 @@ class ELIPModel(nn.Module):
             out["mlm"] = self.mlm_loss(input_ids, attention_mask, image_embeds, image_embeds_m, alpha)
         if "lm" in cfg.losses:
             out["lm"] = self.lm_loss(input_ids, attention_mask, image_embeds)
-        self.enqueue(image_feat_m, text_feat_m, idx)
         out["loss"] = sum(out.values())
+        if "itc" in cfg.losses and cfg.queue_size > 0:
+            ids = torch.full_like(input_ids[:, 0], -1) if idx is None else idx      # (B,)
+            out["queue"] = (image_feat_m, text_feat_m, ids)
         return out
 
     def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx=None):
@@ -339,12 +356,11 @@ class ELIPModel(nn.Module):
         # feature for every input and the features collapse onto it (the tiny preset stayed at
         # chance). With itc_online_batch the batch's own online features are the candidates, as
         # in CLIP, and gradient reaches both encoders; the queue still holds momentum features.
-        image_all_m = torch.cat([image_feat_m.T, self.image_queue], dim=1)         # (E, B+Q)
-        text_all_m = torch.cat([text_feat_m.T, self.text_queue], dim=1)            # (E, B+Q)
-        image_all, text_all = image_all_m, text_all_m
-        if self.cfg.itc_online_batch:
-            image_all = torch.cat([image_feat.T, self.image_queue], dim=1)         # (E, B+Q)
-            text_all = torch.cat([text_feat.T, self.text_queue], dim=1)            # (E, B+Q)
+        online = self.cfg.itc_online_batch
+        image_all = torch.cat([(image_feat if online else image_feat_m).T, self.image_queue],
+                              dim=1)                                               # (E, B+Q)
+        text_all = torch.cat([(text_feat if online else text_feat_m).T, self.text_queue],
+                             dim=1)                                                # (E, B+Q)
         if idx is None:   # each image its own positive
             pos = F.pad(torch.eye(B, device=image_feat.device), (0, image_all.shape[1] - B))
         else:             # every caption of the same image is a positive (retrieval fine-tuning)
@@ -353,6 +369,8 @@ class ELIPModel(nn.Module):
         empty = F.pad(~self.queue_filled, (B, 0))                                  # (B+Q,)
         with torch.no_grad():
             if self.cfg.distill:
+                image_all_m = torch.cat([image_feat_m.T, self.image_queue], dim=1)  # (E, B+Q)
+                text_all_m = torch.cat([text_feat_m.T, self.text_queue], dim=1)     # (E, B+Q)
                 sim_m = (image_feat_m @ text_all_m / temp).masked_fill(empty, float("-inf"))
                 t_i2t = alpha * sim_m.softmax(1) + (1 - alpha) * pos
                 sim_m = (text_feat_m @ image_all_m / temp).masked_fill(empty, float("-inf"))
@@ -398,7 +416,8 @@ class ELIPModel(nn.Module):
         ids_all = torch.cat([input_ids, input_ids, ids_neg])
         mask_all = torch.cat([attention_mask, attention_mask, mask_neg])
         logits = self.itm_logits(text_all, mask_all, image_all, ids_all)              # (3B, 2)
-        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
+        labels = torch.zeros(3 * B, dtype=torch.long, device=logits.device)           # (3B,)
+        labels[:B] = 1
         return F.cross_entropy(logits, labels)
 
     def itm_negatives(self, image_embeds, text_embeds, input_ids, attention_mask, sim_i2t,
@@ -459,8 +478,10 @@ class ELIPModel(nn.Module):
             hidden_m = self.text_encoder_m(ids, attention_mask, image_embeds_m, atts_m,
                                            mode="multimodal")
             soft = self.text_encoder_m.lm_logits(hidden_m).softmax(-1)          # (B, T, V)
-        masked = labels != -100
-        distill = -(logits.log_softmax(-1) * soft).sum(-1)[masked].mean()
+        # the mean over masked tokens, by weights rather than boolean indexing, whose unknown
+        # output size would make the GPU wait for the host
+        masked = (labels != -100).float()                                       # (B, T)
+        distill = -((logits.log_softmax(-1) * soft).sum(-1) * masked).sum() / masked.sum()
         return (1 - alpha) * loss + alpha * distill
 
     def lm_loss(self, input_ids, attention_mask, image_embeds, prompt_len=0):
@@ -473,3 +494,30 @@ class ELIPModel(nn.Module):
         logits = self.text_decoder.lm_logits(hidden)[:, :-1]                    # (B, T-1, V)
         return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
                                label_smoothing=self.cfg.label_smoothing)
+
+
+class MomentumStep:
+    """The momentum encoders' bookkeeping, once per optimizer step however many micro-batches
+    (gradient accumulation) the step has. take(out) keeps the momentum features of one
+    micro-batch's forward (out["queue"]) and returns its losses; after_step(), trainer.fit's
+    hook, moves the teacher towards the online weights just stepped and writes every
+    micro-batch's features to the queues at once. ALBEF updates the teacher at the start of
+    each forward and enqueues at its end, one batch per step: the same sequence. So all
+    micro-batches of a step see the same teacher and queue, and the EMA keeps its momentum m
+    (once per micro-batch it would be m ** grad_accum)."""
+
+    def __init__(self, model: ELIPModel):
+        self.model, self.pending = model, []
+
+    def take(self, out: dict) -> dict:
+        if "queue" in out:
+            self.pending.append(out.pop("queue"))
+        return out
+
+    def after_step(self):
+        if self.model.reads_momentum:
+            self.model.momentum_update()
+        if self.pending:
+            image_feat, text_feat, idx = (torch.cat(t) for t in zip(*self.pending))  # (n*B, .)
+            self.model.enqueue(image_feat, text_feat, idx)
+            self.pending.clear()

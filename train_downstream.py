@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from config import config_from_dict, parse_config
 from heads import load_pretrained
-from model import ModelConfig
+from model import ModelConfig, MomentumStep
 from tasks import build_data, build_model, downstream_model_config, evaluate_task
 from tokenizer import Tokenizer
 from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, load_checkpoint, log_json,
@@ -221,19 +221,23 @@ def main(argv=None):
     if cfg.task == "caption":
         log(f"prompt tokens: {' '.join(tok.vocab[i] for i in model.prompt_ids[0].tolist())}")
 
+    # retrieval fine-tunes ELIPModel: its momentum encoders and queues step as in pre-training
+    momentum = MomentumStep(model) if cfg.task == "retrieval" else None
+
     def loss_fn(m, batch, step, steps_per_epoch):
-        if cfg.task != "retrieval":
+        if momentum is None:
             return m(*batch)
         images, ids, mask, idx = batch
         alpha = alpha_at(step, steps_per_epoch, cfg.run)
-        return m(images, ids, mask, alpha=alpha, idx=idx)
+        return momentum.take(m(images, ids, mask, alpha=alpha, idx=idx))
 
     train_time = 0.0
     if not cfg.evaluate:
         extra = {"vocab": tok.vocab, "model_config": dataclasses.asdict(mc), "weights": weights,
                  "answer_list": answers}
         train_time = fit(cfg, model, train_set, train_collate, loss_fn, device, rank, world_size,
-                         log, ckpt, extra_state=extra, desc=cfg.task)
+                         log, ckpt, extra_state=extra, desc=cfg.task,
+                         after_step=momentum.after_step if momentum else None)
 
     # every rank evaluates its share of each test set (eval.py); rank 0 writes the results
     files, predictions = {}, {}

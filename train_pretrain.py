@@ -27,7 +27,7 @@ import metrics
 import model as model_lib
 import world
 from config import parse_config
-from model import ELIPModel, ModelConfig
+from model import ELIPModel, ModelConfig, MomentumStep
 from pruning import token_counts
 from text_encoder import load_bert_weights
 from tokenizer import BLIP_TOKENS, Tokenizer
@@ -165,16 +165,19 @@ def main(argv=None):
     stages = sorted({0, *mc.prune.prune_layers}) if mc.prune.method != "tome" else range(len(counts))
     stage_tokens = [counts[i] for i in stages]
 
+    # the momentum update and the queue write, once per optimizer step
+    momentum = MomentumStep(model)
+
     def loss_fn(m, batch, step, steps_per_epoch):
         images, ids, mask = batch
         alpha = alpha_at(step, steps_per_epoch, cfg.run)
-        return m(images, ids, mask, alpha=alpha)
+        return momentum.take(m(images, ids, mask, alpha=alpha))
 
     # train
     collate = data.make_collate(tok, mc.max_len, cfg.pad_to_max_len)
     train_time = fit(cfg, model, train_set, collate, loss_fn, device, rank, world_size, log, ckpt,
                      extra_state={"vocab": tok.vocab}, log_extra={"stage_tokens": stage_tokens},
-                     desc="pretrain")
+                     desc="pretrain", after_step=momentum.after_step)
 
     # zero-shot retrieval on the embedded world's held-out split (only for the default data);
     # under DDP every rank embeds and re-ranks its share (eval.py), rank 0 reports

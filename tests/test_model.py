@@ -1,19 +1,21 @@
 """The pre-training model on the tiny preset: losses, momentum encoders, queues, pruning mode;
-BLIP's tied decoder and [ENC]/[DEC] tokens; ITM's negatives; the queues under DDP."""
+BLIP's tied decoder and [ENC]/[DEC] tokens; ITM's negatives; the queues under DDP;
+MomentumStep in trainer.fit's loop."""
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import PRESETS, ELIPModel, ModelConfig
+from model import PRESETS, ELIPModel, ModelConfig, MomentumStep
 from pruning import PruneConfig
-from trainer import build_optimizer
+from trainer import RunConfig, build_optimizer, fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +42,10 @@ def batch(B=6, T=10):
 def test_losses_finite_and_backprop(losses, fusion):
     m = tiny(losses, fusion).train()
     out = m(*batch())
-    assert set(out) == set(losses) | {"loss"}
+    assert set(out) == set(losses) | {"loss", "queue"}
+    image_feat_m, text_feat_m, idx = out.pop("queue")          # for MomentumStep
+    assert image_feat_m.shape == text_feat_m.shape == (6, m.cfg.embed_dim)
+    assert idx.tolist() == [-1] * 6 and not image_feat_m.requires_grad
     assert torch.isclose(out["loss"], sum(out[k] for k in losses))
     for k in losses:
         assert torch.isfinite(out[k]) and out[k] > 0
@@ -70,7 +75,7 @@ def test_momentum_update_is_ema():
     m.momentum_update()
     mu = m.cfg.momentum
     for p, p_m, b in zip(m.visual_encoder.parameters(), m.visual_encoder_m.parameters(), before):
-        assert torch.allclose(p_m, mu * b + (1 - mu) * p, atol=1e-6)
+        assert torch.equal(p_m, mu * b + (1 - mu) * p)
 
 
 def test_queue_wraps_around():
@@ -88,14 +93,17 @@ def test_queue_wraps_around():
     assert m.idx_queue[:4].tolist() == [4, 5, 6, 7]
 
 
-def test_forward_fills_queue_with_momentum_features():
+def test_forward_returns_momentum_features_and_momentum_step_enqueues_them():
     m = tiny().train()
     images, ids, mask = batch()
-    m(images, ids, mask)
+    step = MomentumStep(m)
+    out = step.take(m(images, ids, mask))
+    assert "queue" not in out and int(m.queue_ptr) == 0 and not m.queue_filled.any()  # no state
     with torch.no_grad():
         expect = m.image_feat(m.encode_image(images, momentum=True), momentum=True)
+    step.after_step()
     assert torch.allclose(m.image_queue[:, :6], expect.T, atol=1e-5)
-    assert int(m.queue_ptr) == 6
+    assert int(m.queue_ptr) == 6 and step.pending == []
 
 
 def test_online_vit_prunes_in_training_only_and_momentum_never():
@@ -185,6 +193,67 @@ def test_init_std_sets_the_random_weights():
         for w in (m.visual_encoder.blocks[0].attn.qkv.weight,
                   m.text_encoder.encoder.layer[0].attention.self.query.weight):
             assert abs(w.std().item() - std) < 0.1 * std
+
+
+@pytest.mark.parametrize("kw, reads", [
+    (dict(queue_size=0, distill=False, itc_online_batch=True), False),     # the tiny preset
+    (dict(queue_size=20, distill=False, itc_online_batch=True), True),     # the queue
+    (dict(queue_size=0, distill=True, itc_online_batch=True), True),       # distillation
+    (dict(queue_size=0, distill=False, itc_online_batch=False), True),     # ALBEF's candidates
+])
+def test_momentum_encoders_run_and_update_only_when_a_loss_reads_them(kw, reads):
+    m = tiny(**kw).train()
+    calls = []
+    for enc in (m.visual_encoder_m, m.text_encoder_m):
+        enc.register_forward_hook(lambda *a: calls.append(1))
+    step = MomentumStep(m)
+    before = [p.clone() for p in m.momentum_params()]
+    out = step.take(m(*batch()))
+    out["loss"].backward()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.grad is not None:
+                p.sub_(0.1 * p.grad)
+    step.after_step()
+    assert m.reads_momentum == reads and bool(calls) == reads
+    moved = any(not torch.equal(a, b) for a, b in zip(before, m.momentum_params()))
+    assert moved == reads
+
+
+@dataclass
+class FitConfig:
+    run: RunConfig
+
+
+def test_grad_accum_updates_momentum_and_queue_once_per_optimizer_step(tmp_path):
+    """Two micro-batches of 3 per step: after the step the teacher is m * old + (1 - m) * new
+    (not m ** 2), every micro-batch saw the same queue, and the pointer moved by 6 at once."""
+    m = tiny(queue_size=20)
+    images, ids, mask = batch(B=6)
+    momentum = MomentumStep(m)
+    with torch.no_grad():      # the step's momentum features, by the teacher before the step
+        feats_m = m.image_feat(m.encode_image(images, momentum=True), momentum=True)   # (6, E)
+    old = [p.clone() for p in m.momentum_params()]
+    seen_ptr = []
+
+    def loss_fn(model, batch, step, steps_per_epoch):
+        seen_ptr.append(int(m.queue_ptr))
+        return momentum.take(model(*batch))
+
+    run = RunConfig(batch_size=3, grad_accum=2, max_steps=1, warmup_steps=1, lr=1e-3,
+                    out_dir=str(tmp_path))
+    fit(FitConfig(run), m, list(zip(images, ids, mask)), lambda b: [torch.stack(t) for t in zip(*b)],
+        loss_fn, torch.device("cpu"), 0, 1, lambda msg: None, after_step=momentum.after_step)
+    assert seen_ptr == [0, 0] and int(m.queue_ptr) == 6 and int(m.queue_filled.sum()) == 6
+    mu = m.cfg.momentum
+    new = [p for online, _ in m.online_momentum_pairs() for p in online.parameters()]
+    assert not torch.equal(new[0], old[0])                   # the step moved the online weights
+    for p_m, o, p in zip(m.momentum_params(), old, new):
+        assert torch.equal(p_m, mu * o + (1 - mu) * p)
+    # the queue holds the six samples' features (in the sampler's order), each once
+    match = (m.image_queue[:, :6].T[:, None] - feats_m[None]).abs().amax(-1) < 1e-5   # (6, 6)
+    assert torch.equal(match.sum(0), torch.ones(6, dtype=torch.long))
+    assert torch.equal(match.sum(1), torch.ones(6, dtype=torch.long))
 
 
 def negatives_on_two_ranks(rank, store):
@@ -378,7 +447,7 @@ DDP_WORKER = """
 import json, os, sys
 import torch
 import torch.distributed as dist
-from model import ELIPModel, ModelConfig
+from model import ELIPModel, ModelConfig, MomentumStep
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -394,7 +463,9 @@ def batch(r):                           # rank r's own 3 samples
 
 
 torch.manual_seed(rank)
-m(*batch(rank))
+step = MomentumStep(m)
+step.take(m(*batch(rank)))
+step.after_step()                       # the step's queue write
 with torch.no_grad():                   # every rank's momentum features, computed here
     feats = [(m.image_feat(m.encode_image(batch(r)[0], momentum=True), momentum=True),
               m.text_feat(m.encode_text(*batch(r)[1:], momentum=True), momentum=True))

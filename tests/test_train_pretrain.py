@@ -173,6 +173,22 @@ def test_help_lists_every_flag_with_type_default_and_comment():
     assert "--run.lr (float, default 0.0005)" in proc.stdout
 
 
+def test_skipping_unread_momentum_encoders_changes_no_online_weight(tmp_path, monkeypatch):
+    """The tiny preset (no queue, no distillation, online ITC) reads nothing of the momentum
+    encoders, so they are skipped. They draw no random numbers either (no dropout, no drop
+    path), so running them anyway trains the online weights bit for bit the same."""
+    flags = SMALL + ["--queue_size", "0", "--max_steps", "3"]
+    train_pretrain.main(flags + ["--out_dir", str(tmp_path / "skip")])
+    monkeypatch.setattr(train_pretrain.ELIPModel, "reads_momentum", True)
+    train_pretrain.main(flags + ["--out_dir", str(tmp_path / "run")])
+    skip, run = final_model(str(tmp_path / "skip")), final_model(str(tmp_path / "run"))
+    momentum = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.")
+    online = [k for k in skip if not k.startswith(momentum)]
+    assert len(online) > 100 and all(torch.equal(skip[k], run[k]) for k in online)
+    # the forced run did update its teacher; the skipping one left it at its initial copy
+    assert not torch.equal(skip["vision_proj_m.weight"], run["vision_proj_m.weight"])
+
+
 # ---- images that cannot be read at run time ------------------------------------------------
 def bad_image_bytes(kind):
     """The bytes of an image file that PIL cannot decode: random bytes, a PNG or a JPEG cut in
