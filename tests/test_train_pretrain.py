@@ -113,3 +113,20 @@ def test_help_lists_every_flag_with_type_default_and_comment():
     assert "weight of the image [CLS] in Eq. 1's fusion" in proc.stdout
     assert "--train_files (str,..., default '')" in proc.stdout
     assert "--run.lr (float, default 0.0005)" in proc.stdout
+
+
+@pytest.mark.parametrize("variant", ["default", "clutter"])
+def test_zero_shot_reports_the_oracle_ceiling(tmp_path, capsys, variant):
+    out = str(tmp_path / variant)
+    train_pretrain.main(SMALL + ["--out_dir", out, "--max_steps", "1", "--world_test", "6",
+                                 "--world_variant", variant])
+    rec = json.load(open(os.path.join(out, "zero_shot.json")))
+    oracle, chance = rec["oracle"], rec["chance"]
+    assert rec["world_variant"] == variant
+    assert chance["r_mean"] < oracle["r_mean"] <= 100.0
+    assert rec["r_mean_of_oracle"] == pytest.approx(rec["zero_shot_retrieval"]["r_mean"]
+                                                    / oracle["r_mean"])
+    assert rec["itc_r_mean_of_oracle"] == pytest.approx(
+        rec["zero_shot_retrieval"]["itc"]["r_mean"] / oracle["r_mean"])
+    printed = capsys.readouterr()
+    assert "of the oracle's" in printed.out + printed.err
