@@ -128,9 +128,7 @@ def parse_config(cfg, argv: list, presets: dict, key: str = "preset", doc: str =
     preset = next((t for n, t in pairs if n == key), getattr(cfg, key))
     if preset not in presets:
         raise SystemExit(f"error: --{key} {preset!r} is not one of {', '.join(presets)}")
-    for name, value in presets[preset].items():
-        owner, attr = leaves[resolve_flag(leaves, name)]
-        setattr(owner, attr, value)
+    apply_preset(cfg, presets[preset])
     if want_help:
         print(help_text(cfg, presets, key, doc))
         raise SystemExit(0)
@@ -142,6 +140,15 @@ def parse_config(cfg, argv: list, presets: dict, key: str = "preset", doc: str =
         setattr(owner, attr, value)
         given[dotted] = value
     return rebuild(cfg), given
+
+
+def apply_preset(cfg, values: dict):
+    """Set the fields named in `values` (flag names: dotted or unambiguous suffixes) in place."""
+    leaves = config_leaves(cfg)
+    for name, value in values.items():
+        owner, attr = leaves[resolve_flag(leaves, name)]
+        setattr(owner, attr, value)
+    return cfg
 
 
 def rebuild(cfg):

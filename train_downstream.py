@@ -3,6 +3,7 @@ Fine-tune a pre-trained ELIP model on a downstream task, then evaluate it on the
 
     python train_downstream.py --task retrieval          # the embedded world's version, CPU, minutes
     python train_downstream.py --task vqa --prune true   # keep the token pruning downstream (a study)
+    python train_downstream.py --task vqa --pretrained none   # the same from random weights
     torchrun --nproc_per_node 4 train_downstream.py --task retrieval \\
         --pretrained out/pretrain/checkpoint.pt --train_file coco_train.json \\
         --test_file coco_test.json --image_root /data/coco --crop_scale 0.5,1.0 --eval_k 256
@@ -38,8 +39,9 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 import metrics
+import model as model_lib
 import world
-from config import config_from_dict, parse_config
+from config import apply_preset, config_from_dict, parse_config
 from heads import CaptionModel, NLVRModel, VEModel, VQAModel, load_pretrained
 from model import ELIPModel, ModelConfig
 from pruning import TEXT_GUIDED, PruneConfig
@@ -51,7 +53,8 @@ from trainer import (RunConfig, cleanup_distributed, fit, load_checkpoint, log_j
 @dataclass
 class DownstreamConfig:
     task: str = "retrieval"          # retrieval | vqa | nlvr | ve | caption; selects TASK_PRESETS
-    pretrained: str = "out/pretrain/checkpoint.pt"   # a checkpoint of train_pretrain.py
+    pretrained: str = "out/pretrain/checkpoint.pt"   # a checkpoint of train_pretrain.py, or
+                                     # none: the tiny preset's architecture from random weights
     # data: ALBEF/BLIP JSON files (several: comma-separated); none given = the embedded world
     train_file: tuple[str, ...] = ()
     test_file: tuple[str, ...] = ()
@@ -151,6 +154,14 @@ def downstream_model_config(mc, cfg):
     return dataclasses.replace(mc, prune=prune, losses=("itc", "itm"))
 
 
+def scratch_model_config(tok):
+    """The architecture train_pretrain.py builds by default (the tiny preset), for the same
+    fine-tuning from random weights: what pre-training adds is the difference."""
+    mc = apply_preset(ModelConfig(), model_lib.PRESETS["tiny"])
+    return dataclasses.replace(mc, vocab_size=tok.vocab_size, pad_id=tok.pad_id, cls_id=tok.cls_id,
+                               mask_id=tok.mask_id)
+
+
 def build_model(task, mc, tok, num_answers, prompt):
     if task == "retrieval":
         return ELIPModel(mc)
@@ -216,8 +227,12 @@ def main(argv=None):
     seed_everything(cfg.run.seed, rank)
 
     # the pre-trained architecture and vocabulary; a resumed run has its own in its checkpoint
+    source = None
     if ckpt is not None:
         mc, tok = config_from_dict(ModelConfig, ckpt["model_config"]), Tokenizer(ckpt["vocab"])
+    elif cfg.pretrained == "none":       # from scratch, with the world's vocabulary
+        tok = Tokenizer.build([" ".join(world.World.vocabulary())])
+        mc = downstream_model_config(scratch_model_config(tok), cfg)
     else:
         if not os.path.isfile(cfg.pretrained):
             raise SystemExit(f"error: --pretrained {cfg.pretrained} does not exist (make one with "
@@ -240,6 +255,9 @@ def main(argv=None):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         weights = ckpt["weights"]
+    elif source is None:
+        weights = dict(loaded=[], initialised=list(model.state_dict()), unused=[])
+        log("no pre-trained weights (--pretrained none): every weight starts random")
     else:
         try:
             weights = load_pretrained(model, source["model"])

@@ -353,3 +353,31 @@ def test_ddp_two_ranks_stay_identical(tmp_path, pretrained):
     assert len(sync["rank_fingerprints"]) == 2 and sync["ranks_in_sync"]
     assert [r["step"] for r in recs if "step" in r] == [1, 2]
     assert "r_mean" in json.load(open(out / "metrics.json"))["metrics"]
+
+
+def test_from_scratch_is_the_default_pretraining_architecture_untrained(tmp_path):
+    """--pretrained none: the model train_pretrain.py builds by default (the tiny preset, the
+    world's vocabulary), fine-tuned the same way from random weights."""
+    world_flags = ["--world_train", "4", "--world_test", "2", "--batch_size", "4",
+                   "--max_steps", "1", "--warmup_steps", "1", "--eval_batch_size", "8"]
+    pre = tmp_path / "pre"
+    train_pretrain.main(["--out_dir", str(pre), "--world_train", "8", "--world_test", "0",
+                         "--batch_size", "4", "--max_steps", "1"])
+    states = {}
+    for name, source in (("pretrained", str(pre / "checkpoint.pt")), ("scratch", "none")):
+        out = tmp_path / name
+        train_downstream.main(["--task", "vqa", "--pretrained", source, "--out_dir", str(out),
+                               *world_flags])
+        saved = torch.load(out / "checkpoint.pt", weights_only=True)
+        rec = json.loads((out / "metrics.json").read_text())
+        assert rec["pretrained"] == source and 0 <= rec["metrics"]["vqa_score"] <= 1
+        states[name] = (saved["model"], saved["model_config"], saved["vocab"], rec["weights"])
+    (pre_state, pre_mc, pre_vocab, pre_w), (new_state, new_mc, new_vocab, new_w) = \
+        states["pretrained"], states["scratch"]
+    assert new_mc == pre_mc and new_vocab == pre_vocab
+    assert {k: v.shape for k, v in new_state.items()} == {k: v.shape for k, v in pre_state.items()}
+    assert new_w["initialised"] == list(new_state) and pre_w["initialised"] == ["vqa_head.0.weight",
+        "vqa_head.0.bias", "vqa_head.2.weight", "vqa_head.2.bias"]
+    # the same seed, yet different encoders: one started from the checkpoint
+    key = "visual_encoder.patch_embed.proj.weight"
+    assert not torch.equal(new_state[key], pre_state[key])
