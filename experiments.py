@@ -197,6 +197,9 @@ class GuidanceConfig:
     lams: tuple[float, ...] = (0.8, 0.6, 1.0)   # elip is trained once per lam (Eq. 1; 1.0 is the
                                      # image [CLS] alone, the look-ahead kept)
     seeds: tuple[int, ...] = (0, 1, 2)
+    init_from: str = "out/pretrain/checkpoint.pt"   # every run continues pre-training from this
+                                     # checkpoint (the default run's, which knows the world's
+                                     # words and shapes) on the clutter world; empty: from scratch
     keep_ratios: tuple[float, ...] = (0.5, 0.3, 0.15)   # of the 64 patches, before layers 2, 4
                                      # and 10: 32, 19 and 9 patches for every method but none
     world_train: int = 1500          # clutter scenes in the training split
@@ -234,6 +237,7 @@ def guidance_runs(cfg):
                      str(cfg.epochs), "--batch_size", str(cfg.batch_size), "--prune.method",
                      method, "--lam", str(lam), "--keep_ratios", ratios, "--seed", str(seed),
                      "--threads", str(cfg.threads), "--out_dir", out]
+            train += ["--init_from", cfg.init_from] if cfg.init_from else []
             # the trained method's own choice, elip at every lam of the experiment
             keep = None if method == "none" else [
                 "analysis.py", "keep", "--checkpoint", os.path.join(out, "checkpoint.pt"),
@@ -270,7 +274,8 @@ def summarise_guidance(cfg, runs):
     rows = {label: {n: spread(v) for n, v in r.items()} for label, r in rows.items()}
     keep_rows = {label: {n: spread(v) for n, v in r.items()} for label, r in keep_rows.items()}
     layers = sorted({int(n.split()[1]) for r in keep_rows.values() for n in r})
-    lines = [f"clutter world, {cfg.world_train} scenes x {cfg.epochs} epochs, keep ratios "
+    start = f"from {cfg.init_from}" if cfg.init_from else "from scratch"
+    lines = [f"clutter world, {start}, {cfg.world_train} scenes x {cfg.epochs} epochs, keep ratios "
              f"{', '.join(map(str, cfg.keep_ratios))}, seeds {', '.join(map(str, cfg.seeds))}: "
              f"mean ± sd",
              f"zero-shot retrieval on {cfg.world_test} test scenes (the oracle's R mean: "
@@ -293,6 +298,9 @@ def summarise_guidance(cfg, runs):
 
 def guidance_main(argv):
     cfg, _ = parse_config(GuidanceConfig(), argv, GUIDANCE_PRESETS, doc=GUIDANCE_DOC)
+    if cfg.init_from and not cfg.dry_run and not os.path.isfile(cfg.init_from):
+        raise SystemExit(f"error: --init_from {cfg.init_from} does not exist (make it with "
+                         f"python train_pretrain.py, or give --init_from '' to start from scratch)")
     runs = guidance_runs(cfg)
     for _, _, _, _, out, train, keep in runs:
         run(train, out, "zero_shot.json", "run.log", cfg.threads, cfg.dry_run)

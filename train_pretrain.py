@@ -30,8 +30,8 @@ from model import ELIPModel, ModelConfig
 from pruning import token_counts
 from text_encoder import load_bert_weights
 from tokenizer import Tokenizer
-from trainer import (RunConfig, cleanup_distributed, fit, log_json, resume_config,
-                     seed_everything, setup_distributed)
+from trainer import (RunConfig, cleanup_distributed, fit, load_checkpoint, log_json,
+                     resume_config, seed_everything, setup_distributed)
 from vit import load_vit_weights
 
 
@@ -50,6 +50,8 @@ class TrainConfig:
     vocab: str = ""                  # BERT vocab.txt; empty = built from the embedded world
     init_vit: str = ""               # DeiT/timm checkpoint for the ViT (both online and momentum)
     init_bert: str = ""              # Hugging Face BERT weights for the text encoder(s)
+    init_from: str = ""              # a checkpoint of train_pretrain.py to start from: its weights
+                                     # and vocabulary, in a new run (optimizer, schedule, data)
     eval_k: int = 16                 # zero-shot retrieval: ITC candidates re-scored by ITM
     model: ModelConfig = field(default_factory=ModelConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -102,7 +104,9 @@ def main(argv=None):
     seed_everything(cfg.run.seed, rank)
 
     # data: every entry is checked when the dataset is built, before any training step
-    tok = Tokenizer(ckpt["vocab"]) if ckpt else make_tokenizer(cfg.vocab, cfg.world_seed)
+    start = load_checkpoint(cfg.init_from) if cfg.init_from and ckpt is None else None
+    tok = Tokenizer((ckpt or start)["vocab"]) if ckpt or start else make_tokenizer(cfg.vocab,
+                                                                                   cfg.world_seed)
     mc = cfg.model
     mc.vocab_size, mc.pad_id, mc.cls_id, mc.mask_id = (tok.vocab_size, tok.pad_id, tok.cls_id,
                                                        tok.mask_id)
@@ -119,6 +123,14 @@ def main(argv=None):
     model = ELIPModel(mc).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    elif start is not None:
+        try:
+            model.load_state_dict(start["model"])
+        except RuntimeError as e:
+            raise SystemExit(f"error: --init_from {cfg.init_from} holds another architecture than "
+                             f"the flags give: {str(e).splitlines()[1].strip()}") from None
+        log(f"weights and vocabulary from {cfg.init_from} (its step {start['step']})")
+        del start
     else:
         init_weights(model, cfg.init_vit, cfg.init_bert, log)
     log(f"prune: {mc.prune}")

@@ -73,6 +73,7 @@ def test_guidance_runs_every_method_at_one_budget():
         flags = dict(zip(train[1::2], train[2::2]))
         assert flags["--world_variant"] == "clutter" and flags["--keep_ratios"] == "0.5,0.3,0.15"
         assert flags["--prune.method"] == method and flags["--seed"] == str(seed)
+        assert flags["--init_from"] == "out/pretrain/checkpoint.pt"       # the same start
         assert (keep is None) == (method == "none")
         if method == "elip":
             assert flags["--lam"] == str(lam)
@@ -83,7 +84,7 @@ def test_guidance_end_to_end_and_rerun_skips_what_is_done(tmp_path):
     out = str(tmp_path / "g")
     cmd = [sys.executable, "experiments.py", "guidance", "--methods", "random", "--lams", "0.8",
            "--seeds", "3", "--world_train", "8", "--batch_size", "4", "--epochs", "1",
-           "--world_test", "4", "--keep_scenes", "2", "--out_dir", out]
+           "--world_test", "4", "--keep_scenes", "2", "--init_from", "", "--out_dir", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
