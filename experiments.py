@@ -80,7 +80,8 @@ class TransferConfig:
     tasks: tuple[str, ...] = ("retrieval", "vqa", "nlvr", "ve", "caption")
     seeds: tuple[int, ...] = (0, 1, 2)   # fine-tuning seeds (head and from-scratch weights, data
                                      # order, crops)
-    max_steps: int = 0               # per run; 0: the task's epochs (train_downstream's presets)
+    epochs: int = 0                  # of every task; 0: the task's preset (train_downstream.py)
+    max_steps: int = 0               # per run; 0: all the epochs
     world_train: int = 0             # the world's training scenes; 0: the task's preset
     world_test: int = 0              # and test scenes; 0: the task's preset
     threads: int = 1                 # per run
@@ -138,7 +139,7 @@ def transfer_runs(cfg):
                                    f"seed{seed}")
                 cmd = ["train_downstream.py", "--task", task, "--pretrained", source,
                        "--seed", str(seed), "--threads", str(cfg.threads), "--out_dir", out]
-                for flag in ("max_steps", "world_train", "world_test"):
+                for flag in ("epochs", "max_steps", "world_train", "world_test"):
                     if getattr(cfg, flag):
                         cmd += [f"--{flag}", str(getattr(cfg, flag))]
                 runs.append((task, row, seed, out, cmd))

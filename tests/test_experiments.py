@@ -14,7 +14,7 @@ from test_train_pretrain import ROOT
 
 def test_transfer_runs_pair_each_seed_with_and_without_pre_training():
     cfg = experiments.TransferConfig(pretrained="ck.pt", tasks=("vqa", "ve"), seeds=(0, 3),
-                                     max_steps=5, out_dir="o")
+                                     epochs=1, max_steps=5, out_dir="o")
     runs = experiments.transfer_runs(cfg)
     assert [(t, row, s) for t, row, s, _, _ in runs] == [
         (t, row, s) for t in ("vqa", "ve") for row in ("pre-trained", "from scratch") for s in (0, 3)]
@@ -24,7 +24,8 @@ def test_transfer_runs_pair_each_seed_with_and_without_pre_training():
         assert cmd[0] == "train_downstream.py" and flags["--task"] == task
         assert flags["--pretrained"] == ("ck.pt" if row == "pre-trained" else "none")
         assert flags["--seed"] == str(seed) and flags["--out_dir"] == out
-        assert flags["--max_steps"] == "5" and "--world_train" not in flags   # 0: the preset's
+        assert flags["--max_steps"] == "5" and flags["--epochs"] == "1"
+        assert "--world_train" not in flags                                  # 0: the preset's
 
 
 def test_question_kinds_cover_every_question_template():
