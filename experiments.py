@@ -203,11 +203,11 @@ class GuidanceConfig:
                                      # words and shapes) on the clutter world; empty: from scratch
     keep_ratios: tuple[float, ...] = (0.5, 0.3, 0.15)   # of the 64 patches, before layers 2, 4
                                      # and 10: 32, 19 and 9 patches for every method but none
-    world_train: int = 1500          # clutter scenes in the training split
-    epochs: int = 4
+    world_train: int = 1600          # clutter scenes in the training split
+    epochs: int = 2                  # (100 steps of 32)
     batch_size: int = 32
-    world_test: int = 200            # test scenes for zero-shot retrieval
-    keep_scenes: int = 100           # test scenes (x 5 captions) for the keep fractions
+    world_test: int = 100            # test scenes for zero-shot retrieval
+    keep_scenes: int = 60            # test scenes (x 5 captions) for the keep fractions
     cover: float = 0.25              # a patch belongs to an object covering this much of it (a
                                      # small object spans 2x2 patches, about a quarter of each)
     threads: int = 1                 # per run
@@ -318,7 +318,7 @@ pre-training checkpoint and from scratch (--pretrained none: the same architectu
 once per seed; VQA also by question kind. Prints mean ± sd, writes out_dir/summary.json."""
 GUIDANCE_DOC = """python experiments.py guidance [--flag value ...]
 
-Text guidance's test: the clutter world (8-11 small objects, captions naming one or two),
+Text guidance's test: the clutter world (5-7 small objects, captions naming one or two),
 pre-trained (train_pretrain.py --world_variant clutter) with each method at the same aggressive
 token budget, elip once per lam, and without pruning, once per seed; zero-shot retrieval on the
 clutter test split and, with analysis.py keep, the fractions of the named objects' patches that

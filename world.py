@@ -1,7 +1,7 @@
 """The embedded world: a generated demo dataset, so that everything runs with no download.
 
 World(seed) draws scenes of 2-4 flat-coloured objects (6 shapes x 7 colours x 2 sizes) on a 3x3
-grid over a textured background (the "clutter" variant: 8-11 small ones on a 4x4 grid), made
+grid over a textured background (the "clutter" variant: 5-7 small ones on a 4x4 grid), made
 on the fly from (seed, split, index): the same scene and the same pixels on every machine, and
 a composition of objects belongs to one split only.
 Captions describe a part of the scene (one object, or two and their relation, or a count), so
@@ -65,13 +65,13 @@ QUESTIONS = {
 }
 QUESTIONS_PER_IMAGE = 4
 CAPTIONS_PER_IMAGE = 5
-# World variants: "default" above; "clutter" tests text-guided pruning: 8-11 small objects on a
+# World variants: "default" above; "clutter" tests text-guided pruning: 5-7 small objects on a
 # 4x4 grid (at 64 px, patch 8, each object within a 2x2 block of patches), and captions that
 # name one object by colour, shape and place, or two and their relation (no counts, which name
 # every object, and no sizes, all being small)
 VARIANTS = {
     "default": dict(grid=3, count=(2, 4), sizes=("small", "large"), counts=True, objects=(0, 1, 2)),
-    "clutter": dict(grid=4, count=(8, 11), sizes=("small",), counts=False, objects=(1,)),
+    "clutter": dict(grid=4, count=(5, 7), sizes=("small",), counts=False, objects=(1,)),
 }
 
 
