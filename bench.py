@@ -98,7 +98,8 @@ def bench_model_config(cfg, prune):
     arch = {k: v for k, v in MODEL_PRESETS[cfg.arch].items() if k in names and k != "prune"}
     mc = ModelConfig(**arch, prune=prune)
     return dataclasses.replace(mc, img_size=cfg.img_size or mc.img_size, max_len=cfg.text_len,
-                               vocab_size=cfg.whole_vocab,
+                               vocab_size=cfg.whole_vocab, enc_id=cfg.whole_vocab - 1,
+                               dec_id=cfg.whole_vocab - 2,
                                queue_size=min(cfg.whole_queue, mc.queue_size))
 
 

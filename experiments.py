@@ -115,7 +115,7 @@ def vqa_by_kind(run_dir, rec):
     entries = world.world_entries("vqa", "test", cfg["world_test"], cfg["world_seed"])
     truth = {e["question_id"]: (question_kind(e["question"]), e["answer"][0]) for e in entries}
     with open(os.path.join(run_dir, "predictions.json")) as f:
-        preds = json.load(f)
+        preds = json.load(f)["world"]
     hits = {}
     for p in preds:
         kind, answer = truth[p["question_id"]]
@@ -152,7 +152,8 @@ def summarise_transfer(cfg, runs):
     for task, row, seed, out, _ in runs:
         with open(os.path.join(out, "metrics.json")) as f:
             rec = json.load(f)
-        figures = {name: lookup(rec["metrics"], key) for name, key, _ in HEADLINE[task]}
+        metrics = rec["test"]["world"]["metrics"]        # the world's test split
+        figures = {name: lookup(metrics, key) for name, key, _ in HEADLINE[task]}
         if task == "vqa":
             figures.update({f"VQA {k} questions, accuracy": v
                             for k, v in vqa_by_kind(out, rec).items()})

@@ -6,10 +6,12 @@ with:
 - the VQA score min(1, matches / 3) against the 10 human answers,
 - accuracy for NLVR2 and SNLI-VE,
 - BLEU-1..4 and CIDEr-D as the COCO caption evaluation (pycocoevalcap's Bleu and Cider scorers,
-  whose Cider is CIDEr-D), run on captions that are already cleaned (data.pre_caption) instead of
-  going through its Java PTB tokenizer.
+  whose Cider is CIDEr-D), on whitespace tokens; caption_scores first cleans candidates and
+  references as that evaluation does (ptb_tokenize: its Stanford PTB tokenizer, written in
+  Python, and its list of punctuation tokens to drop).
 """
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -255,3 +257,79 @@ def cider_d(candidates, references, n=4, sigma=6.0):
                     total += penalty * dot / (nv * nr)
         scores.append(10.0 * total / (n * len(refs)))
     return float(np.mean(scores))
+
+
+# ---- the COCO caption evaluation's text cleaning ------------------------------------------
+# pycocoevalcap runs Stanford's PTBTokenizer (CoreNLP 3.4.1, -preserveLines -lowerCase) on every
+# caption, then drops these tokens. Brackets come out as -lrb- etc. in lower case, which the list
+# (upper case) does not match: they stay, as in the official scores.
+PTB_DROPPED = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
+               "-", "--", "...", ";"}
+PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+# split wherever they stand; a comma or colon not inside a number (1,000 10:30)
+PTB_SEPARATORS = re.compile(r"(--|[;()\[\]{}&]|(?<!\d)[,:]|[,:](?!\d))")
+PTB_SPLIT = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
+             "wanna": ("wan", "na"), "lemme": ("lem", "me"), "gimme": ("gim", "me")}
+PTB_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "mt", "vs", "etc", "inc",
+                     "co", "corp", "ltd", "no", "ave", "jan", "feb", "aug", "sept", "oct", "nov",
+                     "dec"}
+CLITIC = re.compile(r"(.+?)(n't|'s|'ll|'re|'ve|'d|'m)$")
+
+
+def _ptb_word(word):
+    """One whitespace-free piece of lower-case text -> PTB tokens (punctuation included)."""
+    if re.fullmatch(r"'(s|ll|re|ve|d|m)", word):
+        return [word]
+    front, back = [], []
+    while word:                                        # opening quotes, currency
+        if word[0] == '"' or word.startswith("``"):
+            front.append("``")
+            word = word[2:] if word.startswith("``") else word[1:]
+        elif word[0] == "`" or (word[0] == "'" and not word[1:2].isdigit()):    # '90s stays
+            front.append("`")
+            word = word[1:]
+        elif word[0] == "$" and len(word) > 1:
+            front.append("$")
+            word = word[1:]
+        else:
+            break
+    while word:                                        # closing punctuation, clitics
+        m = re.search(r"(\.{2,3}|[!?]+|''|[\"'%])$", word)
+        clitic = CLITIC.match(word)
+        if m and len(word) > len(m.group()):
+            tail = m.group()
+            back[:0] = ["''"] if tail == '"' else [".", "."] if tail == ".." else [tail]
+            word = word[:-len(tail)]
+        elif word.endswith(".") and len(word) > 1:
+            stem = word[:-1]
+            if len(stem) == 1 or "." in stem or stem in PTB_ABBREVIATIONS:
+                break                                  # an abbreviation keeps its period
+            back.insert(0, ".")
+            word = stem
+        elif clitic and not word.startswith("o'"):
+            back.insert(0, clitic.group(2))
+            word = clitic.group(1)
+        else:
+            break
+    word = PTB_SPLIT.get(word, PTB_BRACKETS.get(word, word))
+    return front + (list(word) if isinstance(word, tuple) else [word] if word else []) + back
+
+
+def ptb_tokenize(text: str) -> list[str]:
+    """The COCO caption evaluation's cleaning of one caption: Stanford's PTB tokenisation in lower
+    case (clitics split off: "isn't" -> is n't, "man's" -> man 's; "cannot" -> can not;
+    punctuation apart, except inside numbers, abbreviations and hyphenated words; brackets as
+    -lrb- ...), then pycocoevalcap's punctuation tokens dropped."""
+    tokens = []
+    for chunk in text.lower().split():
+        for piece in PTB_SEPARATORS.split(chunk):
+            tokens += _ptb_word(piece) if piece else []
+    return [t for t in tokens if t not in PTB_DROPPED]
+
+
+def caption_scores(candidates, references) -> dict:
+    """BLEU-4 and CIDEr-D as BLIP reports them (pycocoevalcap's COCOEvalCap): candidates and
+    references cleaned by ptb_tokenize first. candidates: [str]; references: [[str, ...]]."""
+    cands = [" ".join(ptb_tokenize(c)) for c in candidates]
+    refs = [[" ".join(ptb_tokenize(r)) for r in rs] for rs in references]
+    return {"bleu4": bleu4(cands, refs), "cider_d": cider_d(cands, refs)}

@@ -44,14 +44,14 @@ def test_transfer_summary_mean_and_sample_sd(tmp_path):
         os.makedirs(out)
         value = scores[row][seed]
         metrics = {"vqa_score": value} if task == "vqa" else {"accuracy": value}
-        rec = {"metrics": metrics, "config": {"world_test": 3, "world_seed": 0}}
+        rec = {"test": {"world": {"metrics": metrics}}, "config": {"world_test": 3, "world_seed": 0}}
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(rec, f)
         if task == "vqa":     # the pre-trained model answers every question right, else "yes"
             preds = [{"question_id": e["question_id"],
                       "answer": e["answer"][0] if row == "pre-trained" else "yes"} for e in entries]
             with open(os.path.join(out, "predictions.json"), "w") as f:
-                json.dump(preds, f)
+                json.dump({"world": preds}, f)
     summary, table = experiments.summarise_transfer(cfg, runs)
     vqa = summary["tasks"]["vqa"]["VQA score"]
     assert vqa["pre-trained"]["mean"] == pytest.approx(0.7)

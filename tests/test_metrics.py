@@ -3,13 +3,14 @@ pycocoevalcap."""
 import inspect
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from metrics import (accuracy, bleu, bleu4, chance_recall, cider_d, format_recall,
-                     oracle_recall, recall_at_k, vqa_accuracy, vqa_score)
+from metrics import (accuracy, bleu, bleu4, caption_scores, chance_recall, cider_d, format_recall,
+                     oracle_recall, ptb_tokenize, recall_at_k, vqa_accuracy, vqa_score)
 
 
 # -----------------------------------------------------------------------------
@@ -304,3 +305,104 @@ def test_cider_d_matches_pycocoevalcap():
     expected, _ = cider_module.Cider().compute_score(gts, res)
     assert 0.1 < expected < 5
     assert cider_d(candidates, references) == pytest.approx(expected, abs=1e-9)
+
+
+# -----------------------------------------------------------------------------
+# the COCO caption evaluation's cleaning (pycocoevalcap's Java PTB tokenizer, in Python)
+
+PTB_CASES = {   # caption -> what pycocoevalcap's PTBTokenizer and punctuation list make of it
+    "A man's dog isn't running.": "a man 's dog is n't running",
+    "Two dogs (brown) play in the park!": "two dogs -lrb- brown -rrb- play in the park",
+    "A black/white cat on a well-dressed man's lap": "a black/white cat on a well-dressed man 's lap",
+    'He said "hello" to them...': "he said hello to them",
+    "A cannot gonna wanna gotta test": "a can not gon na wan na got ta test",
+    "It's 3.5 feet, and 1,000 people; wow: ok?": "it 's 3.5 feet and 1,000 people wow ok",
+    "A dog -- running - fast": "a dog running fast",
+    "Mr. Smith and Dr. Who at 5 p.m. in the U.S.": "mr. smith and dr. who at 5 p.m. in the u.s.",
+    "a $5 bill & 50% off @home #tag": "a $ 5 bill & 50 % off @home #tag",
+    "cats' toys and the 90's": "cats toys and the 90 's",
+    "I'll we'd you're they've I'm": "i 'll we 'd you 're they 've i 'm",
+    "don't can't won't shouldn't": "do n't ca n't wo n't should n't",
+    "An 'odd' quote `here'": "an odd quote here",
+    "A plate of food with  broccoli,carrots.": "a plate of food with broccoli carrots",
+    "a {curly} [square] <angle>": "a -lcb- curly -rcb- -lsb- square -rsb- <angle>",
+    "A cat.Another sentence": "a cat.another sentence",
+    "a b.c d.": "a b.c d.",
+    "o'clock O'Neil": "o'clock o'neil",
+    "hi!!! wow?!": "hi !!! wow ?!",
+    "end..": "end",
+    "hello--world semi;colon x:y 10:30": "hello world semi colon x y 10:30",
+    "a cat(s) here, a b&w photo": "a cat -lrb- s -rrb- here a b & w photo",
+    "the '90s style": "the '90s style",
+    "A woman riding a bike down the street, next to a bus.":
+        "a woman riding a bike down the street next to a bus",
+    "Skiers on the slope... at night!": "skiers on the slope at night",
+    "A 10-year-old boy plays baseball.": "a 10-year-old boy plays baseball",
+}
+
+
+PTB_MORE = [   # more captions for the comparison with the Java tokenizer
+    'A  Man   with spaces ',
+    'a tennis-player.',
+    'e-mail t-shirt x-ray',
+    'A 2x4 board * star',
+    'Café naïve résumé',
+    'the end .',
+    "a ''double'' quote",
+    'U.S.A. is big',
+    "it's 10:30 am",
+    "A 'S word",
+    "a dog's.",
+    "what's up?",
+    "a kids' room",
+    "an 'I love NY' shirt",
+    "some 'quoted text'.",
+    "It is 5 o'clock.",
+    'a dog,',
+    'A.',
+    "dog's, cat's",
+    '(a) test',
+    'hello--world',
+    'semi;colon x:y',
+    'a cat(s) here',
+    'a b&w photo',
+    'I LOVE NY',
+    'he\'s "the best".',
+    'A man, a plan, a canal: Panama!',
+    'two men on bikes ; one is red',
+    "a woman's hat ( red )",
+    "Can't stop won't stop",
+    'a 3-4 year old',
+    'a cup of coffee?!?',
+    'A group of people standing around a kitchen.',
+    '"A sign that says \'stop\' on a pole."',
+    "A person's hand holding a cell-phone (iPhone).",
+    "There's a cat on the couch; it's sleeping.",
+    'The bus is red/white and blue.',
+    "people at the St. Patrick's day parade",
+]
+
+
+def test_ptb_tokenize_by_hand():
+    for caption, tokens in PTB_CASES.items():
+        assert " ".join(ptb_tokenize(caption)) == tokens, caption
+
+
+def test_ptb_tokenize_matches_pycocoevalcap_java():
+    """These cases and more through pycocoevalcap's own tokenizer (Stanford CoreNLP 3.4.1, Java)."""
+    ptb = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer")
+    if shutil.which("java") is None:
+        pytest.skip("no java to run pycocoevalcap's PTBTokenizer")
+    captions = list(PTB_CASES) + PTB_MORE
+    out = ptb.PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
+    assert [out[i][0] for i in range(len(captions))] == [" ".join(ptb_tokenize(c)) for c in captions]
+
+
+def test_caption_scores_clean_both_sides():
+    refs = [["A dog's ball.", "The dog's red ball!"], ["Two (2) cats, sleeping.", "Cats sleep."]]
+    cands = ["A dog's ball", "two cats sleeping"]
+    clean = [["a dog 's ball", "the dog 's red ball"], ["two -lrb- 2 -rrb- cats sleeping", "cats sleep"]]
+    want = {"bleu4": bleu4(["a dog 's ball", "two cats sleeping"], clean),
+            "cider_d": cider_d(["a dog 's ball", "two cats sleeping"], clean)}
+    assert caption_scores(cands, refs) == pytest.approx(want)
+    assert want["cider_d"] > 0
