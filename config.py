@@ -174,9 +174,7 @@ def parse_config(cfg, argv: list, presets: dict, key: str | tuple = "preset", do
     keys = (key,) if isinstance(key, str) else tuple(key)
     values = tuple(next((t for n, t in pairs if n == k), getattr(cfg, k)) for k in keys)
     preset = choose_preset(presets, keys, values)
-    for name, value in presets[preset].items():
-        owner, attr = leaves[resolve_flag(leaves, name)]
-        setattr(owner, attr, value)
+    apply_preset(cfg, presets[preset])
     for prefix, sub in nested_presets(cfg).items():
         name = next((t for n, t in pairs if flag_matches(leaves, n) == [f"{prefix}.preset"]),
                     sub.preset)
@@ -197,6 +195,15 @@ def parse_config(cfg, argv: list, presets: dict, key: str | tuple = "preset", do
         setattr(owner, attr, value)
         given[dotted] = value
     return rebuild(cfg), given
+
+
+def apply_preset(cfg, values: dict):
+    """Set the fields named in `values` (flag names: dotted or unambiguous suffixes) in place."""
+    leaves = config_leaves(cfg)
+    for name, value in values.items():
+        owner, attr = leaves[resolve_flag(leaves, name)]
+        setattr(owner, attr, value)
+    return cfg
 
 
 def rebuild(cfg):

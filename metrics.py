@@ -86,13 +86,50 @@ def chance_recall(img2txt, ks=(1, 5, 10)):
     return out
 
 
-def format_recall(metrics, chance=None, title="retrieval"):
-    """A small text table: TR/IR R@1/5/10 and their mean, with chance beside when given."""
+def oracle_recall(truth, img2txt, ks=(1, 5, 10)):
+    """The expected recall (percent, recall_at_k's keys) of an oracle that knows which captions
+    are true of which images but nothing more: for each query it ranks first, in random order,
+    every candidate the caption is true of (a caption such as "there are two objects" is true
+    of many images), then the rest. The ceiling of a model that reads only what a caption says.
+    truth (num_images, num_texts) bool, True at least where img2txt pairs an image with its
+    own captions. Text retrieval: with s captions true of the image, g of them its own, one of
+    those is among the first k with probability 1 - C(s-g, k') / C(s, k'), k' = min(k, s); image
+    retrieval: a caption true of m images ranks its own among the first k with probability
+    min(1, k / m). (A model can beat it only through how the captions were sampled, e.g. a
+    caption true of many images is more often written for those with fewer true captions.)"""
+    truth = np.asarray(truth, dtype=bool)
+    img2txt = list(img2txt.values()) if isinstance(img2txt, dict) else img2txt
+    own = np.zeros_like(truth)
+    for i, caps in enumerate(img2txt):
+        own[i, caps] = True
+    if own.shape != truth.shape or (own & ~truth).any() or (own.sum(0) != 1).any():
+        raise ValueError("truth must be (images, texts), True wherever img2txt pairs an image "
+                         "with its captions, each caption belonging to one image")
+    true_of_image, true_of_text = truth.sum(1), truth.sum(0)       # (N,) s, (T,) m
+    out = {}
+    for k in ks:
+        out[f"txt_r{k}"] = 100 * float(np.mean([
+            1 - math.comb(s - len(g), min(k, s)) / math.comb(s, min(k, s))
+            for s, g in zip(true_of_image.tolist(), img2txt)]))
+        out[f"img_r{k}"] = 100 * float(np.minimum(1.0, k / true_of_text).mean())
+    for side in ("txt", "img"):
+        out[f"{side}_r_mean"] = float(np.mean([out[f"{side}_r{k}"] for k in ks]))
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def format_recall(metrics, chance=None, title="retrieval", oracle=None):
+    """A small text table: TR/IR R@1/5/10 and their mean, with chance and the oracle's
+    (oracle_recall) beside when given, and the model's R mean as a fraction of the oracle's."""
     keys = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
     head = f"{'':>12}" + "".join(f"{k:>9}" for k in keys)
-    rows = [(name, m) for name, m in [("model", metrics), ("chance", chance)] if m is not None]
+    rows = [(name, m) for name, m in [("model", metrics), ("chance", chance), ("oracle", oracle)]
+            if m is not None]
     lines = [title, head] + [f"{name:>12}" + "".join(f"{m[k]:9.2f}" for k in keys)
                              for name, m in rows]
+    if oracle is not None:
+        lines.append(f"R mean {metrics['r_mean']:.2f} is {metrics['r_mean'] / oracle['r_mean']:.1%} "
+                     f"of the oracle's {oracle['r_mean']:.2f}")
     return "\n".join(lines)
 
 

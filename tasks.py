@@ -20,9 +20,11 @@ import data
 import eval as evaluation
 import metrics
 import world
+from config import apply_preset
 from heads import CaptionModel, NLVRModel, VEModel, VQAModel
-from model import ELIPModel
+from model import PRESETS, ELIPModel, ModelConfig
 from pruning import TEXT_GUIDED, PruneConfig
+from tokenizer import Tokenizer
 
 TASKS = ("retrieval", "vqa", "nlvr", "ve", "caption")
 
@@ -111,6 +113,16 @@ def downstream_model_config(mc, cfg):
                                img_size=cfg.img_size or mc.img_size,
                                max_len=cfg.max_len or mc.max_len,
                                negative_all_rank=cfg.negative_all_rank)
+
+
+def scratch_model_config():
+    """(model config, tokenizer) of what train_pretrain.py builds by default, the tiny preset
+    with the world's vocabulary, for the same fine-tuning from random weights (--pretrained
+    none): what pre-training adds is the difference."""
+    tok = Tokenizer.build([" ".join(world.World.vocabulary())])
+    mc = apply_preset(ModelConfig(), PRESETS["tiny"])
+    return dataclasses.replace(mc, vocab_size=tok.vocab_size, pad_id=tok.pad_id, cls_id=tok.cls_id,
+                               mask_id=tok.mask_id, enc_id=tok.enc_id, dec_id=tok.dec_id), tok
 
 
 def build_model(task, mc, tok, num_answers, prompt):

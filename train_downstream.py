@@ -3,6 +3,7 @@ Fine-tune a pre-trained ELIP model on a downstream task, then evaluate it on the
 
     python train_downstream.py --task retrieval          # the embedded world's version, CPU, minutes
     python train_downstream.py --task vqa --prune true   # keep the token pruning downstream (a study)
+    python train_downstream.py --task vqa --pretrained none   # the same from random weights
     torchrun --nproc_per_node 4 train_downstream.py --task retrieval --preset albef_coco \\
         --pretrained out/pretrain/checkpoint.pt --train_file coco_train.json \\
         --test_file coco_val.json,coco_test.json --image_root /data/coco
@@ -48,7 +49,8 @@ from tqdm import tqdm
 from config import config_from_dict, parse_config
 from heads import load_pretrained
 from model import ModelConfig, MomentumStep
-from tasks import build_data, build_model, downstream_model_config, evaluate_task
+from tasks import (build_data, build_model, downstream_model_config, evaluate_task,
+                   scratch_model_config)
 from tokenizer import Tokenizer
 from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, load_checkpoint, log_json,
                      resume_config, seed_everything, setup_distributed)
@@ -60,7 +62,8 @@ class DownstreamConfig:
     preset: str = "world"            # with --task, selects TASK_PRESETS: world | albef | blip
                                      # (retrieval: albef_coco | albef_flickr | blip_coco | blip_flickr)
     pretrained: str = "out/pretrain/checkpoint.pt"   # a checkpoint of train_pretrain.py (or, with
-                                     # --evaluate true, a fine-tuned one of this script)
+                                     # --evaluate true, a fine-tuned one of this script); none:
+                                     # the tiny preset's architecture from random weights
     evaluate: bool = False           # no training: evaluate --pretrained on every test file
     # data: ALBEF/BLIP JSON files (several: comma-separated; test files are scored one by one);
     # none given = the embedded world
@@ -148,7 +151,11 @@ SAFE_ON_RESUME = ("test_file", "eval_k", "eval_batch_size", "beam", "max_length"
 
 def load_source(cfg):
     """The checkpoint given as --pretrained: (model config, tokenizer, state dict, VQA answer list
-    or None, whether it is a fine-tuned checkpoint of this script)."""
+    or None, whether it is a fine-tuned checkpoint of this script); for --pretrained none, the
+    default pre-training's architecture and vocabulary and no state dict."""
+    if cfg.pretrained == "none" and not cfg.evaluate:
+        mc, tok = scratch_model_config()
+        return downstream_model_config(mc, cfg), tok, None, None, False
     if not os.path.isfile(cfg.pretrained):
         raise SystemExit(f"error: --pretrained {cfg.pretrained} does not exist (make one with "
                          f"python train_pretrain.py)")
@@ -200,6 +207,9 @@ def main(argv=None):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         weights = ckpt["weights"]
+    elif state is None:
+        weights = dict(loaded=[], initialised=list(model.state_dict()), unused=[], interpolated=[])
+        log("no pre-trained weights (--pretrained none): every weight starts random")
     else:
         try:
             weights = load_pretrained(model, state)

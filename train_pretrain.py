@@ -31,7 +31,8 @@ from model import ELIPModel, ModelConfig, MomentumStep
 from pruning import token_counts
 from text_encoder import load_bert_weights
 from tokenizer import BLIP_TOKENS, Tokenizer
-from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, gather_objects, log_json,
+from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, gather_objects,
+                     load_checkpoint, log_json,
                      resume_config, seed_everything, setup_distributed)
 from vit import load_vit_weights
 
@@ -46,6 +47,7 @@ class TrainConfig:
                                      # ranks split the files); false: a missing one is skipped
                                      # when read, like an unreadable one (--max_bad_images)
     world_seed: int = 0
+    world_variant: str = "default"   # default | clutter (many small objects: text guidance's test)
     world_train: int = 6000          # scenes in the embedded world's train split
     world_test: int = 200            # scenes in its test split (zero-shot retrieval at the end)
     crop_scale: tuple[float, ...] = (0.8, 1.0)   # random-crop area; ALBEF's (0.2, 1.0) would crop
@@ -64,6 +66,8 @@ class TrainConfig:
     vocab: str = ""                  # BERT vocab.txt; empty = built from the embedded world
     init_vit: str = ""               # DeiT/timm checkpoint for the ViT (both online and momentum)
     init_bert: str = ""              # Hugging Face BERT weights for the text encoder(s)
+    init_from: str = ""              # a checkpoint of train_pretrain.py to start from: its weights
+                                     # and vocabulary, in a new run (optimizer, schedule, data)
     eval_k: int = 16                 # zero-shot retrieval: ITC candidates re-scored by ITM
     model: ModelConfig = field(default_factory=ModelConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -131,12 +135,13 @@ def main(argv=None):
 
     # data: every entry is checked when the dataset is built, before any training step
     mc = cfg.model
-    tok = Tokenizer(ckpt["vocab"]) if ckpt else make_tokenizer(cfg.vocab, cfg.world_seed,
-                                                               mc.blip_tokens)
+    start = load_checkpoint(cfg.init_from) if cfg.init_from and ckpt is None else None
+    tok = Tokenizer((ckpt or start)["vocab"]) if ckpt or start else \
+        make_tokenizer(cfg.vocab, cfg.world_seed, mc.blip_tokens)
     mc.vocab_size, mc.pad_id, mc.cls_id, mc.mask_id, mc.enc_id, mc.dec_id = (
         tok.vocab_size, tok.pad_id, tok.cls_id, tok.mask_id, tok.enc_id, tok.dec_id)
     source = list(cfg.train_files) or world.world_entries("pretrain", "train", cfg.world_train,
-                                                          cfg.world_seed)
+                                                          cfg.world_seed, cfg.world_variant)
     try:
         transform = data.create_transform(mc.img_size, True, cfg.crop_scale, cfg.randaug_n,
                                           cfg.randaug_m)
@@ -158,6 +163,14 @@ def main(argv=None):
     model = ELIPModel(mc).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    elif start is not None:
+        try:
+            model.load_state_dict(start["model"])
+        except RuntimeError as e:
+            raise SystemExit(f"error: --init_from {cfg.init_from} holds another architecture than "
+                             f"the flags give: {str(e).splitlines()[1].strip()}") from None
+        log(f"weights and vocabulary from {cfg.init_from} (its step {start['step']})")
+        del start
     else:
         init_weights(model, cfg.init_vit, cfg.init_bert, log)
     log(f"prune: {mc.prune}")
@@ -183,19 +196,26 @@ def main(argv=None):
     # under DDP every rank embeds and re-ranks its share (eval.py), rank 0 reports
     if not cfg.train_files and cfg.world_test > 0:
         test_set = data.RetrievalEvalDataset(
-            world.world_entries("retrieval", "test", cfg.world_test, cfg.world_seed), None,
+            world.world_entries("retrieval", "test", cfg.world_test, cfg.world_seed,
+                                cfg.world_variant), None,
             data.create_transform(mc.img_size, train=False))
         scores = evaluation.evaluate_retrieval(model, test_set, tok, device, k=cfg.eval_k,
                                                max_len=mc.max_len)
         if master:
             chance = metrics.chance_recall(test_set.img2txt)
-            rec = {"zero_shot_retrieval": scores, "chance": chance, "train_seconds": train_time,
-                   "prune_method": mc.prune.method}
+            # the ceiling: many captions are true of several test images ("there are two objects")
+            truth = world.caption_truth([it["images"][0] for it in test_set.items], test_set.text)
+            oracle = metrics.oracle_recall(truth, test_set.img2txt)
+            rec = {"zero_shot_retrieval": scores, "chance": chance, "oracle": oracle,
+                   "r_mean_of_oracle": scores["r_mean"] / oracle["r_mean"],
+                   "itc_r_mean_of_oracle": scores["itc"]["r_mean"] / oracle["r_mean"],
+                   "train_seconds": train_time, "prune_method": mc.prune.method,
+                   "world_variant": cfg.world_variant}
             log_json(cfg.run.out_dir, rec)
             log(metrics.format_recall(scores, chance, f"zero-shot retrieval, world test split "
                                       f"({len(test_set)} images, prune={mc.prune.method}), "
-                                      f"ITM re-ranking of the top {cfg.eval_k}"))
-            log(metrics.format_recall(scores["itc"], None, "ITC only"))
+                                      f"ITM re-ranking of the top {cfg.eval_k}", oracle))
+            log(metrics.format_recall(scores["itc"], None, "ITC only", oracle))
             with open(os.path.join(cfg.run.out_dir, "zero_shot.json"), "w") as f:
                 json.dump(rec, f, indent=1)
     cleanup_distributed(world_size)

@@ -498,3 +498,32 @@ def test_evaluate_gives_the_metrics_of_the_fine_tuning_run(tmp_path, pretrained,
     # a fine-tuned checkpoint is for --evaluate of its own task only
     with pytest.raises(SystemExit, match="fine-tuned"):
         train_downstream.main(flags[:2] + flags[4:])
+
+
+def test_from_scratch_is_the_default_pretraining_architecture_untrained(tmp_path):
+    """--pretrained none: the model train_pretrain.py builds by default (the tiny preset, the
+    world's vocabulary), fine-tuned the same way from random weights."""
+    world_flags = ["--world_train", "4", "--world_test", "2", "--batch_size", "4",
+                   "--max_steps", "1", "--warmup_steps", "1", "--eval_batch_size", "8"]
+    pre = tmp_path / "pre"
+    train_pretrain.main(["--out_dir", str(pre), "--world_train", "8", "--world_test", "0",
+                         "--batch_size", "4", "--max_steps", "1"])
+    states = {}
+    for name, source in (("pretrained", str(pre / "checkpoint.pt")), ("scratch", "none")):
+        out = tmp_path / name
+        train_downstream.main(["--task", "vqa", "--pretrained", source, "--out_dir", str(out),
+                               *world_flags])
+        saved = torch.load(out / "checkpoint.pt", weights_only=True)
+        rec = json.loads((out / "metrics.json").read_text())
+        assert rec["pretrained"] == source
+        assert 0 <= rec["test"]["world"]["metrics"]["vqa_score"] <= 1
+        states[name] = (saved["model"], saved["model_config"], saved["vocab"], rec["weights"])
+    (pre_state, pre_mc, pre_vocab, pre_w), (new_state, new_mc, new_vocab, new_w) = \
+        states["pretrained"], states["scratch"]
+    assert new_mc == pre_mc and new_vocab == pre_vocab
+    assert {k: v.shape for k, v in new_state.items()} == {k: v.shape for k, v in pre_state.items()}
+    assert new_w["initialised"] == list(new_state) and pre_w["initialised"] == ["vqa_head.0.weight",
+        "vqa_head.0.bias", "vqa_head.2.weight", "vqa_head.2.bias"]
+    # the same seed, yet different encoders: one started from the checkpoint
+    key = "visual_encoder.patch_embed.proj.weight"
+    assert not torch.equal(new_state[key], pre_state[key])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from metrics import (accuracy, bleu, bleu4, caption_scores, chance_recall, cider_d, format_recall,
-                     ptb_tokenize, recall_at_k, vqa_accuracy, vqa_score)
+                     oracle_recall, ptb_tokenize, recall_at_k, vqa_accuracy, vqa_score)
 
 
 # -----------------------------------------------------------------------------
@@ -121,6 +121,47 @@ def test_chance_recall_by_hand_and_by_sampling():
         assert np.mean([r[key] for r in runs]) == pytest.approx(expected[key], abs=3.0), key
 
 
+def test_oracle_recall_by_hand():
+    # image 0 owns captions 0, 1 and caption 2 is also true of it; image 1 owns caption 2 and
+    # caption 0 is also true of it
+    truth = [[True, True, True], [True, False, True]]
+    oracle = oracle_recall(truth, [[0, 1], [2]])
+    # text retrieval: image 0 ranks its 3 true captions first, 2 of them its own: a hit at 1 in
+    # 2 of 3 orders; image 1 ranks captions 0 and 2 first: 1 in 2. At 5 and 10 always a hit
+    assert oracle["txt_r1"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)          # 58.33
+    assert oracle["txt_r5"] == oracle["txt_r10"] == 100.0
+    # image retrieval: caption 0 is true of both images (1/2), caption 1 of image 0 only (1),
+    # caption 2 of both (1/2)
+    assert oracle["img_r1"] == pytest.approx(100 * (1 / 2 + 1 + 1 / 2) / 3)      # 66.67
+    assert oracle["img_r5"] == oracle["img_r10"] == 100.0
+    assert oracle["r_mean"] == pytest.approx(87.5)          # ((58.33 + 200) / 3 + (66.67 + 200) / 3) / 2
+
+
+def test_oracle_recall_between_perfect_and_chance():
+    img2txt = {0: [0], 1: [1, 2, 3], 2: [4, 5], 3: [6], 4: [7, 8, 9, 10], 5: [11], 6: [12, 13]}
+    own = np.zeros((7, 14), bool)
+    for i, caps in img2txt.items():
+        own[i, caps] = True
+    # captions true only of their own image: a perfect ranking
+    assert all(v == 100.0 for v in oracle_recall(own, img2txt).values())
+    # every caption true of every image: the oracle knows nothing and ranks at random
+    everything = oracle_recall(np.ones((7, 14), bool), img2txt)
+    assert everything == pytest.approx(chance_recall(img2txt))
+    # and by sampling the oracle's random order among the true candidates, on a mixed truth
+    rng = np.random.default_rng(0)
+    truth = own | (rng.random((7, 14)) < 0.3)
+    txt2img = [i for i, caps in img2txt.items() for _ in caps]
+    runs = []
+    for _ in range(400):
+        scores = truth + rng.random((7, 14)) * 0.5        # the true ones first, random among them
+        runs.append(recall_at_k(scores, scores.T, img2txt, txt2img))
+    expected = oracle_recall(truth, img2txt)
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
+        assert np.mean([r[key] for r in runs]) == pytest.approx(expected[key], abs=3.0), key
+    with pytest.raises(ValueError):                  # an image's own caption must be true of it
+        oracle_recall(np.zeros((7, 14), bool), img2txt)
+
+
 def test_format_recall():
     model = dict(txt_r1=12.5, txt_r5=40, txt_r10=60, img_r1=10, img_r5=35, img_r10=55, r_mean=35.4)
     chance = chance_recall([[0, 1], [2, 3]])
@@ -131,6 +172,9 @@ def test_format_recall():
                                 "35.40"]
     assert lines[3].split()[0] == "chance" and len(lines) == 4
     assert len(format_recall(model).splitlines()) == 3                 # no chance row
+    lines = format_recall(model, None, "zero-shot", oracle=dict(model, r_mean=70.8)).splitlines()
+    assert lines[3].split()[0] == "oracle" and lines[4] == "R mean 35.40 is 50.0% of the " \
+        "oracle's 70.80"
 
 # -----------------------------------------------------------------------------
 # VQA and classification accuracy

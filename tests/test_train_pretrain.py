@@ -278,3 +278,39 @@ def test_two_ranks_skip_unreadable_images_and_stop_together(tmp_path):
     for code, err in ranks:
         assert code == 1 and "training entries have an image that cannot be read, more than " \
             "the limit of 2" in err, err[-3000:]
+
+
+@pytest.mark.parametrize("variant", ["default", "clutter"])
+def test_zero_shot_reports_the_oracle_ceiling(tmp_path, capsys, variant):
+    out = str(tmp_path / variant)
+    train_pretrain.main(SMALL + ["--out_dir", out, "--max_steps", "1", "--world_test", "6",
+                                 "--world_variant", variant])
+    rec = json.load(open(os.path.join(out, "zero_shot.json")))
+    oracle, chance = rec["oracle"], rec["chance"]
+    assert rec["world_variant"] == variant
+    assert chance["r_mean"] < oracle["r_mean"] <= 100.0
+    assert rec["r_mean_of_oracle"] == pytest.approx(rec["zero_shot_retrieval"]["r_mean"]
+                                                    / oracle["r_mean"])
+    assert rec["itc_r_mean_of_oracle"] == pytest.approx(
+        rec["zero_shot_retrieval"]["itc"]["r_mean"] / oracle["r_mean"])
+    printed = capsys.readouterr()
+    assert "of the oracle's" in printed.out + printed.err
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoint(tmp_path):
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    train_pretrain.main(SMALL + ["--out_dir", first, "--max_steps", "2"])
+    # a new run from its weights: with a learning rate of 0 the weights stay the checkpoint's
+    train_pretrain.main(SMALL + ["--out_dir", second, "--max_steps", "1", "--init_from",
+                                 os.path.join(first, "checkpoint.pt"), "--lr", "0",
+                                 "--min_lr", "0", "--world_variant", "clutter"])
+    a, b = final_model(first), final_model(second)
+    # (the momentum copies move towards the online weights; the queues take the new features)
+    online = [k for k in a if "_m." not in k and "queue" not in k]
+    assert len(online) > 50 and all(torch.equal(a[k], b[k]) for k in online)
+    saved = torch.load(os.path.join(second, "checkpoint.pt"), weights_only=True)
+    assert saved["step"] == 1 and saved["config"]["init_from"].endswith("checkpoint.pt")
+    with pytest.raises(SystemExit, match="another architecture"):
+        train_pretrain.main(SMALL + ["--out_dir", str(tmp_path / "x"), "--max_steps", "1",
+                                     "--init_from", os.path.join(first, "checkpoint.pt"),
+                                     "--vision_width", "64", "--text_width", "64"])
