@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import world
-from config import config_from_dict, parse_config
+from config import config_from_dict, parse_config, run_subcommand
 from model import ELIPModel, ModelConfig, build_vit
 from pruning import METHODS, TEXT_GUIDED, cut_layers
 from tokenizer import Tokenizer
@@ -424,12 +424,7 @@ python analysis.py COMMAND --help lists the command's flags"""
 
 
 def main(argv):
-    if argv in ([], ["-h"], ["--help"]):
-        print(USAGE)
-        raise SystemExit(0 if argv else 2)
-    if argv[0] not in COMMANDS:
-        raise SystemExit(f"error: unknown command {argv[0]!r}\n{USAGE}")
-    COMMANDS[argv[0]](argv[1:])
+    run_subcommand(COMMANDS, argv, USAGE)
 
 
 if __name__ == "__main__":

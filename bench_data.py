@@ -29,6 +29,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 import data
-from config import parse_config
+from config import parse_config, run_subcommand
 from model import PRESETS as MODEL_PRESETS
 
 # What one GPU consumes: the ELIP paper (arXiv 2309.16738, Table 1) reports ALBEF + ELIP
@@ -256,7 +257,7 @@ def format_loading(r: dict, cfg: LoadingConfig) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"corpus": (CorpusConfig, run_corpus), "loading": (LoadingConfig, run_loading)}
+RUNS = {"corpus": (CorpusConfig, run_corpus), "loading": (LoadingConfig, run_loading)}
 USAGE = """usage: python bench_data.py {corpus,loading} [--flag value ...]
   corpus   build the pre-training dataset from a generated 1M-entry ALBEF JSON: time, memory of
            the main process and of each DataLoader worker after an epoch of reading entries
@@ -264,22 +265,22 @@ USAGE = """usage: python bench_data.py {corpus,loading} [--flag value ...]
 python bench_data.py COMMAND --help lists the command's flags"""
 
 
-def main(argv):
-    if argv in ([], ["-h"], ["--help"]):
-        print(USAGE)
-        raise SystemExit(0 if argv else 2)
-    if argv[0] not in COMMANDS:
-        raise SystemExit(f"error: unknown command {argv[0]!r}\n{USAGE}")
-    config_cls, run = COMMANDS[argv[0]]
+def run_command(name, argv):
+    """One subcommand: its flags, its run, the printed report and its JSON file."""
+    config_cls, run = RUNS[name]
     keys = {f for f in config_cls.__dataclass_fields__}
     presets = {k: {f: v for f, v in p.items() if f in keys} for k, p in PRESETS.items()}
-    cfg, _ = parse_config(config_cls(), argv[1:], presets, doc=__doc__)
+    cfg, _ = parse_config(config_cls(), argv, presets, doc=__doc__)
     report = run(cfg)
-    print(format_corpus(report) if argv[0] == "corpus" else format_loading(report, cfg))
-    path = os.path.join(cfg.dir, f"{argv[0]}.json")
+    print(format_corpus(report) if name == "corpus" else format_loading(report, cfg))
+    path = os.path.join(cfg.dir, f"{name}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {path}")
+
+
+def main(argv):
+    run_subcommand({name: partial(run_command, name) for name in RUNS}, argv, USAGE)
 
 
 if __name__ == "__main__":

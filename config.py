@@ -231,3 +231,14 @@ def config_from_dict(cls, d: dict):
             value = tuple(value)
         kw[f.name] = value
     return cls(**kw)
+
+
+def run_subcommand(commands: dict, argv: list, usage: str):
+    """`python SCRIPT COMMAND [--flag value ...]`: call commands[COMMAND](flags); no command, or
+    -h/--help alone, prints the usage (exit 2 without a command, 0 when asked)."""
+    if argv in ([], ["-h"], ["--help"]):
+        print(usage)
+        raise SystemExit(0 if argv else 2)
+    if argv[0] not in commands:
+        raise SystemExit(f"error: unknown command {argv[0]!r}\n{usage}")
+    commands[argv[0]](argv[1:])

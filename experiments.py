@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import world
-from config import parse_config
+from config import parse_config, run_subcommand
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -332,12 +332,7 @@ python experiments.py COMMAND --help lists the command's flags"""
 
 
 def main(argv):
-    if argv in ([], ["-h"], ["--help"]):
-        print(USAGE)
-        raise SystemExit(0 if argv else 2)
-    if argv[0] not in COMMANDS:
-        raise SystemExit(f"error: unknown command {argv[0]!r}\n{USAGE}")
-    COMMANDS[argv[0]](argv[1:])
+    run_subcommand(COMMANDS, argv, USAGE)
 
 
 if __name__ == "__main__":
