@@ -299,21 +299,28 @@ class SkipUnreadable(Dataset):
     the main process from DataLoader workers too. After `max_tries` unreadable entries in a row
     the sample is None: fit stops the run then, as the limit is passed."""
 
-    def __init__(self, dataset, max_tries: int):
+    def __init__(self, dataset, max_tries: int, seed: tuple[int, ...] = ()):
         self.dataset, self.max_tries = dataset, min(max_tries, len(dataset))
+        self.seed = seed
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        skipped = []
-        for j in range(i, i + self.max_tries):
-            j %= len(self.dataset)
-            try:
-                return self.dataset[j], skipped
-            except OSError as e:
-                skipped.append((j, str(e)))
-        return None, skipped
+        # each sample draws its crop, flip, caption and RandAugment from its own generator, seeded
+        # by (seed, index): the same in the main process as in any worker, so the data do not
+        # depend on num_workers and a resumed run draws what the uninterrupted one would
+        sample_seed = int(np.random.SeedSequence([*self.seed, i]).generate_state(1, np.uint64)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            skipped = []
+            for j in range(i, i + self.max_tries):
+                j %= len(self.dataset)
+                try:
+                    return self.dataset[j], skipped
+                except OSError as e:
+                    skipped.append((j, str(e)))
+            return None, skipped
 
 
 def collate_skipping(batch, collate):
@@ -419,8 +426,9 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
                              f"entries, at least --bad_images_floor {run.bad_images_floor}); "
                              f"the last: {last}")
 
-    # the sampler's order is fixed by (seed, epoch), so a resumed run skips the batches already
-    # seen and, with the saved RNG states restored, continues exactly (with num_workers = 0)
+    # the sampler's order is fixed by (seed, epoch) and each sample's randomness by (seed, rank,
+    # epoch, index), so a resumed run skips the batches already seen and, with the saved RNG
+    # states restored, continues exactly, with or without DataLoader workers
     model.train()
     bar = tqdm(total=stop_step, initial=step, disable=not master, desc=desc, dynamic_ncols=True)
     t0, seen = time.time(), 0
@@ -428,9 +436,10 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
         epoch, in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
         order = list(sampler)[in_epoch * per_step:]
-        # worker seeds differ per rank and per epoch
+        # the loader's own draws (worker base seeds) leave the training stream alone
         generator = torch.Generator().manual_seed((run.seed + rank) * 100_003 + epoch)
-        loader = DataLoader(Subset(SkipUnreadable(train_set, skip_limit + 1), order),
+        samples = SkipUnreadable(train_set, skip_limit + 1, seed=(run.seed, rank, epoch))
+        loader = DataLoader(Subset(samples, order),
                             batch_size=run.batch_size, num_workers=run.num_workers,
                             collate_fn=partial(collate_skipping, collate=collate),
                             drop_last=True, pin_memory=device.type == "cuda",

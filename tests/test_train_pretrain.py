@@ -78,6 +78,18 @@ def test_resume_gives_the_same_parameters(tmp_path, model):
     assert logged_steps(a) == list(range(1, 6))                               # starts a new log
 
 
+def test_data_do_not_depend_on_workers_and_resume_exactly_with_them(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    flags = SMALL + ["--world_train", "12"]                                 # 3 steps an epoch
+    train_pretrain.main(flags + ["--out_dir", a, "--max_steps", "5", "--num_workers", "0"])
+    train_pretrain.main(flags + ["--out_dir", b, "--max_steps", "2", "--num_workers", "2"])
+    train_pretrain.main(["--out_dir", b, "--resume", "auto", "--max_steps", "5",
+                         "--num_workers", "1"])
+    sa, sb = final_model(a), final_model(b)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
 @pytest.mark.parametrize("preset, lrs", [("albef", [1e-5, 1e-5, 1e-5]),     # t = 0 for now
                                          ("blip", [1e-6 + i * 99e-6 / 100 for i in range(3)])])
 def test_paper_presets_train_at_small_width(tmp_path, preset, lrs):
