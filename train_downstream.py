@@ -10,9 +10,12 @@ Fine-tune a pre-trained ELIP model on a downstream task, then evaluate it on the
 Tasks, each on ELIP's pre-trained encoders (heads.py):
   retrieval  ITC + ITM with every caption of an image a positive; ITC ranks all pairs and ITM
              re-scores the top eval_k (ALBEF); TR/IR R@1/5/10, and the ITC-only figures
-  vqa        a classifier over the answer list on the fusion [CLS], BCE on VQA soft scores
+  vqa        --vqa_head decoder: ALBEF's / BLIP's answer decoder (vqa.py), the answer list ranked
+             by its likelihood (top vqa_k by the first token, then the whole answer); classifier:
+             the answer list classified on the fusion [CLS], BCE on VQA soft scores
   nlvr       the sentence fused with each image, the two [CLS] concatenated: true / false
   ve         SNLI-VE: fusion [CLS] -> contradiction / neutral / entailment
+nlvr, ve and vqa (ALBEF's decoder) distil from a momentum model as ALBEF (--distill; --run.alpha).
   caption    the decoder with the prompt "a picture of "; greedy and beam search, BLEU-4, CIDEr-D
 With no --train_file/--test_file the data is the embedded world's version of the task; with them,
 the ALBEF/BLIP JSON files (and --answer_list for VQA). Every field of DownstreamConfig (and of
@@ -40,12 +43,13 @@ import eval as evaluation
 import metrics
 import world
 from config import config_from_dict, parse_config
-from heads import CaptionModel, NLVRModel, VEModel, VQAModel, load_pretrained
+from heads import CaptionModel, NLVRModel, VEModel, load_pretrained
 from model import ELIPModel, ModelConfig
 from pruning import TEXT_GUIDED, PruneConfig
 from tokenizer import Tokenizer
 from trainer import (RunConfig, cleanup_distributed, fit, load_checkpoint, log_json,
                      resume_config, seed_everything, setup_distributed)
+from vqa import VQADecoderModel, VQAModel
 
 
 @dataclass
@@ -63,8 +67,14 @@ class DownstreamConfig:
     world_test: int = 200            # and in its test split
     crop_scale: tuple[float, ...] = (0.8, 1.0)   # random-crop area (ALBEF: 0.5,1.0)
     prune: bool = False              # keep the pre-training pruning schedule, in evaluation too
+    vqa_head: str = "classifier"     # VQA: classifier | decoder (ALBEF/BLIP's answer decoder)
+    vg_weight: float = 0.5           # VQA: the weight of a Visual Genome answer (BLIP: 0.2)
+    distill: bool = True             # ALBEF's momentum distillation in nlvr, ve and vqa with an
+                                     # ALBEF checkpoint's decoder (BLIP's VQA has none)
+    momentum: float = 0.995          # the momentum model's EMA rate, once per optimizer step
     # evaluation
     eval_k: int = 16                 # retrieval: ITC candidates re-scored by ITM
+    vqa_k: int = 128                 # VQA decoder: answers re-scored by their whole sequence
     eval_batch_size: int = 64
     beam: int = 3                    # captioning: beam size
     length_penalty: float = 1.0      # captioning: the best beam by log-probability / length ** this
@@ -84,7 +94,9 @@ TASK_PRESETS = {
     "caption": dict(out_dir="out/caption", world_train=900, epochs=2, lr=3e-4),
 }
 # evaluation settings may change when a fine-tuning run resumes
-SAFE_ON_RESUME = ("eval_k", "eval_batch_size", "beam", "length_penalty", "max_new_tokens")
+SAFE_ON_RESUME = ("eval_k", "eval_batch_size", "beam", "length_penalty", "max_new_tokens",
+                  "vqa_k")
+VQA_HEADS = ("classifier", "decoder")
 
 # ---- data --------------------------------------------------------------------------------
 def vqa_collate(batch, tokenizer, max_len, answer_index):
@@ -121,8 +133,14 @@ def build_data(cfg, mc, tok):
                 data.RetrievalEvalDataset(test_entries, root, test_tf, **words), collate, collate)
     if task == "vqa":
         answers = cfg.answer_list or (None if cfg.train_file else world.world_answer_list())
-        train = data.VQADataset(train_entries, root, train_tf, True, answers, **words)
+        # the classifier's targets are the VQA soft scores; the decoder weighs its answers as
+        # ALBEF's dataset does
+        decoder = cfg.vqa_head == "decoder"
+        train = data.VQADataset(train_entries, root, train_tf, True, answers, **words,
+                                weighting="share" if decoder else "score", vg_weight=cfg.vg_weight)
         test = data.VQADataset(test_entries, root, test_tf, False, train.answer_list, **words)
+        if decoder:
+            return train, test, collate, collate
         index = {a: i for i, a in enumerate(train.answer_list)}
         return train, test, partial(vqa_collate, tokenizer=tok, max_len=mc.max_len,
                                     answer_index=index), collate
@@ -151,16 +169,24 @@ def downstream_model_config(mc, cfg):
     return dataclasses.replace(mc, prune=prune, losses=("itc", "itm"))
 
 
-def build_model(task, mc, tok, num_answers, prompt):
+def build_model(cfg, mc, tok, answers):
+    task, distill = cfg.task, dict(distill=cfg.distill, momentum=cfg.momentum)
     if task == "retrieval":
         return ELIPModel(mc)
+    if task == "vqa" and cfg.vqa_head == "classifier":
+        return VQAModel(mc, len(answers))
     if task == "vqa":
-        return VQAModel(mc, num_answers)
+        # BLIP's special tokens where the vocabulary has them, else [CLS] as ALBEF
+        blip = mc.fusion_layers == 0
+        bos = tok.token_to_id.get("[DEC]", tok.cls_id) if blip else tok.cls_id
+        enc = tok.token_to_id.get("[ENC]") if blip else None
+        return VQADecoderModel(mc, *tok(answers, mc.max_len), bos, enc, cfg.vqa_k,
+                               distill=cfg.distill and not blip, momentum=cfg.momentum)
     if task == "nlvr":
-        return NLVRModel(mc)
+        return NLVRModel(mc, **distill)
     if task == "ve":
-        return VEModel(mc)
-    return CaptionModel(mc, tok.encode(prompt)[:-1], tok.sep_id)   # [CLS] prompt, no [SEP]
+        return VEModel(mc, **distill)
+    return CaptionModel(mc, tok.encode(cfg.prompt)[:-1], tok.sep_id)   # [CLS] prompt, no [SEP]
 
 
 # ---- evaluation --------------------------------------------------------------------------
@@ -208,6 +234,8 @@ def main(argv=None):
     cfg, given = parse_config(DownstreamConfig(), sys.argv[1:] if argv is None else argv,
                               TASK_PRESETS, key="task", doc=__doc__)
     cfg, ckpt = resume_config(cfg, given, safe=SAFE_ON_RESUME)
+    if cfg.vqa_head not in VQA_HEADS:
+        raise SystemExit(f"error: --vqa_head {cfg.vqa_head!r} is not one of {', '.join(VQA_HEADS)}")
     rank, world_size, device = setup_distributed(cfg.run.dist_timeout)
     master = rank == 0
     log = tqdm.write if master else (lambda msg: None)
@@ -236,7 +264,7 @@ def main(argv=None):
 
     # model: pre-trained weights loaded strictly, by name; the task's heads start fresh
     answers = train_set.answer_list if cfg.task == "vqa" else []
-    model = build_model(cfg.task, mc, tok, len(answers), cfg.prompt).to(device)
+    model = build_model(cfg, mc, tok, answers).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         weights = ckpt["weights"]
@@ -254,21 +282,25 @@ def main(argv=None):
     if cfg.task == "vqa":
         missed = sum(not set(it["answers"]) & set(answers) for it in train_set.items)
         log(f"answer list: {len(answers)} answers; {missed} training questions have no answer in "
-            f"it (a classifier cannot give them: their targets are all zero)")
+            f"it (neither head can give them; the classifier's targets are all zero)")
     if cfg.task == "caption":
         log(f"prompt tokens: {' '.join(tok.vocab[i] for i in model.prompt_ids[0].tolist())}")
 
+    distilled = cfg.task in ("nlvr", "ve") or (cfg.task == "vqa" and cfg.vqa_head == "decoder")
+
     def loss_fn(m, batch, step, steps_per_epoch):
-        if cfg.task != "retrieval":
-            return m(*batch)
-        images, ids, mask, idx = batch
-        alpha = cfg.run.alpha * min(1.0, step / steps_per_epoch)     # ALBEF's ramp-up in epoch 1
-        return m(images, ids, mask, alpha=alpha, idx=idx)
+        # ALBEF ramps alpha up over the first epoch, but for SNLI-VE (warm_up False)
+        ramp = 1.0 if cfg.task == "ve" else min(1.0, step / steps_per_epoch)
+        if cfg.task == "retrieval":
+            images, ids, mask, idx = batch
+            return m(images, ids, mask, alpha=cfg.run.alpha * ramp, idx=idx)
+        return m(*batch, alpha=cfg.run.alpha * ramp) if distilled else m(*batch)
 
     extra = {"vocab": tok.vocab, "model_config": dataclasses.asdict(mc), "weights": weights,
              "answer_list": answers}
     train_time = fit(cfg, model, train_set, train_collate, loss_fn, device, rank, world_size, log,
-                     ckpt, extra_state=extra, desc=cfg.task)
+                     ckpt, extra_state=extra, desc=cfg.task,
+                     after_step=model.momentum_update if distilled and model.distill else None)
 
     if master:
         t0 = time.time()

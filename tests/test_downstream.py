@@ -17,11 +17,12 @@ import train_downstream
 import train_pretrain
 import vit
 from config import config_from_dict
-from heads import CaptionModel, VQAModel, load_pretrained
+from heads import CaptionModel, FusionModel, NLVRModel, VEModel, load_pretrained
 from model import ELIPModel, ModelConfig
 from pruning import PruneConfig, token_counts
 from test_train_pretrain import ROOT, SMALL
 from tokenizer import Tokenizer
+from vqa import VQADecoderModel, VQAModel
 
 TASKS = ("retrieval", "vqa", "nlvr", "ve", "caption")
 COLOURS = [(220, 40, 40), (40, 200, 70), (40, 90, 235), (245, 215, 30), (170, 60, 230),
@@ -217,6 +218,80 @@ def test_decoder_initialised_from_the_text_encoder(pretrained, pretrained_blip):
     assert rep["initialised"] == [] and rep["loaded"] == list(blip.state_dict())
     assert torch.equal(blip.state_dict()["text_decoder.encoder.layer.0.crossattention.self.key.weight"],
                        ckpt["model"]["text_decoder.encoder.layer.0.crossattention.self.key.weight"])
+
+
+@pytest.mark.parametrize("backbone", ["albef", "blip"])
+def test_vqa_decoder_fine_tunes_and_ranks_the_answer_list(tmp_path, pretrained, pretrained_blip,
+                                                          backbone):
+    ckpt = pretrained if backbone == "albef" else pretrained_blip
+    out = run_task(tmp_path, ckpt, "vqa", "--vqa_head", "decoder", "--vqa_k", "3")
+    steps = [json.loads(l) for l in open(out / "log.jsonl") if "step" in json.loads(l)]
+    assert [r["step"] for r in steps] == [1, 2]
+    # ALBEF distils from its momentum model (alpha 0 at the first step of the ramp); BLIP not
+    assert ("kd" in steps[0]) == (backbone == "albef")
+    rec = json.loads((out / "metrics.json").read_text())
+    assert 0 <= rec["metrics"]["vqa_score"] <= 1 and rec["weights"]["initialised"] == []
+    preds = json.loads((out / "predictions.json").read_text())
+    assert [p["question_id"] for p in preds] == [100, 101, 102, 103]
+    assert all(p["answer"] in ("red", "green", "blue", "yellow", "purple", "orange") for p in preds)
+
+
+def test_vqa_decoder_initialised_from_the_fusion_layers(pretrained, pretrained_blip):
+    """ALBEF: decoder layer i is fusion layer i (encoder layer text_layers + i), with the
+    encoder's embeddings and MLM head; the momentum decoder likewise from the momentum encoder;
+    the encoder keeps every layer. BLIP: the pre-trained decoder, all of it."""
+    mc, ckpt = model_config(pretrained, "vqa")
+    state, tok = ckpt["model"], Tokenizer(ckpt["vocab"])
+    model = VQADecoderModel(mc, *tok(["yes", "no"], 8), tok.cls_id, distill=True)
+    rep = load_pretrained(model, state)
+    assert rep["initialised"] == []
+    ours, T = model.state_dict(), mc.text_layers
+    assert len(model.text_decoder.encoder.layer) == mc.fusion_layers == 2
+    for m in ("", "_m"):
+        for i in range(mc.fusion_layers):
+            for part in ("attention.self.query.weight", "crossattention.self.key.weight",
+                         "output.dense.bias"):
+                assert torch.equal(ours[f"text_decoder{m}.encoder.layer.{i}.{part}"],
+                                   state[f"text_encoder{m}.encoder.layer.{T + i}.{part}"])
+        for part in ("embeddings.word_embeddings.weight", "cls.predictions.transform.dense.weight"):
+            assert torch.equal(ours[f"text_decoder{m}.{part}"], state[f"text_encoder{m}.{part}"])
+    assert all(torch.equal(v, state[k]) for k, v in ours.items()
+               if k.startswith(("text_encoder.", "visual_encoder.", "text_encoder_m.")))
+    mc, ckpt = model_config(pretrained_blip, "vqa")
+    blip = VQADecoderModel(mc, *tok(["yes", "no"], 8), tok.cls_id)
+    rep = load_pretrained(blip, ckpt["model"])
+    assert rep["initialised"] == [] and len(blip.text_decoder.encoder.layer) == 3
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in blip.state_dict().items())
+
+
+@pytest.mark.parametrize("task", ["ve", "nlvr"])
+def test_distillation_alpha_and_one_momentum_update_per_optimizer_step(tmp_path, pretrained,
+                                                                       monkeypatch, task):
+    """SNLI-VE distils with alpha 0.4 from the first step (ALBEF's warm_up False), NLVR2 ramps
+    it up over the first epoch; the momentum model moves once per optimizer step, here of two
+    micro-batches."""
+    alphas, updates = [], []
+    cls = VEModel if task == "ve" else NLVRModel
+    forward, update = cls.forward, FusionModel.momentum_update
+
+    def recording_forward(self, *args, alpha=0.0):
+        alphas.append(alpha)
+        return forward(self, *args, alpha=alpha)
+
+    def counting_update(self):
+        updates.append(1)
+        update(self)
+
+    monkeypatch.setattr(cls, "forward", recording_forward)
+    monkeypatch.setattr(FusionModel, "momentum_update", counting_update)
+    # steps of 2 x 2 samples: ve has 12 (three steps per epoch), nlvr 8 (two)
+    run_task(tmp_path, pretrained, task, "--batch_size", "2", "--grad_accum", "2")
+    assert len(updates) == 2 and len(alphas) == 4
+    expected = [0.4] * 4 if task == "ve" else [0.0, 0.0, 0.2, 0.2]
+    assert alphas == pytest.approx(expected)
+    (tmp_path / "plain").mkdir()
+    run_task(tmp_path / "plain", pretrained, task, "--distill", "false")
+    assert len(updates) == 2 and len(alphas) == 6
 
 
 @pytest.fixture(scope="module")
