@@ -7,7 +7,7 @@ Fine-tune a pre-trained ELIP model on a downstream task, then evaluate it on the
         --pretrained out/pretrain/checkpoint.pt --train_file coco_train.json \\
         --test_file coco_test.json --image_root /data/coco --crop_scale 0.5,1.0 --eval_k 256
 
-Tasks, each on ELIP's pre-trained encoders (heads.py):
+Tasks, each on ELIP's pre-trained encoders (heads.py, vqa.py):
   retrieval  ITC + ITM with every caption of an image a positive; ITC ranks all pairs and ITM
              re-scores the top eval_k (ALBEF); TR/IR R@1/5/10, and the ITC-only figures
   vqa        --vqa_head decoder: ALBEF's / BLIP's answer decoder (vqa.py), the answer list ranked
@@ -15,8 +15,8 @@ Tasks, each on ELIP's pre-trained encoders (heads.py):
              the answer list classified on the fusion [CLS], BCE on VQA soft scores
   nlvr       the sentence fused with each image, the two [CLS] concatenated: true / false
   ve         SNLI-VE: fusion [CLS] -> contradiction / neutral / entailment
-nlvr, ve and vqa (ALBEF's decoder) distil from a momentum model as ALBEF (--distill; --run.alpha).
   caption    the decoder with the prompt "a picture of "; greedy and beam search, BLEU-4, CIDEr-D
+nlvr, ve and vqa (ALBEF's decoder) distil from a momentum model as ALBEF (--distill; --run.alpha).
 With no --train_file/--test_file the data is the embedded world's version of the task; with them,
 the ALBEF/BLIP JSON files (and --answer_list for VQA). Every field of DownstreamConfig (and of
 the nested RunConfig) is a flag, as in train_pretrain.py; --task also sets that task's defaults
