@@ -10,8 +10,8 @@ Fine-tune a pre-trained ELIP model on a downstream task, then evaluate it on the
 Tasks, each on ELIP's pre-trained encoders (heads.py, vqa.py):
   retrieval  ITC + ITM with every caption of an image a positive; ITC ranks all pairs and ITM
              re-scores the top eval_k (ALBEF); TR/IR R@1/5/10, and the ITC-only figures
-  vqa        --vqa_head decoder: ALBEF's / BLIP's answer decoder (vqa.py), the answer list ranked
-             by its likelihood (top vqa_k by the first token, then the whole answer); classifier:
+  vqa        ALBEF's / BLIP's answer decoder (vqa.py), the answer list ranked by its likelihood
+             (top vqa_k by the first token, then the whole answer); or --vqa_head classifier:
              the answer list classified on the fusion [CLS], BCE on VQA soft scores
   nlvr       the sentence fused with each image, the two [CLS] concatenated: true / false
   ve         SNLI-VE: fusion [CLS] -> contradiction / neutral / entailment
@@ -67,7 +67,7 @@ class DownstreamConfig:
     world_test: int = 200            # and in its test split
     crop_scale: tuple[float, ...] = (0.8, 1.0)   # random-crop area (ALBEF: 0.5,1.0)
     prune: bool = False              # keep the pre-training pruning schedule, in evaluation too
-    vqa_head: str = "classifier"     # VQA: classifier | decoder (ALBEF/BLIP's answer decoder)
+    vqa_head: str = "decoder"        # VQA: decoder (ALBEF/BLIP's answer decoder) | classifier
     vg_weight: float = 0.5           # VQA: the weight of a Visual Genome answer (BLIP: 0.2)
     distill: bool = True             # ALBEF's momentum distillation in nlvr, ve and vqa with an
                                      # ALBEF checkpoint's decoder (BLIP's VQA has none)
