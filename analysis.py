@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import world
-from config import config_from_dict, parse_config
+from config import config_from_dict, parse_config, run_subcommand
 from model import ELIPModel, ModelConfig, build_vit
 from pruning import METHODS, TEXT_GUIDED, cut_layers
 from tokenizer import Tokenizer
@@ -160,16 +160,18 @@ def object_patches(masks, patch_size, cover=0.5):
 
 # ---- the model, the world ----------------------------------------------------------------
 def load_for_analysis(path):
-    """(ELIPModel in eval mode, tokenizer, world seed) from a checkpoint of train_pretrain.py:
+    """(ELIPModel in eval mode, tokenizer, world.World) from a checkpoint of train_pretrain.py:
     its keys model, config (the TrainConfig as a dict: the ModelConfig under "model", the
-    world's seed under "world_seed") and vocab."""
+    world's seed under "world_seed", its variant under "world_variant") and vocab."""
     ckpt = load_checkpoint(path)
     if not ({"model", "config", "vocab"} <= ckpt.keys()
             and {"model", "world_seed"} <= ckpt["config"].keys()):
         raise SystemExit(f"error: {path} is not a checkpoint of train_pretrain.py")
     model = ELIPModel(config_from_dict(ModelConfig, ckpt["config"]["model"]))
     model.load_state_dict(ckpt["model"])
-    return model.eval(), Tokenizer(ckpt["vocab"]), ckpt["config"]["world_seed"]
+    config = ckpt["config"]
+    return model.eval(), Tokenizer(ckpt["vocab"]), world.World(
+        config["world_seed"], config.get("world_variant", "default"))
 
 
 def analysis_vit(model, method, lam):
@@ -181,13 +183,13 @@ def analysis_vit(model, method, lam):
     return vit.eval()
 
 
-def world_pairs(seed, split, scenes, captions, mc, cover):
-    """(caption, image) pairs of the split's first `scenes` scenes, up to `captions` captions
+def world_pairs(w, split, scenes, captions, mc, cover):
+    """(caption, image) pairs of world w's split's first `scenes` scenes, up to `captions` captions
     each, as a dict: images (S, 3, R, R) as the evaluation transform makes them; texts cleaned
     as the datasets clean them; scene (C,) the scene of each caption; named and objects (C, M)
     bool, the patches of the objects the caption names and of all of the scene's objects;
     unowned, the named objects that own no patch under the rule."""
-    w, transform = world.World(seed), data.create_transform(mc.img_size, train=False)
+    transform = data.create_transform(mc.img_size, train=False)
     images, texts, scene_of, named, objects, unowned = [], [], [], [], [], 0
     for i in range(scenes):
         scene = w.scene(split, i)
@@ -249,11 +251,11 @@ def run_keep(cfg):
     keep_fractions."""
     a = cfg.analysis
     device = analysis_device(a)
-    model, tok, world_seed = load_for_analysis(a.checkpoint)
+    model, tok, w = load_for_analysis(a.checkpoint)
     model.to(device)
     mc = model.cfg
-    log(f"world {world_seed} {a.split}: {cfg.scenes} scenes x {cfg.captions} captions")
-    pairs = world_pairs(world_seed, a.split, cfg.scenes, cfg.captions, mc, a.cover)
+    log(f"world {w.variant} {w.seed} {a.split}: {cfg.scenes} scenes x {cfg.captions} captions")
+    pairs = world_pairs(w, a.split, cfg.scenes, cfg.captions, mc, a.cover)
     pairs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in pairs.items()}
     text_cls = text_cls_of(model, tok, pairs["texts"], a.batch, device)        # (C, D)
     layers = list(mc.prune.prune_layers)
@@ -268,7 +270,8 @@ def run_keep(cfg):
             dict(layer=layer, named=f[0], other=f[1], all=f[2])
             for layer, f in zip(layers, fractions)]))
     return dict(
-        config=dataclasses.asdict(cfg), world_seed=world_seed, num_patches=M,
+        config=dataclasses.asdict(cfg), world_seed=w.seed, world_variant=w.variant,
+        num_patches=M,
         schedule=dict(prune_layers=layers, keep_ratios=list(mc.prune.keep_ratios),
                       merge=mc.prune.merge, tome_r=mc.prune.tome_r),
         rule=f"a patch belongs to an object when the object covers at least {a.cover:g} of its "
@@ -285,7 +288,8 @@ def run_keep(cfg):
 def format_keep(report):
     cfg, layers = report["config"], report["schedule"]["prune_layers"]
     a = cfg["analysis"]
-    lines = [f"what the pruning keeps: world {report['world_seed']} {a['split']} split, "
+    lines = [f"what the pruning keeps: world {report['world_variant']} {report['world_seed']} "
+             f"{a['split']} split, "
              f"{cfg['scenes']} scenes x up to {cfg['captions']} captions = {report['pairs']} "
              f"(caption, image) pairs; {a['checkpoint']}",
              f"rule: {report['rule']}",
@@ -370,10 +374,10 @@ def run_picture(cfg):
     caption (one object, a relation, a count)."""
     a = cfg.analysis
     device = analysis_device(a)
-    model, tok, world_seed = load_for_analysis(a.checkpoint)
+    model, tok, w = load_for_analysis(a.checkpoint)
     model.to(device)
     mc = model.cfg
-    pairs = world_pairs(world_seed, a.split, cfg.images, world.CAPTIONS_PER_IMAGE, mc, a.cover)
+    pairs = world_pairs(w, a.split, cfg.images, world.CAPTIONS_PER_IMAGE, mc, a.cover)
     counts = torch.bincount(pairs["scene"], minlength=cfg.images)               # captions per scene
     starts = counts.cumsum(0) - counts
     first = [int(starts[i] + i % counts[i]) for i in range(cfg.images)]
@@ -397,7 +401,8 @@ def run_picture(cfg):
     pixels = np.stack([to_uint8(im) for im in pairs["images"]])
     canvas = draw_picture(pixels, kept.numpy(), named.numpy(), lines, titles, mc.patch_size,
                           cfg.scale)
-    return canvas, dict(world_seed=world_seed, texts=texts, lines=lines, titles=titles)
+    return canvas, dict(world_seed=w.seed, world_variant=w.variant, texts=texts, lines=lines,
+                        titles=titles)
 
 
 def picture_main(argv):
@@ -419,12 +424,7 @@ python analysis.py COMMAND --help lists the command's flags"""
 
 
 def main(argv):
-    if argv in ([], ["-h"], ["--help"]):
-        print(USAGE)
-        raise SystemExit(0 if argv else 2)
-    if argv[0] not in COMMANDS:
-        raise SystemExit(f"error: unknown command {argv[0]!r}\n{USAGE}")
-    COMMANDS[argv[0]](argv[1:])
+    run_subcommand(COMMANDS, argv, USAGE)
 
 
 if __name__ == "__main__":

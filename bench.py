@@ -36,7 +36,7 @@ from torch.utils import flop_counter
 
 from config import parse_config
 from model import PRESETS as MODEL_PRESETS
-from model import ELIPModel, ModelConfig, build_vit
+from model import ELIPModel, ModelConfig, MomentumStep, build_vit
 from pruning import METHODS, PruneConfig, prune_and_merge, token_counts
 
 
@@ -98,7 +98,8 @@ def bench_model_config(cfg, prune):
     arch = {k: v for k, v in MODEL_PRESETS[cfg.arch].items() if k in names and k != "prune"}
     mc = ModelConfig(**arch, prune=prune)
     return dataclasses.replace(mc, img_size=cfg.img_size or mc.img_size, max_len=cfg.text_len,
-                               vocab_size=cfg.whole_vocab,
+                               vocab_size=cfg.whole_vocab, enc_id=cfg.whole_vocab - 1,
+                               dec_id=cfg.whole_vocab - 2,
                                queue_size=min(cfg.whole_queue, mc.queue_size))
 
 
@@ -312,11 +313,12 @@ def build_vit_bench(cfg, prune, device):
 
 def build_model_bench(cfg, prune, device):
     """(module, blocks, loss_fn, None) for the whole pre-training model: random images and texts
-    without padding, loss = the sum of its losses; blocks are the online ViT's."""
+    without padding, loss = the sum of its losses, the step's momentum update and queue write
+    included; blocks are the online ViT's."""
     mc = bench_model_config(cfg, prune)
     torch.manual_seed(cfg.seed)
     model = ELIPModel(mc).to(device)
-    inputs = {}
+    momentum, inputs = MomentumStep(model), {}
 
     def loss_fn(batch):
         if batch not in inputs:
@@ -325,7 +327,9 @@ def build_model_bench(cfg, prune, device):
             ids = torch.randint(5, cfg.whole_vocab, (batch, cfg.text_len), generator=g)
             ids[:, 0] = mc.cls_id
             inputs[batch] = images, ids.to(device), torch.ones_like(ids).to(device)
-        return model(*inputs[batch], alpha=0.4)["loss"]
+        out = momentum.take(model(*inputs[batch], alpha=0.4))
+        momentum.after_step()            # the step's momentum update and queue write
+        return out["loss"]
 
     return model, model.visual_encoder.blocks, loss_fn, None
 

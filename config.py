@@ -4,11 +4,15 @@ Command-line flags from dataclasses: every field of a (nested) config is a flag.
     cfg, given = parse_config(TrainConfig(), sys.argv[1:], PRESETS, doc=__doc__)
 
 - `--name value` or `--name=value`, by the full dotted name (`--model.prune.lam 0.6`) or any
-  unambiguous suffix (`--prune.lam 0.6`, `--lam 0.6`); an unknown or ambiguous flag is an error.
+  unambiguous suffix (`--prune.lam 0.6`, `--lam 0.6`); a full name always means itself; an
+  unknown or ambiguous flag is an error.
 - A value parses by the field's declared type: `true`/`false` for bool, `2,4,10` for
   `tuple[int, ...]`, and so on.
 - A preset (the field named by `key`, e.g. `--preset albef`) first sets a consistent group of
-  fields; explicit flags override it.
+  fields; explicit flags override it. With a tuple of keys, e.g. ("task", "preset"), the presets
+  are keyed by the tuple of those fields' values (`--task vqa --preset albef`).
+- A nested config with its own `preset` field and a `presets()` table (`--prune.preset
+  tome_paper`) is set by that preset after the top-level one and before the explicit flags.
 - `--help` (or `-h`) prints every flag with its type, its default (after the preset, if one is
   given) and the comment written beside the field in the source.
 The nested dataclasses are rebuilt at the end, so their `__post_init__` checks see the final
@@ -32,9 +36,30 @@ def config_leaves(cfg, prefix: str = "") -> dict:
     return out
 
 
+def nested_presets(cfg, prefix: str = "") -> dict:
+    """{dotted name: nested config} of every nested dataclass with a `preset` field and a
+    presets() table of its own."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            if hasattr(value, "preset") and hasattr(value, "presets"):
+                out[prefix + f.name] = value
+            out.update(nested_presets(value, f"{prefix}{f.name}."))
+    return out
+
+
+def flag_matches(leaves: dict, name: str) -> list:
+    """The leaves a flag may mean: itself if it is a full dotted name, else those it is a
+    suffix of."""
+    if name in leaves:
+        return [name]
+    return [k for k in leaves if k.endswith("." + name)]
+
+
 def resolve_flag(leaves: dict, name: str) -> str:
     """The dotted name a flag means: itself, or the one leaf it is a suffix of."""
-    matches = [k for k in leaves if k == name or k.endswith("." + name)]
+    matches = flag_matches(leaves, name)
     if len(matches) != 1:
         what = "ambiguous, could be " + ", ".join(matches) if matches else "unknown"
         raise SystemExit(f"error: flag --{name} is {what} (see --help)")
@@ -85,9 +110,14 @@ def field_comments(cls) -> dict:
     return comments
 
 
-def help_text(cfg, presets: dict, key: str, doc: str) -> str:
-    lines = [doc.strip(), "", f"--{key}: one of {', '.join(presets)} (sets a group of flags "
-                               f"below; explicit flags override it)", ""]
+def help_text(cfg, presets: dict, keys: tuple, doc: str) -> str:
+    choices = ", ".join(" ".join(map(str, k)) if isinstance(k, tuple) else k for k in presets)
+    lines = [doc.strip(), "", f"--{' --'.join(keys)}: one of {choices} (sets a group of flags "
+                               f"below; explicit flags override it)"]
+    for prefix, sub in nested_presets(cfg).items():
+        lines.append(f"--{prefix}.preset: one of {', '.join(sub.presets())} (sets {prefix}.* "
+                     f"flags after --{' --'.join(keys)}; explicit flags override it)")
+    lines.append("")
     comments = {}
     for name, (owner, attr) in config_leaves(cfg).items():
         cls = type(owner)
@@ -119,20 +149,43 @@ def split_argv(argv: list) -> list:
     return pairs
 
 
-def parse_config(cfg, argv: list, presets: dict, key: str = "preset", doc: str = ""):
-    """Apply the preset named by the field `key`, then the flags, to cfg (see the module
-    docstring). Returns (the new config, {dotted name: value} of the flags given explicitly)."""
+def choose_preset(presets: dict, keys: tuple, values: tuple):
+    """The key of `presets` that the values of the fields `keys` name; an error names the first
+    value that no preset has (given the values before it) and the choices."""
+    if len(keys) == 1:
+        if values[0] not in presets:
+            raise SystemExit(f"error: --{keys[0]} {values[0]!r} is not one of {', '.join(presets)}")
+        return values[0]
+    for n, (key, value) in enumerate(zip(keys, values)):
+        choices = list(dict.fromkeys(k[n] for k in presets if k[:n] == values[:n]))
+        if value not in choices:
+            given = "".join(f" with --{k} {v!r}" for k, v in zip(keys[:n], values[:n]))
+            raise SystemExit(f"error: --{key} {value!r} is not one of {', '.join(choices)}{given}")
+    return values
+
+
+def parse_config(cfg, argv: list, presets: dict, key: str | tuple = "preset", doc: str = ""):
+    """Apply the preset named by the field `key` (or by the fields of a tuple of keys), then the
+    flags, to cfg (see the module docstring). Returns (the new config, {dotted name: value} of
+    the flags given explicitly)."""
     want_help = any(a in ("-h", "--help") for a in argv)
     pairs = split_argv([a for a in argv if a not in ("-h", "--help")])
     leaves = config_leaves(cfg)
-    preset = next((t for n, t in pairs if n == key), getattr(cfg, key))
-    if preset not in presets:
-        raise SystemExit(f"error: --{key} {preset!r} is not one of {', '.join(presets)}")
-    for name, value in presets[preset].items():
-        owner, attr = leaves[resolve_flag(leaves, name)]
-        setattr(owner, attr, value)
+    keys = (key,) if isinstance(key, str) else tuple(key)
+    values = tuple(next((t for n, t in pairs if n == k), getattr(cfg, k)) for k in keys)
+    preset = choose_preset(presets, keys, values)
+    apply_preset(cfg, presets[preset])
+    for prefix, sub in nested_presets(cfg).items():
+        name = next((t for n, t in pairs if flag_matches(leaves, n) == [f"{prefix}.preset"]),
+                    sub.preset)
+        if name and name not in sub.presets():
+            raise SystemExit(f"error: --{prefix}.preset {name!r} is not one of "
+                             f"{', '.join(sub.presets())}")
+        sub.preset = name
+        for attr, value in sub.presets().get(name, {}).items():
+            setattr(sub, attr, value)
     if want_help:
-        print(help_text(cfg, presets, key, doc))
+        print(help_text(cfg, presets, keys, doc))
         raise SystemExit(0)
     given = {}
     for name, text in pairs:
@@ -142,6 +195,15 @@ def parse_config(cfg, argv: list, presets: dict, key: str = "preset", doc: str =
         setattr(owner, attr, value)
         given[dotted] = value
     return rebuild(cfg), given
+
+
+def apply_preset(cfg, values: dict):
+    """Set the fields named in `values` (flag names: dotted or unambiguous suffixes) in place."""
+    leaves = config_leaves(cfg)
+    for name, value in values.items():
+        owner, attr = leaves[resolve_flag(leaves, name)]
+        setattr(owner, attr, value)
+    return cfg
 
 
 def rebuild(cfg):
@@ -169,3 +231,14 @@ def config_from_dict(cls, d: dict):
             value = tuple(value)
         kw[f.name] = value
     return cls(**kw)
+
+
+def run_subcommand(commands: dict, argv: list, usage: str):
+    """`python SCRIPT COMMAND [--flag value ...]`: call commands[COMMAND](flags); no command, or
+    -h/--help alone, prints the usage (exit 2 without a command, 0 when asked)."""
+    if argv in ([], ["-h"], ["--help"]):
+        print(usage)
+        raise SystemExit(0 if argv else 2)
+    if argv[0] not in commands:
+        raise SystemExit(f"error: unknown command {argv[0]!r}\n{usage}")
+    commands[argv[0]](argv[1:])

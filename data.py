@@ -10,21 +10,30 @@ list. The embedded world (world.py) plugs into the same classes: its entries nam
     loader = DataLoader(dataset, batch_size=32, collate_fn=make_collate(tokenizer, 30))
 
 gives the same batches as real COCO files would, only smaller. Nothing is skipped silently: a
-malformed entry, an empty caption or a missing image is an error that names the JSON file and
-the index of the entry.
+malformed entry, an empty caption or a missing image (checked at construction unless
+check_images=False) is an error that names the JSON file and the index of the entry, and so is
+an image that cannot be read when loaded (OSError); the training loop (trainer.fit) skips such
+an entry, names it in its log, and stops past a limit.
 """
 
+import bisect
 import json
+import math
 import os
+import pickle
 import re
+from array import array
 from collections import Counter
+from collections.abc import Sequence
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 import world
 
@@ -38,6 +47,18 @@ def pre_caption(caption, max_words=30):
     max_words words."""
     caption = re.sub(r"([,.'!?\"()*#:;~])", "", caption.lower())
     caption = caption.replace("-", " ").replace("/", " ").replace("<person>", "person")
+    caption = re.sub(r"\s{2,}", " ", caption)
+    caption = caption.rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    if len(words) > max_words:
+        caption = " ".join(words[:max_words])
+    return caption
+
+
+def pre_caption_blip(caption, max_words=30):
+    """BLIP's caption cleaning: lower case, .!"()*#:;~ to spaces (commas, apostrophes, '?', '-'
+    and '/' stay), collapse runs of spaces, strip, keep the first max_words words."""
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
     caption = re.sub(r"\s{2,}", " ", caption)
     caption = caption.rstrip("\n").strip(" ")
     words = caption.split(" ")
@@ -78,7 +99,9 @@ def load_image(path, image_root=None):
     try:
         with Image.open(full) as image:
             return image.convert("RGB")
-    except OSError as e:   # PIL's UnidentifiedImageError and truncated files are OSErrors
+    # unreadable, truncated and empty files raise OSError (UnidentifiedImageError among them);
+    # a few decoders raise the others on corrupt data
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise OSError(f"cannot read image {full}: {e}") from e
 
 
@@ -86,15 +109,76 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def create_transform(res, train, crop_scale=(0.2, 1.0)):
+# RandAugment as ALBEF and BLIP pre-train with it (their RandomAugment, dataset/randaugment.py):
+# n operations drawn with replacement from these ten, each then applied with probability 0.5 at
+# strength m of 10, the geometric ones with a random sign, bilinear, the uncovered area grey.
+RANDAUG_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX",
+               "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+
+def randaug_op(image, op, m, sign):
+    """One RandAugment operation at strength m (of 10) on a uint8 image (3, H, W); sign (1 or -1)
+    turns the geometric ones around. Magnitudes and geometry are those of the official cv2
+    matrices: enhance factor 0.1 + 1.8 m / 10; shear 0.3 m / 10 about the top-left pixel;
+    translation by m pixels; rotation by 3 m degrees about pixel (W / 2, H / 2)."""
+    H, W = image.shape[-2:]
+    bilinear, grey = InterpolationMode.BILINEAR, [128.0, 128.0, 128.0]
+    if op == "AutoContrast":
+        return TF.autocontrast(image)
+    if op == "Equalize":
+        return TF.equalize(image)
+    if op == "Brightness":
+        return TF.adjust_brightness(image, m / 10 * 1.8 + 0.1)
+    if op == "Sharpness":
+        return TF.adjust_sharpness(image, m / 10 * 1.8 + 0.1)
+    if op in ("ShearX", "ShearY"):
+        # cv2's x' = x + s y is torchvision's shear by -atan(s) about pixel (0, 0), whose
+        # centre sits at (0.5, 0.5)
+        angle = -math.degrees(math.atan(sign * m / 10 * 0.3))
+        return TF.affine(image, angle=0.0, translate=[0, 0], scale=1.0,
+                         shear=[angle, 0.0] if op == "ShearX" else [0.0, angle],
+                         interpolation=bilinear, fill=grey, center=[0.5, 0.5])
+    if op in ("TranslateX", "TranslateY"):
+        # cv2's x' = x - offset, offset = m / 10 * 10 pixels
+        shift = -sign * m
+        return TF.affine(image, angle=0.0, translate=[shift, 0] if op == "TranslateX" else
+                         [0, shift], scale=1.0, shear=[0.0, 0.0], interpolation=bilinear,
+                         fill=grey)
+    if op == "Rotate":
+        return TF.rotate(image, sign * m / 10 * 30, interpolation=bilinear,
+                         center=[W / 2 + 0.5, H / 2 + 0.5], fill=grey)
+    return image
+
+
+class RandomAugment:
+    """ALBEF/BLIP's RandAugment on a uint8 image (3, H, W). Draws with torch's generator, which
+    DataLoader seeds in every worker."""
+
+    def __init__(self, n, m):
+        self.n, self.m = n, m
+
+    def __call__(self, image):
+        for k in torch.randint(len(RANDAUG_OPS), (self.n,)).tolist():
+            if torch.rand(()) > 0.5:
+                continue
+            sign = 1 if torch.rand(()) < 0.5 else -1
+            image = randaug_op(image, RANDAUG_OPS[k], self.m, sign)
+        return image
+
+
+def create_transform(res, train, crop_scale=(0.2, 1.0), randaug_n=0, randaug_m=0):
     """ALBEF/BLIP transforms without the flip, which the datasets do together with the text.
     crop_scale: the area range of the random crop; ALBEF's (0.2, 1.0) can cut out the object a
-    caption names, harmless on web captions but a lie in the embedded world, which uses a milder one."""
+    caption names, harmless on web captions but a lie in the embedded world, which uses a milder one.
+    randaug_n, randaug_m: RandAugment's operations per image (0: none) and strength, in training."""
     bicubic = InterpolationMode.BICUBIC
     resize = (transforms.RandomResizedCrop(res, scale=crop_scale, interpolation=bicubic) if train
               else transforms.Resize((res, res), interpolation=bicubic))
-    return transforms.Compose([resize, transforms.ToTensor(),
-                               transforms.Normalize(CLIP_MEAN, CLIP_STD)])
+    to_tensor = [transforms.ToTensor()]
+    if train and randaug_n:     # as ALBEF/BLIP: after the crop and the flip, on 8-bit pixels
+        to_tensor = [transforms.PILToTensor(), RandomAugment(randaug_n, randaug_m),
+                     transforms.ConvertImageDtype(torch.float32)]
+    return transforms.Compose([resize, *to_tensor, transforms.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
 # -----------------------------------------------------------------------------
@@ -122,12 +206,12 @@ def _texts(entry, key, clean, max_words):
 
 
 def _read(source):
-    """Yield (entry, "<file>, entry <index>") from a JSON path, a list of them, or a list of
-    entries (then named "<entries>")."""
+    """Yield (name, list of entries) per JSON file of `source`: a path, a list of paths, or a list
+    of entries (one list, named "<entries>")."""
     if isinstance(source, (str, os.PathLike)):
         source = [source]
     if not all(isinstance(s, (str, os.PathLike)) for s in source):
-        yield from ((e, f"<entries>, entry {i}") for i, e in enumerate(source))
+        yield "<entries>", source
         return
     for file in source:
         with open(file, encoding="utf-8") as f:
@@ -138,53 +222,107 @@ def _read(source):
         if not isinstance(entries, list):
             raise ValueError(f"{file}: expected a JSON list of entries, "
                              f"got {type(entries).__name__}")
-        yield from ((e, f"{file}, entry {i}") for i, e in enumerate(entries))
+        yield str(file), entries
+
+
+class PackedList(Sequence):
+    """A read-only list of small records (the parsed entries), each pickled into one growing
+    buffer, found by its offset. A DataLoader worker forked from the main process shares these
+    pages for good: reading record i unpickles a fresh copy and writes nothing stored. A list of
+    dicts instead is copied into every worker page by page, as reading it updates reference
+    counts and the garbage collector walks it (a million entries: hundreds of MB per worker)."""
+
+    def __init__(self):
+        self.buffer, self.offsets = bytearray(), array("q", [0])
+
+    def append(self, record):
+        self.buffer += pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+        self.offsets.append(len(self.buffer))
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} records")
+        i %= len(self)
+        return pickle.loads(memoryview(self.buffer)[self.offsets[i]:self.offsets[i + 1]])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 class JSONDataset(Dataset):
     """The shared base: reads and validates every entry at construction (self.parse, per
-    dataset), checks that image files exist, loads and transforms images, and mirrors an image
-    together with its text when `flip` (p=0.5). Errors name the JSON file and the entry index.
+    dataset), checks that image files exist (if check_images; see missing_images), loads and
+    transforms images, and mirrors an image together with its text when `flip` (p=0.5). Errors
+    name the JSON file and the entry index.
     source: a JSON path, a list of paths (concatenated), or a list of entries ("<entries>")."""
+
+    swap_words = True   # a mirrored image's texts swap left and right
 
     def __init__(self, source, image_root, transform, flip, check_images):
         self.image_root, self.transform, self.flip = image_root, transform, flip
-        self.items, self.origins = [], []
-        for entry, where in _read(source):
-            try:
-                if not isinstance(entry, dict):
-                    raise ValueError(f"expected a JSON object, got {type(entry).__name__}")
-                item = self.parse(entry)
-                for path in item["images"]:
-                    if path.startswith("world:"):
-                        world.parse_world_path(path)   # rendered on load: only the name can be wrong
-                    elif check_images:
-                        full = os.path.join(image_root, path) if image_root else path
-                        if not os.path.isfile(full):
-                            raise FileNotFoundError(f"image not found: {full}")
-            except (ValueError, FileNotFoundError) as e:
-                raise type(e)(f"{where}: {e}") from None
-            self.items.append(item)
-            self.origins.append(where)
+        # entries packed (PackedList), and each file's name with the index of its first entry,
+        # so that a corpus of millions of entries costs no Python object per entry
+        self.items, self.files = PackedList(), []
+        for name, entries in _read(source):
+            self.files.append((name, len(self.items)))
+            for k, entry in enumerate(entries):
+                try:
+                    if not isinstance(entry, dict):
+                        raise ValueError(f"expected a JSON object, got {type(entry).__name__}")
+                    item = self.parse(entry)
+                    for path in item["images"]:
+                        if path.startswith("world:"):
+                            world.parse_world_path(path)   # rendered on load: only the name can be wrong
+                except ValueError as e:
+                    raise ValueError(f"{name}, entry {k}: {e}") from None
+                self.items.append(item)
         if not self.items:
             raise ValueError("the dataset has no entries")
+        if check_images:
+            missing, first = self.missing_images()
+            if missing:
+                raise FileNotFoundError(first[0] + (f" (and {missing - 1} more images are "
+                                                    f"missing)" if missing > 1 else ""))
 
     def __len__(self):
         return len(self.items)
 
+    def origin(self, i):
+        """"<file>, entry <index in that file>" of entry i."""
+        name, first = self.files[bisect.bisect_right([f for _, f in self.files], i) - 1]
+        return f"{name}, entry {i - first}"
+
+    def missing_images(self, rank=0, world_size=1, keep=5):
+        """(how many, the first `keep` messages) of the entries i = rank, rank + world_size, ...
+        whose image files do not exist: under DDP each rank checks its share of a corpus of
+        millions of files, and the ranks then add up their counts."""
+        count, first = 0, []
+        for i in range(rank, len(self), world_size):
+            for path in self.items[i]["images"]:
+                full = os.path.join(self.image_root, path) if self.image_root else path
+                if not path.startswith("world:") and not os.path.isfile(full):
+                    count += 1
+                    if len(first) < keep:
+                        first.append(f"{self.origin(i)}: image not found: {full}")
+        return count, first
+
     def load(self, i, *texts):
         """The transformed image(s) of entry i and `texts`; on a coin flip (if self.flip) the
-        images are mirrored and left/right swapped in every text, so the text stays true."""
+        images are mirrored and (if self.swap_words) left/right swapped in every text, so the
+        text stays true."""
         flip = self.flip and bool(torch.rand(()) < 0.5)
         images = []
         for path in self.items[i]["images"]:
             try:
                 image = load_image(path, self.image_root)
             except (OSError, ValueError) as e:
-                raise type(e)(f"{self.origins[i]}: {e}") from e
+                raise type(e)(f"{self.origin(i)}: {e}") from e
             image = ImageOps.mirror(image) if flip else image
             images.append(self.transform(image) if self.transform else image)
-        return images, [swap_left_right(t) if flip else t for t in texts]
+        return images, [swap_left_right(t) if flip and self.swap_words else t for t in texts]
 
     def random_choice(self, texts):
         # torch's generator, which DataLoader seeds in every worker, so runs are reproducible
@@ -192,16 +330,17 @@ class JSONDataset(Dataset):
 
 
 class PretrainDataset(JSONDataset):
-    """{"image", "caption": str or [str]} -> (image, caption), one caption drawn at random."""
+    """{"image", "caption": str or [str]} -> (image, caption), one caption drawn at random.
+    clean: the caption cleaning (pre_caption as ALBEF, pre_caption_blip as BLIP)."""
 
     def __init__(self, source, image_root=None, transform=None, max_words=30, flip=True,
-                 check_images=True):
-        self.max_words = max_words
+                 check_images=True, clean=pre_caption, swap_words=True):
+        self.max_words, self.clean, self.swap_words = max_words, clean, swap_words
         super().__init__(source, image_root, transform, flip, check_images)
 
     def parse(self, entry):
         return {"images": [_field(entry, "image", str, "a string")],
-                "captions": _texts(entry, "caption", pre_caption, self.max_words)}
+                "captions": _texts(entry, "caption", self.clean, self.max_words)}
 
     def __getitem__(self, i):
         (image,), (caption,) = self.load(i, self.random_choice(self.items[i]["captions"]))
@@ -247,13 +386,20 @@ class RetrievalEvalDataset(PretrainDataset):
 
 class CaptionDataset(PretrainDataset):
     """Captioning on the retrieval files. train: (image, caption) like PretrainDataset; eval:
-    (image, index), the cleaned reference captions of image i in .references[i]."""
+    (image, index), the cleaned reference captions of image i in .references[i] and the captions
+    as the file has them in .raw_references[i] (the COCO evaluation cleans them its own way)."""
 
     def __init__(self, source, image_root=None, transform=None, train=True, max_words=30,
                  check_images=True):
         super().__init__(source, image_root, transform, max_words, train, check_images)
         self.train = train
         self.references = [item["captions"] for item in self.items]
+        self.raw_references = [item["raw"] for item in self.items]
+
+    def parse(self, entry):
+        item = super().parse(entry)
+        return {**item, "raw": [entry["caption"]] if isinstance(entry["caption"], str)
+                else list(entry["caption"])}
 
     def __getitem__(self, i):
         if self.train:
@@ -369,18 +515,27 @@ class VEDataset(JSONDataset):
 # Collate
 
 
-def collate(batch, tokenizer, max_len):
+def pad_to(ids, mask, max_len, pad_id):
+    """(B, L) ids and mask padded on the right to (B, max_len), as BLIP's tokenizer call
+    (padding='max_length'); the padding is masked, so it changes no result."""
+    return (F.pad(ids, (0, max_len - ids.shape[1]), value=pad_id),
+            F.pad(mask, (0, max_len - mask.shape[1])))
+
+
+def collate(batch, tokenizer, max_len, pad_to_max_len=False):
     """Batch of sample tuples -> flat tuple, field by field: images stacked (B, 3, H, W); a text
-    becomes input_ids, attention_mask (B, L); ints become a LongTensor (B,); a list of texts per
-    sample (VQA answers) becomes ids, mask over all of them (sum n, L) and the counts n (B,); a
-    list of floats per sample (VQA weights) becomes one FloatTensor (sum n,)."""
+    becomes input_ids, attention_mask (B, L), L the longest (or max_len with pad_to_max_len);
+    ints become a LongTensor (B,); a list of texts per sample (VQA answers) becomes ids, mask over
+    all of them (sum n, L) and the counts n (B,); a list of floats per sample (VQA weights)
+    becomes one FloatTensor (sum n,)."""
     out = []
     for column in zip(*batch):
         first = column[0]
         if torch.is_tensor(first):
             out.append(torch.stack(column))
         elif isinstance(first, str):
-            out += tokenizer(list(column), max_len)
+            ids, mask = tokenizer(list(column), max_len)
+            out += pad_to(ids, mask, max_len, tokenizer.pad_id) if pad_to_max_len else (ids, mask)
         elif isinstance(first, int):
             out.append(torch.tensor(column, dtype=torch.long))
         elif first and isinstance(first[0], str):
@@ -391,7 +546,7 @@ def collate(batch, tokenizer, max_len):
     return tuple(out)
 
 
-def make_collate(tokenizer, max_len):
+def make_collate(tokenizer, max_len, pad_to_max_len=False):
     """collate_fn for any dataset here; tokenizer(texts, max_len) -> (ids, mask). A partial of a
     module function, so DataLoader workers can pickle it."""
-    return partial(collate, tokenizer=tokenizer, max_len=max_len)
+    return partial(collate, tokenizer=tokenizer, max_len=max_len, pad_to_max_len=pad_to_max_len)

@@ -4,30 +4,85 @@ retrieval fine-tuned one), NLVR2 / SNLI-VE classification, VQA over an answer li
 ranked by the answer decoder), and captioning. Each runs the model in eval mode, where the ViT
 sees all tokens unless its PruneConfig has in_eval, restores the model's mode, and returns the
 metrics (metrics.py) as plain floats, with the predictions where there are any.
+
+Under DDP (a process group is running) every rank must call the loop: each computes its share of
+the work (a contiguous block of the images, texts, queries or samples), the shares are gathered,
+and every rank returns the same results. A single process does all of it, as before.
 """
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
 
-from metrics import accuracy, bleu4, cider_d, recall_at_k, vqa_accuracy
+from metrics import accuracy, caption_scores, recall_at_k, vqa_accuracy
 
 
+# ---- sharing the work over DDP ranks ----------------------------------------------------
+def rank_and_world() -> tuple:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def share(n: int, device=None) -> torch.Tensor:
+    """This rank's block of range(n), padded to ceil(n / world) indices by repeating the last one,
+    so that every rank holds as many rows for all_gather (gather_rows drops the padding)."""
+    rank, world = rank_and_world()
+    per = -(-n // world)
+    return torch.arange(rank * per, (rank + 1) * per, device=device).clamp(max=n - 1)   # (per,)
+
+
+def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Every rank's block x (per, ...), concatenated in rank order, padding dropped: (n, ...)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return x[:n]
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)[:n]
+
+
+def gather_list(items: list, n: int) -> list:
+    """gather_rows for a list of Python objects (the captions)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return items[:n]
+    parts = [None] * world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part][:n]
+
+
+def shard_loader(dataset, batch_size: int, collate=None) -> DataLoader:
+    """The DataLoader over this rank's block of the dataset (share)."""
+    return DataLoader(Subset(dataset, share(len(dataset)).tolist()), batch_size,
+                      collate_fn=collate)
+
+
+# ---- retrieval ----------------------------------------------------------------------------
 @torch.no_grad()
 def embed_retrieval_set(model, dataset, tokenizer, device, max_len, batch_size=64):
     """Unimodal embeddings of every image and caption of a RetrievalEvalDataset, as ALBEF's
-    evaluation: the ViT sees all tokens (eval mode), the text encoder runs text-only."""
-    ids, mask = tokenizer(dataset.text, max_len)
+    evaluation: the ViT sees all tokens (eval mode), the text encoder runs text-only. Each rank
+    embeds its block of the images and of the captions; every rank gets all of them."""
+    ids, mask = tokenizer(dataset.text, max_len)        # every caption on every rank: cheap
     ids, mask = ids.to(device), mask.to(device)
-    text_embeds = torch.cat([model.encode_text(ids[s:s + batch_size], mask[s:s + batch_size])
-                             for s in range(0, len(ids), batch_size)])          # (T, L, D)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    image_embeds = torch.cat([model.encode_image(images.to(device)) for images, _ in loader])
-    return image_embeds, text_embeds, ids, mask
+    mine = share(len(ids), ids.device)
+    text_embeds = torch.cat([model.encode_text(ids[s], mask[s])
+                             for s in mine.split(batch_size)])                  # (T / world, L, D)
+    image_embeds = torch.cat([model.encode_image(images.to(device))
+                              for images, _ in shard_loader(dataset, batch_size)])
+    return (gather_rows(image_embeds, len(dataset)), gather_rows(text_embeds, len(ids)),
+            ids, mask)
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, dataset, tokenizer, device, k=16, max_len=32, batch_size=64):
-    """Image-text retrieval as ALBEF evaluates it: rank all pairs by ITC similarity, re-score the
-    top k candidates of each query with the ITM head, report recall@1/5/10. Also returns the
-    ITC-only figures under the key "itc"."""
+def evaluate_retrieval(model, dataset, tokenizer, device, k=16, max_len=32, batch_size=64,
+                       add_itc=False):
+    """Image-text retrieval as ALBEF and BLIP evaluate it: rank all pairs by ITC similarity,
+    re-score the top k candidates of each query with the ITM head's match logit (ALBEF), plus
+    their ITC cosine similarity with add_itc (BLIP, train_retrieval.py), report recall@1/5/10.
+    Also returns the ITC-only figures under the key "itc". Under DDP each rank re-scores the
+    queries of its block of rows, as ALBEF's evaluation splits the similarity matrix's rows
+    over the ranks."""
     was_training = model.training
     model.eval()
     image_embeds, text_embeds, ids, mask = embed_retrieval_set(model, dataset, tokenizer, device,
@@ -37,14 +92,19 @@ def evaluate_retrieval(model, dataset, tokenizer, device, k=16, max_len=32, batc
 
     def rerank(sim, k, query_is_image):
         """Scores (Q, C): the ITM match logit for each query's top-k candidates, -100 elsewhere.
-        All (query, candidate) pairs go through the fusion encoder in batches."""
-        top = sim.topk(k, dim=1).indices                                           # (Q, k)
-        q = torch.arange(sim.shape[0], device=sim.device).repeat_interleave(k)     # (Q*k,)
-        c = top.flatten()                                                          # (Q*k,)
+        This rank's (query, candidate) pairs go through the fusion encoder in batches."""
+        rows = share(sim.shape[0], sim.device)                                     # (Qr,)
+        top = sim[rows].topk(k, dim=1).indices                                     # (Qr, k)
+        q = rows.repeat_interleave(k)                                              # (Qr*k,)
+        c = top.flatten()                                                          # (Qr*k,)
         img, txt = (q, c) if query_is_image else (c, q)
         logits = torch.cat([model.itm_logits(text_embeds[t], mask[t], image_embeds[i], ids[t])[:, 1]
                             for i, t in zip(img.split(batch_size), txt.split(batch_size))])
-        return torch.full_like(sim, -100.0).scatter(1, top, logits.view(-1, k).to(sim.dtype))
+        scores = logits.view(-1, k).to(sim.dtype)                                  # (Qr, k)
+        if add_itc:
+            scores = scores + sim[rows].gather(1, top)
+        mine = torch.full_like(sim[rows], -100.0).scatter(1, top, scores)          # (Qr, C)
+        return gather_rows(mine, sim.shape[0])
 
     i2t, t2i = rerank(sim, k_i2t, True), rerank(sim.T, k_t2i, False)
     out = recall_at_k(i2t, t2i, dataset.img2txt, dataset.txt2img)
@@ -60,12 +120,13 @@ def evaluate_classifier(model, dataset, collate, device, batch_size=64):
     was_training = model.training
     model.eval()
     preds, labels = [], []
-    for *inputs, label in torch.utils.data.DataLoader(dataset, batch_size, collate_fn=collate):
-        preds.append(model.logits(*(t.to(device) for t in inputs)).argmax(1).cpu())
-        labels.append(label)
+    for *inputs, label in shard_loader(dataset, batch_size, collate):
+        preds.append(model.logits(*(t.to(device) for t in inputs)).argmax(1))
+        labels.append(label.to(device))
     model.train(was_training)
-    preds = torch.cat(preds)
-    return {"accuracy": accuracy(preds, torch.cat(labels))}, preds
+    preds = gather_rows(torch.cat(preds), len(dataset)).cpu()
+    labels = gather_rows(torch.cat(labels), len(dataset)).cpu()
+    return {"accuracy": accuracy(preds, labels)}, preds
 
 
 @torch.no_grad()
@@ -76,35 +137,39 @@ def evaluate_vqa(model, dataset, collate, device, batch_size=64):
     results in ALBEF's format, [{"question_id", "answer"}])."""
     was_training = model.training
     model.eval()
-    preds, loader = [], torch.utils.data.DataLoader(dataset, batch_size, collate_fn=collate)
-    for images, ids, mask, _ in loader:
+    preds = []
+    for images, ids, mask, _ in shard_loader(dataset, batch_size, collate):
         preds.append(model.answer_scores(images.to(device), ids.to(device),
                                          mask.to(device)).argmax(1))
     model.train(was_training)
-    answers = [dataset.answer_list[i] for i in torch.cat(preds).tolist()]
+    answers = [dataset.answer_list[i]
+               for i in gather_rows(torch.cat(preds), len(dataset)).tolist()]
     results = [{"question_id": q, "answer": a} for q, a in zip(dataset.question_ids, answers)]
     truth = [item["answers"] for item in dataset.items]
     return ({"vqa_score": vqa_accuracy(answers, truth)} if all(truth) else {}), results
 
 
 @torch.no_grad()
-def evaluate_caption(model, dataset, tokenizer, device, beam=3, max_new_tokens=20, batch_size=64,
-                     length_penalty=1.0):
-    """Captioning: greedy and beam-search captions of every image, each scored with BLEU-4 and
-    CIDEr-D against all of the image's references (dataset.references).
-    Returns ({"greedy_bleu4", "greedy_cider_d", "beam_bleu4", "beam_cider_d"},
-    {"greedy": [caption, ...], "beam": [caption, ...]})."""
+def evaluate_caption(model, dataset, tokenizer, device, beam=3, max_length=20, min_length=5,
+                     batch_size=64, length_penalty=1.0, repetition_penalty=1.0):
+    """Captioning: greedy and beam-search captions of every image (lengths counting [CLS] and
+    the prompt, as BLIP's), each scored with BLEU-4 and CIDEr-D against all of the image's
+    references as the file has them, both sides cleaned as the COCO caption evaluation cleans
+    them (metrics.caption_scores). Returns ({"greedy_bleu4", "greedy_cider_d", "beam_bleu4",
+    "beam_cider_d"}, {"greedy": [caption, ...], "beam": [caption, ...]})."""
     was_training = model.training
     model.eval()
     captions = {"greedy": [], "beam": []}
-    for images, _ in torch.utils.data.DataLoader(dataset, batch_size):
+    limits = dict(max_length=max_length, min_length=min_length,
+                  repetition_penalty=repetition_penalty)
+    for images, _ in shard_loader(dataset, batch_size):
         images = images.to(device)
-        for name, (tokens, _) in (("greedy", model.greedy(images, max_new_tokens)),
-                                  ("beam", model.beam_search(images, beam, max_new_tokens,
-                                                             length_penalty))):
+        for name, (tokens, _) in (("greedy", model.greedy(images, **limits)),
+                                  ("beam", model.beam_search(images, beam, length_penalty=length_penalty,
+                                                             **limits))):
             captions[name] += [tokenizer.decode(t) for t in tokens.cpu()]
     model.train(was_training)
-    metrics = {f"{name}_{metric}": score(caps, dataset.references)
-               for name, caps in captions.items()
-               for metric, score in (("bleu4", bleu4), ("cider_d", cider_d))}
+    captions = {name: gather_list(caps, len(dataset)) for name, caps in captions.items()}
+    metrics = {f"{name}_{metric}": value for name, caps in captions.items()
+               for metric, value in caption_scores(caps, dataset.raw_references).items()}
     return metrics, captions

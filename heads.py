@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from model import ELIPModel, build_text, build_vit
 from pruning import TEXT_GUIDED, PruneConfig
+from vit import interpolate_pos_embed
 
 
 def mlp_head(d_in, d_hidden, d_out):
@@ -143,8 +144,9 @@ class VEModel(FusionModel):
 
 class CaptionModel(nn.Module):
     """Captioning (BLIP): the ViT and the causal decoder, which reads the image through
-    cross-attention. Every caption starts with [CLS] and the prompt ("a picture of "), whose
-    positions carry no loss; generation continues the prompt, greedily or by beam search.
+    cross-attention. Every caption starts with [CLS] ([DEC] in the decoder when cfg.blip_tokens)
+    and the prompt ("a picture of "), whose positions carry no loss; generation continues the
+    prompt, greedily or by beam search.
 
     With text-guided pruning the ViT needs a text [CLS], but no caption exists at test time: the
     guide is the unimodal text encoder's [CLS] of the prompt, in training and in generation alike.
@@ -162,9 +164,13 @@ class CaptionModel(nn.Module):
         # [CLS] + prompt tokens, without [SEP]: the start of every caption (not a parameter)
         self.register_buffer("prompt_ids", torch.tensor(prompt_ids)[None], persistent=False)
         self.sep_id = sep_id
-        self.banned = [cfg.pad_id, cfg.cls_id, cfg.mask_id]     # never a word of a caption
+        # never a word of a caption
+        self.banned = [cfg.pad_id, cfg.cls_id, cfg.mask_id] + [i for i in (cfg.enc_id, cfg.dec_id)
+                                                               if i >= 0]
 
-    lm_loss = ELIPModel.lm_loss      # reads self.text_decoder and self.cfg only
+    # ELIPModel's decoder methods: they read self.text_decoder and self.cfg only
+    decode = ELIPModel.decode
+    lm_loss = ELIPModel.lm_loss
 
     def encode_image(self, images):
         text_cls = None
@@ -183,63 +189,105 @@ class CaptionModel(nn.Module):
 
     def token_log_probs(self, ids, image_embeds):
         """(B, L) ids -> (B, L, V): log-probabilities of the next token after each position."""
-        hidden = self.text_decoder(ids, None, image_embeds, None, mode="multimodal", causal=True)
-        logits = self.text_decoder.lm_logits(hidden)
+        logits = self.text_decoder.lm_logits(self.decode(ids, None, image_embeds))
         logits[..., self.banned] = float("-inf")
         return logits.log_softmax(-1)
 
+    def next_log_probs(self, ids, image_embeds, min_length=0, repetition_penalty=1.0):
+        """(N, L) ids -> (N, V) scores of the next token as BLIP's generate computes them (Hugging
+        Face transformers 4.15 beam search): the log-softmax, then the logits processors on it,
+        unnormalised: the repetition penalty on every token already in ids (a negative score
+        multiplied by it, a positive one divided), and [SEP] forbidden while the sequence, prompt
+        included, is shorter than min_length."""
+        logp = self.token_log_probs(ids, image_embeds)[:, -1]                     # (N, V)
+        if repetition_penalty != 1.0:
+            seen = logp.gather(1, ids)                                             # (N, L)
+            seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+            logp = logp.scatter(1, ids, seen)
+        if ids.shape[1] < min_length:
+            logp[:, self.sep_id] = float("-inf")
+        return logp
+
     @torch.no_grad()
-    def greedy(self, images, max_new_tokens=20):
-        """The most likely next token at every step. Returns (tokens (B, n) after the prompt,
-        [PAD] after [SEP]; their summed log-probability (B,))."""
+    def greedy(self, images, max_length=20, min_length=0, repetition_penalty=1.0):
+        """The best next token at every step, until [SEP] or max_length tokens in all ([CLS] and
+        the prompt count, as in BLIP). Returns (tokens (B, n) after the prompt, [PAD] after
+        [SEP]; their summed score (B,))."""
         image_embeds = self.encode_image(images)
         B = images.shape[0]
         ids = self.prompt_ids.expand(B, -1)
         score = image_embeds.new_zeros(B)
         done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
-            logp, token = self.token_log_probs(ids, image_embeds)[:, -1].max(dim=-1)   # (B,)
+        while ids.shape[1] < max_length and not done.all():
+            logp, token = self.next_log_probs(ids, image_embeds, min_length,
+                                              repetition_penalty).max(dim=-1)     # (B,)
             score = score + logp.masked_fill(done, 0.0)
             token = token.masked_fill(done, self.cfg.pad_id)
             ids = torch.cat([ids, token[:, None]], dim=1)
             done = done | (token == self.sep_id)
-            if done.all():
-                break
         return ids[:, self.prompt_ids.shape[1]:], score
 
     @torch.no_grad()
-    def beam_search(self, images, beam=3, max_new_tokens=20, length_penalty=0.0):
-        """Beam search over summed log-probabilities, all B x beam hypotheses in one batch; a
-        finished hypothesis (it produced [SEP]) is extended by [PAD] at no cost. The best of the
-        final beams is the one whose sum divided by its length ([CLS], prompt and tokens up to
-        [SEP]) ** length_penalty is highest: 0 takes the likeliest, 1 is Hugging Face's default,
-        which BLIP's beam search uses (a plain sum favours short, generic captions). Returns that
-        hypothesis of each image as greedy() does, with its summed log-probability."""
-        B, K = images.shape[0], beam
+    def beam_search(self, images, beam=3, max_length=20, min_length=0, length_penalty=1.0,
+                    repetition_penalty=1.0):
+        """Beam search as Hugging Face's (transformers 4.15), which BLIP's captioning calls with
+        the prompt as input: `beam` running hypotheses per image chosen among the 2 x beam best
+        extensions; an extension by [SEP] ranked within the first `beam` is set aside as finished
+        (up to `beam` kept, by summed score / length ** length_penalty, the length counting
+        [CLS] and the prompt but not [SEP]); an image is done when its worst finished hypothesis
+        beats what its best extension could still reach at the current length, or at max_length
+        tokens, when its running hypotheses join the finished ones. Returns the best finished
+        hypothesis of each image as greedy() does (with its [SEP]), and its summed score."""
+        B, K, P = images.shape[0], beam, self.prompt_ids.shape[1]
         image_embeds = self.encode_image(images).repeat_interleave(K, dim=0)    # (B*K, L', D)
-        ids = self.prompt_ids.expand(B * K, -1)                                  # (B*K, P+1)
-        V = self.cfg.vocab_size
+        ids = self.prompt_ids.expand(B * K, -1)                                  # (B*K, P)
         # all K beams start as the same prompt: only the first may expand at step one
-        score = torch.full((B, K), float("-inf"), device=ids.device)
-        score[:, 0] = 0.0
-        done = torch.zeros(B * K, dtype=torch.bool, device=ids.device)
-        finished = torch.full((V,), float("-inf"), device=ids.device)
-        finished[self.cfg.pad_id] = 0.0
-        for _ in range(max_new_tokens):
-            logp = self.token_log_probs(ids, image_embeds)[:, -1]                   # (B*K, V)
-            logp = torch.where(done[:, None], finished, logp)
-            total = (score.view(B * K, 1) + logp).view(B, K * V)                    # (B, K*V)
-            score, pick = total.topk(K, dim=1)                                      # (B, K)
-            parent = (torch.arange(B, device=ids.device)[:, None] * K + pick // V).flatten()
-            token = (pick % V).flatten()                                            # (B*K,)
-            ids = torch.cat([ids[parent], token[:, None]], dim=1)
-            done = done[parent] | (token == self.sep_id)
-            if done.all():
-                break
-        length = (ids != self.cfg.pad_id).sum(dim=1).view(B, K)                    # (B, K)
-        best = (score / length ** length_penalty).argmax(dim=1)                    # (B,)
-        ids = ids.view(B, K, -1)[torch.arange(B, device=ids.device), best]          # (B, P+1+n)
-        return ids[:, self.prompt_ids.shape[1]:], score.gather(1, best[:, None]).squeeze(1)
+        score = torch.zeros(B, K, dtype=image_embeds.dtype, device=ids.device)
+        score[:, 1:] = -1e9
+        finished = [[] for _ in range(B)]      # per image: (normalised score, sum, tokens)
+        done = [False] * B
+
+        def add(b, tokens, total, length):
+            finished[b].append((total / length ** length_penalty, total, tokens))
+            finished[b].sort(key=lambda h: -h[0])
+            del finished[b][K:]
+
+        while ids.shape[1] < max_length and not all(done):
+            L = ids.shape[1]
+            logp = self.next_log_probs(ids, image_embeds, min_length, repetition_penalty)
+            V = logp.shape[1]
+            top, pick = (score.view(B * K, 1) + logp).view(B, K * V).topk(2 * K, dim=1)  # (B, 2K)
+            top, parent, token = top.tolist(), (pick // V).tolist(), (pick % V).tolist()
+            rows = [[0.0, b * K, self.cfg.pad_id] for b in range(B) for _ in range(K)]
+            for b in range(B):
+                if done[b]:
+                    continue
+                n = 0
+                for rank in range(2 * K):
+                    row = b * K + parent[b][rank]
+                    if token[b][rank] == self.sep_id:
+                        if rank < K:
+                            add(b, ids[row].tolist() + [self.sep_id], top[b][rank], L)
+                    else:
+                        rows[b * K + n] = [top[b][rank], row, token[b][rank]]
+                        n += 1
+                    if n == K:
+                        break
+                worst = finished[b][-1][0] if len(finished[b]) == K else float("-inf")
+                done[b] = worst >= max(top[b]) / L ** length_penalty
+            new_score, rows_from, new_token = zip(*rows)
+            score = torch.tensor(new_score, dtype=score.dtype, device=ids.device).view(B, K)
+            ids = torch.cat([ids[list(rows_from)], torch.tensor(new_token, device=ids.device)[:, None]],
+                            dim=1)                                                # (B*K, L+1)
+        for b in range(B):
+            if not done[b]:
+                for k in range(K):
+                    add(b, ids[b * K + k].tolist(), score[b, k].item(), ids.shape[1])
+        best = [finished[b][0] for b in range(B)]
+        n = max(len(h[2]) for h in best)
+        tokens = torch.tensor([h[2] + [self.cfg.pad_id] * (n - len(h[2])) for h in best],
+                              device=ids.device)                                  # (B, n)
+        return tokens[:, P:], torch.tensor([h[1] for h in best], dtype=score.dtype, device=ids.device)
 
 
 def load_pretrained(model, state):
@@ -250,8 +298,13 @@ def load_pretrained(model, state):
     head, cross-attention where the encoder has it): 0 for captioning, the first fusion layer for
     ALBEF's VQA decoder. A momentum copy that the checkpoint lacks (a decoder's, a head's) loads
     as its online module does. A key found nowhere must be new by design (model.NEW_PARAMS, e.g.
-    the heads); a shape mismatch is an error. Returns dict(loaded, initialised, unused) lists of
-    keys: `unused` are the pre-training keys the task drops (queues, projections, ...)."""
+    the heads). Position
+    embeddings of a ViT (online and momentum) trained at another resolution are resized to ours
+    (vit.interpolate_pos_embed: bicubic on the grid, [CLS] kept, as ALBEF and BLIP load their
+    checkpoints for fine-tuning at 384 px); any other shape mismatch is an error. Returns
+    dict(loaded, initialised, unused, interpolated) lists of keys: `unused` are the pre-training
+    keys the task drops (queues, projections, ...), `interpolated` the
+    resized position embeddings."""
     ours = model.state_dict()
     has_decoder = any(k.startswith("text_decoder.") for k in state)
     offset = getattr(model, "decoder_from_layer", 0)
@@ -273,11 +326,19 @@ def load_pretrained(model, state):
     if unexpected:
         raise ValueError(f"the pre-training checkpoint lacks {len(unexpected)} weights of the "
                          f"{type(model).__name__}: {unexpected[:8]}")
+    weights, interpolated = {}, []
     for k, s in sources.items():
-        if s is not None and state[s].shape != ours[k].shape:
+        if s is None:
+            continue
+        weights[k] = state[s]
+        theirs, shape = state[s].shape, ours[k].shape
+        if k.endswith("pos_embed") and theirs != shape and theirs[::2] == shape[::2]:
+            weights[k] = interpolate_pos_embed(state[s], shape[1] - 1)   # (1, 1+M, D) -> (1, 1+M', D)
+            interpolated.append(k)
+        if weights[k].shape != ours[k].shape:
             raise ValueError(f"shape mismatch for {k} (checkpoint {s}): checkpoint "
-                             f"{tuple(state[s].shape)} vs model {tuple(ours[k].shape)}")
-    model.load_state_dict({k: state[s] for k, s in sources.items() if s is not None}, strict=False)
+                             f"{tuple(theirs)} vs model {tuple(shape)}")
+    model.load_state_dict(weights, strict=False)
     used = set(sources.values())
     return dict(loaded=[k for k in ours if sources[k] is not None], initialised=initialised,
-                unused=[k for k in state if k not in used])
+                unused=[k for k in state if k not in used], interpolated=interpolated)

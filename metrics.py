@@ -6,10 +6,12 @@ with:
 - the VQA score min(1, matches / 3) against the 10 human answers,
 - accuracy for NLVR2 and SNLI-VE,
 - BLEU-1..4 and CIDEr-D as the COCO caption evaluation (pycocoevalcap's Bleu and Cider scorers,
-  whose Cider is CIDEr-D), run on captions that are already cleaned (data.pre_caption) instead of
-  going through its Java PTB tokenizer.
+  whose Cider is CIDEr-D), on whitespace tokens; caption_scores first cleans candidates and
+  references as that evaluation does (ptb_tokenize: its Stanford PTB tokenizer, written in
+  Python, and its list of punctuation tokens to drop).
 """
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -55,7 +57,7 @@ def recall_at_k(scores_i2t, scores_t2i, img2txt, txt2img):
     if not gt_i2t.any(1).all():
         raise ValueError("every image needs at least one caption in img2txt")
     gt_t2i = torch.zeros(num_texts, num_images, dtype=torch.bool, device=scores_t2i.device)
-    gt_t2i[torch.arange(num_texts), txt2img] = True
+    gt_t2i[torch.arange(num_texts, device=txt2img.device), txt2img] = True
 
     result = {}
     for name, ranks in (("txt", _ranks(scores_i2t, gt_i2t)), ("img", _ranks(scores_t2i, gt_t2i))):
@@ -84,13 +86,50 @@ def chance_recall(img2txt, ks=(1, 5, 10)):
     return out
 
 
-def format_recall(metrics, chance=None, title="retrieval"):
-    """A small text table: TR/IR R@1/5/10 and their mean, with chance beside when given."""
+def oracle_recall(truth, img2txt, ks=(1, 5, 10)):
+    """The expected recall (percent, recall_at_k's keys) of an oracle that knows which captions
+    are true of which images but nothing more: for each query it ranks first, in random order,
+    every candidate the caption is true of (a caption such as "there are two objects" is true
+    of many images), then the rest. The ceiling of a model that reads only what a caption says.
+    truth (num_images, num_texts) bool, True at least where img2txt pairs an image with its
+    own captions. Text retrieval: with s captions true of the image, g of them its own, one of
+    those is among the first k with probability 1 - C(s-g, k') / C(s, k'), k' = min(k, s); image
+    retrieval: a caption true of m images ranks its own among the first k with probability
+    min(1, k / m). (A model can beat it only through how the captions were sampled, e.g. a
+    caption true of many images is more often written for those with fewer true captions.)"""
+    truth = np.asarray(truth, dtype=bool)
+    img2txt = list(img2txt.values()) if isinstance(img2txt, dict) else img2txt
+    own = np.zeros_like(truth)
+    for i, caps in enumerate(img2txt):
+        own[i, caps] = True
+    if own.shape != truth.shape or (own & ~truth).any() or (own.sum(0) != 1).any():
+        raise ValueError("truth must be (images, texts), True wherever img2txt pairs an image "
+                         "with its captions, each caption belonging to one image")
+    true_of_image, true_of_text = truth.sum(1), truth.sum(0)       # (N,) s, (T,) m
+    out = {}
+    for k in ks:
+        out[f"txt_r{k}"] = 100 * float(np.mean([
+            1 - math.comb(s - len(g), min(k, s)) / math.comb(s, min(k, s))
+            for s, g in zip(true_of_image.tolist(), img2txt)]))
+        out[f"img_r{k}"] = 100 * float(np.minimum(1.0, k / true_of_text).mean())
+    for side in ("txt", "img"):
+        out[f"{side}_r_mean"] = float(np.mean([out[f"{side}_r{k}"] for k in ks]))
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def format_recall(metrics, chance=None, title="retrieval", oracle=None):
+    """A small text table: TR/IR R@1/5/10 and their mean, with chance and the oracle's
+    (oracle_recall) beside when given, and the model's R mean as a fraction of the oracle's."""
     keys = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
     head = f"{'':>12}" + "".join(f"{k:>9}" for k in keys)
-    rows = [(name, m) for name, m in [("model", metrics), ("chance", chance)] if m is not None]
+    rows = [(name, m) for name, m in [("model", metrics), ("chance", chance), ("oracle", oracle)]
+            if m is not None]
     lines = [title, head] + [f"{name:>12}" + "".join(f"{m[k]:9.2f}" for k in keys)
                              for name, m in rows]
+    if oracle is not None:
+        lines.append(f"R mean {metrics['r_mean']:.2f} is {metrics['r_mean'] / oracle['r_mean']:.1%} "
+                     f"of the oracle's {oracle['r_mean']:.2f}")
     return "\n".join(lines)
 
 
@@ -218,3 +257,79 @@ def cider_d(candidates, references, n=4, sigma=6.0):
                     total += penalty * dot / (nv * nr)
         scores.append(10.0 * total / (n * len(refs)))
     return float(np.mean(scores))
+
+
+# ---- the COCO caption evaluation's text cleaning ------------------------------------------
+# pycocoevalcap runs Stanford's PTBTokenizer (CoreNLP 3.4.1, -preserveLines -lowerCase) on every
+# caption, then drops these tokens. Brackets come out as -lrb- etc. in lower case, which the list
+# (upper case) does not match: they stay, as in the official scores.
+PTB_DROPPED = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
+               "-", "--", "...", ";"}
+PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+# split wherever they stand; a comma or colon not inside a number (1,000 10:30)
+PTB_SEPARATORS = re.compile(r"(--|[;()\[\]{}&]|(?<!\d)[,:]|[,:](?!\d))")
+PTB_SPLIT = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
+             "wanna": ("wan", "na"), "lemme": ("lem", "me"), "gimme": ("gim", "me")}
+PTB_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "mt", "vs", "etc", "inc",
+                     "co", "corp", "ltd", "no", "ave", "jan", "feb", "aug", "sept", "oct", "nov",
+                     "dec"}
+CLITIC = re.compile(r"(.+?)(n't|'s|'ll|'re|'ve|'d|'m)$")
+
+
+def _ptb_word(word):
+    """One whitespace-free piece of lower-case text -> PTB tokens (punctuation included)."""
+    if re.fullmatch(r"'(s|ll|re|ve|d|m)", word):
+        return [word]
+    front, back = [], []
+    while word:                                        # opening quotes, currency
+        if word[0] == '"' or word.startswith("``"):
+            front.append("``")
+            word = word[2:] if word.startswith("``") else word[1:]
+        elif word[0] == "`" or (word[0] == "'" and not word[1:2].isdigit()):    # '90s stays
+            front.append("`")
+            word = word[1:]
+        elif word[0] == "$" and len(word) > 1:
+            front.append("$")
+            word = word[1:]
+        else:
+            break
+    while word:                                        # closing punctuation, clitics
+        m = re.search(r"(\.{2,3}|[!?]+|''|[\"'%])$", word)
+        clitic = CLITIC.match(word)
+        if m and len(word) > len(m.group()):
+            tail = m.group()
+            back[:0] = ["''"] if tail == '"' else [".", "."] if tail == ".." else [tail]
+            word = word[:-len(tail)]
+        elif word.endswith(".") and len(word) > 1:
+            stem = word[:-1]
+            if len(stem) == 1 or "." in stem or stem in PTB_ABBREVIATIONS:
+                break                                  # an abbreviation keeps its period
+            back.insert(0, ".")
+            word = stem
+        elif clitic and not word.startswith("o'"):
+            back.insert(0, clitic.group(2))
+            word = clitic.group(1)
+        else:
+            break
+    word = PTB_SPLIT.get(word, PTB_BRACKETS.get(word, word))
+    return front + (list(word) if isinstance(word, tuple) else [word] if word else []) + back
+
+
+def ptb_tokenize(text: str) -> list[str]:
+    """The COCO caption evaluation's cleaning of one caption: Stanford's PTB tokenisation in lower
+    case (clitics split off: "isn't" -> is n't, "man's" -> man 's; "cannot" -> can not;
+    punctuation apart, except inside numbers, abbreviations and hyphenated words; brackets as
+    -lrb- ...), then pycocoevalcap's punctuation tokens dropped."""
+    tokens = []
+    for chunk in text.lower().split():
+        for piece in PTB_SEPARATORS.split(chunk):
+            tokens += _ptb_word(piece) if piece else []
+    return [t for t in tokens if t not in PTB_DROPPED]
+
+
+def caption_scores(candidates, references) -> dict:
+    """BLEU-4 and CIDEr-D as BLIP reports them (pycocoevalcap's COCOEvalCap): candidates and
+    references cleaned by ptb_tokenize first. candidates: [str]; references: [[str, ...]]."""
+    cands = [" ".join(ptb_tokenize(c)) for c in candidates]
+    refs = [[" ".join(ptb_tokenize(r)) for r in rs] for rs in references]
+    return {"bleu4": bleu4(cands, refs), "cider_d": cider_d(cands, refs)}

@@ -28,6 +28,8 @@ TEXT_GUIDED = ("elip", "elip_inline")      # the methods that need the text [CLS
 
 @dataclass
 class PruneConfig:
+    preset: str = ""                                   # elip | evit_paper | tome_paper: sets
+                                                       # the fields below (PRUNE_PRESETS)
     method: str = "elip"                               # one of METHODS
     prune_layers: tuple[int, ...] = (2, 4, 10)         # pruned before these layers (0-based)
     keep_ratios: tuple[float, ...] = (0.9, 0.65, 0.4)  # fraction of the M patches kept at each cut
@@ -55,6 +57,14 @@ class PruneConfig:
             raise ValueError(f"lam {self.lam} must lie in [0, 1] (1 = image [CLS] only, Eq. 1)")
         if self.tome_r < 0:
             raise ValueError(f"tome_r {self.tome_r} must be >= 0")
+        if self.preset and self.preset not in PRUNE_PRESETS:
+            raise ValueError(f"prune preset {self.preset!r} is not one of "
+                             f"{', '.join(PRUNE_PRESETS)}")
+
+    @staticmethod
+    def presets() -> dict:
+        """The named settings the `preset` field selects (the flag parser applies them)."""
+        return PRUNE_PRESETS
 
     def check(self, depth: int) -> None:
         """Refuse a schedule that does not fit a ViT of `depth` layers (called at model build)."""
@@ -65,7 +75,8 @@ class PruneConfig:
                              f"for a ViT of depth {depth}")
 
 
-# The paper's comparison rows (ELIP paper, section 4), as PruneConfig fields: PruneConfig(**preset).
+# The paper's comparison rows (ELIP paper, section 4), as PruneConfig fields: PruneConfig(**preset),
+# or `--prune.preset name` on the command line.
 PRUNE_PRESETS = {
     # ELIP as its official code runs it (section 4): blocks of 2, 2, 6, 2 layers
     "elip": dict(method="elip", prune_layers=(2, 4, 10), keep_ratios=(0.9, 0.65, 0.4), lam=0.8,

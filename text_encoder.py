@@ -28,7 +28,7 @@ class BertConfig:
     num_heads: int = 12
     intermediate_size: int = 3072
     max_position: int = 512
-    type_vocab_size: int = 2
+    type_vocab_size: int = 2     # token-type (segment) embeddings; 0: none (BLIP's BERT has none)
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1         # hidden and attention-probability dropout, as in BERT
     fusion_layer: int = 6        # layers >= fusion_layer have cross-attention to the image
@@ -141,11 +141,12 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         D = cfg.hidden_size
-        self.embeddings = nn.ModuleDict(dict(
-            word_embeddings=nn.Embedding(cfg.vocab_size, D),
-            position_embeddings=nn.Embedding(cfg.max_position, D),
-            token_type_embeddings=nn.Embedding(cfg.type_vocab_size, D),
-            LayerNorm=nn.LayerNorm(D, eps=cfg.layer_norm_eps)))
+        embeddings = dict(word_embeddings=nn.Embedding(cfg.vocab_size, D),
+                          position_embeddings=nn.Embedding(cfg.max_position, D))
+        if cfg.type_vocab_size > 0:
+            embeddings["token_type_embeddings"] = nn.Embedding(cfg.type_vocab_size, D)
+        embeddings["LayerNorm"] = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.embeddings = nn.ModuleDict(embeddings)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
             Layer(cfg, has_cross=i >= cfg.fusion_layer) for i in range(cfg.num_layers))))
@@ -165,13 +166,15 @@ class TextEncoder(nn.Module):
             nn.init.zeros_(m.bias)
 
     def embed(self, input_ids):
-        """(B, L) ids -> (B, L, D): word + position + token type 0 (one segment), LayerNorm."""
+        """(B, L) ids -> (B, L, D): word + position (+ token type 0: one segment), LayerNorm."""
         L = input_ids.shape[1]
         if L > self.cfg.max_position:
             raise ValueError(f"sequence length {L} exceeds max_position {self.cfg.max_position}")
         e = self.embeddings
         pos = torch.arange(L, device=input_ids.device)
-        x = e.word_embeddings(input_ids) + e.position_embeddings(pos) + e.token_type_embeddings.weight[0]
+        x = e.word_embeddings(input_ids) + e.position_embeddings(pos)
+        if "token_type_embeddings" in e:
+            x = x + e.token_type_embeddings.weight[0]
         return self.embed_dropout(e.LayerNorm(x))
 
     def forward(self, input_ids=None, attention_mask=None, image_embeds=None, image_atts=None,
@@ -230,6 +233,25 @@ class TextEncoder(nn.Module):
         return self.cls.predictions(hidden, self.embeddings.word_embeddings.weight)
 
 
+def tie_to_encoder(decoder, encoder):
+    """BLIP's decoder shares every weight of the text encoder except self-attention (and the LM
+    head, which only the decoder has): embeddings, cross-attention and feed-forward are the
+    encoder's modules themselves, so the same nn.Parameter objects, updated once by the optimizer
+    (BLIP's models/blip_pretrain.py: tie_encoder_decoder_weights(text_encoder, text_decoder.bert,
+    '', '/attention') ties every module whose path lacks '/attention'). The decoder's LM head
+    reads the shared word embeddings."""
+    if len(decoder.encoder.layer) != len(encoder.encoder.layer):
+        raise ValueError(f"the decoder has {len(decoder.encoder.layer)} layers, the encoder "
+                         f"{len(encoder.encoder.layer)}: BLIP ties them layer by layer")
+    if any(layer.crossattention is None for layer in encoder.encoder.layer):
+        raise ValueError("BLIP's tied decoder needs cross-attention in every encoder layer "
+                         "(fusion_layer 0)")
+    decoder.embeddings = encoder.embeddings
+    for dec, enc in zip(decoder.encoder.layer, encoder.encoder.layer):
+        dec.crossattention, dec.intermediate, dec.output = (enc.crossattention, enc.intermediate,
+                                                            enc.output)
+
+
 # -----------------------------------------------------------------------------
 # Loading Hugging Face BERT weights
 
@@ -271,11 +293,18 @@ def hf_to_ours(name):
     return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
 
 
+# indexed by token id: a vocabulary with added tokens (BLIP's [DEC] and [ENC]) has more rows
+VOCAB_KEYS = ("embeddings.word_embeddings.weight", "cls.predictions.bias")
+
+
 def load_bert_weights(encoder, path):
     """Load a Hugging Face BERT checkpoint (.safetensors, .bin, or a state dict) into `encoder`.
     Strict: every shape must match, and only crossattention.* and cls.* may be absent (they keep
-    their initialisation, e.g. plain BERT has no cross-attention). Returns
-    dict(missing=[our keys left at init], unused=[checkpoint keys not loaded])."""
+    their initialisation, e.g. plain BERT has no cross-attention). One exception: the tensors
+    indexed by token id (VOCAB_KEYS) may have fewer rows than ours, as when BLIP adds two tokens
+    to BERT's vocabulary; their rows are copied and the added rows keep their initialisation (as
+    Hugging Face's resize_token_embeddings). Returns dict(missing=[our keys left at init],
+    unused=[checkpoint keys not loaded], grown=[our keys with rows added])."""
     if isinstance(path, dict):
         state = path
     elif str(path).endswith(".safetensors"):
@@ -283,7 +312,7 @@ def load_bert_weights(encoder, path):
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
     ours = encoder.state_dict()
-    source, unused = {}, []  # our name -> checkpoint name
+    source, unused, grown = {}, [], []  # our name -> checkpoint name
     for key, value in state.items():
         name = hf_to_ours(key)
         if name not in ours:
@@ -291,14 +320,21 @@ def load_bert_weights(encoder, path):
             continue
         if name in source:
             raise ValueError(f"checkpoint keys {source[name]!r} and {key!r} both map to {name!r}")
-        if tuple(value.shape) != tuple(ours[name].shape):
+        shape, our_shape = tuple(value.shape), tuple(ours[name].shape)
+        if name in VOCAB_KEYS and shape[1:] == our_shape[1:] and shape[0] < our_shape[0]:
+            grown.append(name)
+        elif shape != our_shape:
             raise ValueError(f"shape mismatch for {key!r} (ours {name!r}): checkpoint "
-                             f"{tuple(value.shape)} vs model {tuple(ours[name].shape)}")
+                             f"{shape} vs model {our_shape}")
         source[name] = key
     missing = [name for name in ours if name not in source]
     required = [name for name in missing
                 if ".crossattention." not in name and not name.startswith("cls.")]
     if required:
         raise ValueError(f"checkpoint lacks required weights: {required}")
-    encoder.load_state_dict({name: state[key] for name, key in source.items()}, strict=False)
-    return dict(missing=missing, unused=unused)
+    weights = {name: state[key] for name, key in source.items()}
+    for name in grown:  # the checkpoint's rows, then our initialisation of the added ones
+        rows = weights[name]
+        weights[name] = torch.cat([rows.to(ours[name].dtype), ours[name][len(rows):]])
+    encoder.load_state_dict(weights, strict=False)
+    return dict(missing=missing, unused=unused, grown=grown)

@@ -15,6 +15,10 @@ from collections import Counter
 import torch
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# BLIP's additions to BERT's vocabulary (BLIP's models/blip.py init_tokenizer): [DEC], the
+# decoder's first token (its bos_token), then [ENC], the image-grounded encoder's; appended after
+# bert-base-uncased's 30522 tokens they are ids 30522 and 30523. Never looked for in text.
+BLIP_TOKENS = ("[DEC]", "[ENC]")
 SPECIALS_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIALS) + ")")
 MAX_WORD_CHARS = 100  # longer words become [UNK], as in BERT
 
@@ -84,6 +88,7 @@ class Tokenizer:
         self.vocab_size = len(self.vocab)
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
             self.token_to_id[t] for t in SPECIALS)
+        self.dec_id, self.enc_id = (self.token_to_id.get(t, -1) for t in BLIP_TOKENS)  # -1: none
 
     @classmethod
     def from_file(cls, path, do_lower_case=True):
@@ -99,6 +104,12 @@ class Tokenizer:
                          if w not in SPECIALS)
         words = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
         return cls(list(SPECIALS) + words, do_lower_case)
+
+    def add_tokens(self, tokens):
+        """A tokenizer whose vocabulary is this one's plus `tokens` (those it lacks), appended in
+        order, as Hugging Face's add_special_tokens does (BLIP adds BLIP_TOKENS to BERT's)."""
+        return Tokenizer(self.vocab + [t for t in dict.fromkeys(tokens) if t not in self.token_to_id],
+                         self.do_lower_case)
 
     def save(self, path):
         with open(path, "w", encoding="utf-8") as f:
@@ -151,7 +162,7 @@ class Tokenizer:
             token = self.vocab[i]
             if token == "[SEP]":
                 break
-            if token in SPECIALS:
+            if token in SPECIALS or token in BLIP_TOKENS:
                 continue
             if token.startswith("##") and words:
                 words[-1] += token[2:]

@@ -14,13 +14,15 @@ import math
 import os
 import random
 import time
+import traceback
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from config import config_from_dict
@@ -36,8 +38,17 @@ class RunConfig:
     lr: float = 5e-4
     min_lr: float = 1e-5
     weight_decay: float = 0.02
-    warmup_steps: int = 50           # linear warmup from 0, then cosine to min_lr, per step
-    alpha: float = 0.4               # distillation weight, ramped up over the first epoch
+    decay: str = "matrices"          # which parameters weight decay acts on: matrices (2-D and
+                                     # up) | albef (all but 1-D ones and *.bias) | all (BLIP)
+    schedule: str = "cosine"         # cosine (per step) | albef | blip (as their pre-training
+                                     # code steps it) | epoch_cosine (BLIP's fine-tuning); lr_at
+    warmup_steps: int = 50           # cosine: linear warmup from 0, then cosine to min_lr;
+                                     # albef, blip: the warmup's iterations in epoch 0
+    warmup_lr: float = 0.0           # albef, blip: the lr the warmup starts from
+    lr_decay_rate: float = 0.9       # blip: lr * lr_decay_rate ** epoch after epoch 0
+    alpha: float = 0.4               # distillation weight, ramped up over the first epochs
+    alpha_ramp_epochs: float = 1.0   # epochs of alpha's linear ramp from 0 (ALBEF 1, BLIP 2;
+                                     # 0 = none)
     grad_clip: float = 0.0           # 0 = off
     amp: str = "auto"                # auto (bf16 or fp16 on GPU, off on CPU) | bf16 | fp16 | off
     # run
@@ -49,12 +60,27 @@ class RunConfig:
     seed: int = 0                    # rank r seeds its generators with seed + r
     threads: int = 0                 # torch.set_num_threads on CPU (0 = leave torch's default)
     dist_timeout: int = 60           # minutes a collective may wait for the other ranks
+    max_bad_images: float = 0.001    # an entry whose image cannot be read is skipped (the next
+                                     # entry replaces it) and logged; the run stops once more than
+                                     # this fraction of the entries were skipped ...
+    bad_images_floor: int = 20       # ... and more than this many
+
+    def __post_init__(self):
+        if self.decay not in ("matrices", "albef", "all"):
+            raise ValueError(f"decay {self.decay!r} is not one of matrices, albef, all")
+        if self.schedule not in ("cosine", "albef", "blip", "epoch_cosine"):
+            raise ValueError(f"schedule {self.schedule!r} is not one of cosine, albef, blip, "
+                             f"epoch_cosine")
+        if self.schedule == "albef" and self.warmup_steps % ALBEF_LR_STAIR:
+            raise ValueError(f"warmup_steps {self.warmup_steps}: the albef schedule warms up in "
+                             f"stairs of {ALBEF_LR_STAIR} iterations, so it must be a multiple")
 
 
 # flags that may differ from the checkpoint's config when a run resumes: they change neither
 # the model nor the optimisation
 SAFE_ON_RESUME = ("run.resume", "run.max_steps", "run.threads", "run.num_workers",
-                  "run.log_every", "run.ckpt_every", "run.dist_timeout")
+                  "run.log_every", "run.ckpt_every", "run.dist_timeout", "run.max_bad_images",
+                  "run.bad_images_floor")
 
 
 # ---- distributed, seeds, precision ------------------------------------------------------
@@ -80,6 +106,15 @@ def cleanup_distributed(world: int):
         dist.destroy_process_group()
 
 
+def gather_objects(obj, world: int) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] in a single process."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def seed_everything(seed: int, rank: int):
     """Each rank its own stream (seed + rank, as ALBEF and BLIP): crops, flips, masks, negatives
     and dropout differ between ranks. The sampler's shuffle is seeded apart and stays shared."""
@@ -102,20 +137,82 @@ def autocast_and_scaler(amp: str, device: torch.device):
 
 
 # ---- optimizer and schedule -------------------------------------------------------------
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
-    """AdamW; weight decay on matrices only (not on biases, norms, the temperature)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+def decayed(name: str, p: torch.Tensor, decay: str) -> bool:
+    """Whether weight decay acts on parameter `name`: matrices: 2-D and up (not biases, norms,
+    the temperature); albef: ALBEF's rule (optim/optim_factory.py), all but 1-D parameters and
+    those named *.bias, so the 0-d temperature, pos_embed and cls_token decay; all: BLIP's
+    AdamW over model.parameters()."""
+    if decay == "matrices":
+        return p.dim() >= 2
+    if decay == "albef":
+        return p.dim() != 1 and not name.endswith(".bias")
+    return True
 
 
-def lr_at(step: int, total: int, run: RunConfig) -> float:
-    """Linear warmup, then cosine decay from lr to min_lr."""
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                    decay: str = "matrices"):
+    """AdamW; weight decay on the parameters `decayed` picks, none on the rest."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if decayed(n, p, decay)],
+               "weight_decay": weight_decay},
+              {"params": [p for n, p in params if not decayed(n, p, decay)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999))
+
+
+ALBEF_LR_STAIR = 100    # ALBEF's pre-training steps its scheduler every 100 iterations of warmup
+
+
+def timm_cosine(t: int, run: RunConfig) -> float:
+    """The lr of timm's CosineLRScheduler at t (ALBEF's scheduler/cosine_lr.py with
+    t_initial = epochs, warmup_t = warmup_steps / 100, one cycle): linear from warmup_lr to lr
+    over the warmup, then a cosine from lr to min_lr over `epochs` units, min_lr after."""
+    warmup_t = run.warmup_steps // ALBEF_LR_STAIR
+    if t < warmup_t:
+        return run.warmup_lr + t * (run.lr - run.warmup_lr) / warmup_t
+    t -= warmup_t
+    if t >= run.epochs:
+        return run.min_lr
+    return run.min_lr + 0.5 * (run.lr - run.min_lr) * (1 + math.cos(math.pi * t / run.epochs))
+
+
+def lr_at(step: int, steps_per_epoch: int, run: RunConfig) -> float:
+    """The learning rate of optimizer step `step` (from 0), by run.schedule:
+    cosine: linear warmup from 0 over warmup_steps, then a cosine from lr to min_lr at the end.
+    albef: as ALBEF's Pretrain.py steps timm's cosine scheduler: in epoch 0, to t = i // 100
+      after each iteration i = 0, 100, ... <= warmup_steps, so iteration i runs at
+      t = (i - 1) // 100 (warmup_lr before the first step); at the start of epoch e >= 1, to
+      t = e + warmup_steps / 100: one cosine value per epoch.
+    blip: as BLIP's pretrain.py: in epoch 0, min(lr, warmup_lr + (lr - warmup_lr) * i /
+      warmup_steps) at iteration i; from epoch e >= 1, max(min_lr, lr * lr_decay_rate ** e).
+    epoch_cosine: as BLIP's fine-tuning (cosine_lr_schedule at the start of each epoch in
+      train_retrieval.py, train_caption.py): min_lr + (lr - min_lr)(1 + cos(pi e / epochs)) / 2
+      for all of epoch e, no warmup. ALBEF fine-tunes with albef, as its pre-training."""
+    epoch, i = divmod(step, steps_per_epoch)
+    if run.schedule == "albef":
+        if epoch > 0:
+            return timm_cosine(epoch + run.warmup_steps // ALBEF_LR_STAIR, run)
+        return timm_cosine(min(max(0, (i - 1) // ALBEF_LR_STAIR),
+                               run.warmup_steps // ALBEF_LR_STAIR), run)
+    if run.schedule == "blip":
+        if epoch == 0 and i < run.warmup_steps:
+            return min(run.lr, run.warmup_lr + (run.lr - run.warmup_lr) * i / run.warmup_steps)
+        return max(run.min_lr, run.lr * run.lr_decay_rate ** epoch)
+    if run.schedule == "epoch_cosine":
+        return run.min_lr + 0.5 * (run.lr - run.min_lr) * (1 + math.cos(math.pi * epoch / run.epochs))
+    total = steps_per_epoch * run.epochs
     if step < run.warmup_steps:
         return run.lr * (step + 1) / run.warmup_steps
     t = (step - run.warmup_steps) / max(1, total - run.warmup_steps)
     return run.min_lr + 0.5 * (run.lr - run.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def alpha_at(step: int, steps_per_epoch: int, run: RunConfig) -> float:
+    """The distillation weight: alpha, ramped up linearly from 0 over the first
+    alpha_ramp_epochs epochs (ALBEF: alpha * min(1, i / len) in epoch 0; BLIP:
+    alpha * min(1, step / (2 len)))."""
+    if run.alpha_ramp_epochs <= 0:
+        return run.alpha
+    return run.alpha * min(1.0, step / (run.alpha_ramp_epochs * steps_per_epoch))
 
 
 # ---- checkpoints and log ----------------------------------------------------------------
@@ -194,6 +291,38 @@ def params_fingerprint(model: torch.nn.Module) -> torch.Tensor:
     return torch.stack([flat.sum(), (flat * weights).sum()])
 
 
+# ---- unreadable images --------------------------------------------------------------------
+class SkipUnreadable(Dataset):
+    """dataset[i], or, if its image cannot be read (the dataset raises OSError: unreadable,
+    truncated, empty or missing file), the next entry's, and so on: returns (sample, [(index,
+    message) of each entry skipped]). The skipped entries travel with the sample, so they reach
+    the main process from DataLoader workers too. After `max_tries` unreadable entries in a row
+    the sample is None: fit stops the run then, as the limit is passed."""
+
+    def __init__(self, dataset, max_tries: int):
+        self.dataset, self.max_tries = dataset, min(max_tries, len(dataset))
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        skipped = []
+        for j in range(i, i + self.max_tries):
+            j %= len(self.dataset)
+            try:
+                return self.dataset[j], skipped
+            except OSError as e:
+                skipped.append((j, str(e)))
+        return None, skipped
+
+
+def collate_skipping(batch, collate):
+    """(collate(samples), the entries skipped to get them); (None, ...) if a sample is None."""
+    samples, skipped = zip(*batch)
+    batch = None if any(s is None for s in samples) else collate(list(samples))
+    return batch, [s for ss in skipped for s in ss]
+
+
 # ---- the loop ---------------------------------------------------------------------------
 def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=None,
         extra_state=None, log_extra=None, desc="train", after_step=None):
@@ -201,8 +330,10 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
     in every checkpoint. loss_fn(model, batch, step, steps_per_epoch) -> dict of scalar tensors,
     "loss" among them; after_step(), if given, runs once after each optimizer step (the
     momentum encoders' update). Resumes from `ckpt` (a loaded checkpoint) when given; writes
-    out_dir/checkpoint.pt every ckpt_every steps and at the end, extra_state inside.
-    Returns the training time in seconds."""
+    out_dir/checkpoint.pt every ckpt_every steps and at the end, extra_state inside. An entry
+    whose image cannot be read is replaced by the next one (SkipUnreadable) and named in the
+    log; past run.max_bad_images every rank stops at the same micro-batch with an error naming
+    the last ones. Returns the training time in seconds."""
     run, master = cfg.run, rank == 0
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=run.seed, drop_last=True)
     per_step = run.batch_size * run.grad_accum
@@ -213,9 +344,12 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
                          f"processes")
     total_steps = steps_per_epoch * run.epochs
     stop_step = min(total_steps, run.max_steps) if run.max_steps else total_steps
-    optimizer = build_optimizer(model, run.lr, run.weight_decay)
+    optimizer = build_optimizer(model, run.lr, run.weight_decay, run.decay)
     autocast, scaler = autocast_and_scaler(run.amp, device)
     step = 0
+    # entries skipped for an unreadable image, {dataset index: message}, over the whole run
+    skip_limit = max(run.bad_images_floor, int(run.max_bad_images * len(train_set)))
+    skipped = {}
     if ckpt is not None:
         if ckpt["world_size"] != world:
             raise SystemExit(f"error: the checkpoint was written by {ckpt['world_size']} "
@@ -225,6 +359,7 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
+        skipped = dict(ckpt.get("skipped_images", []))
         log(f"resumed from step {step}")
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     broadcast_buffers=False) if world > 1 else model   # queues agree by all_gather
@@ -252,7 +387,37 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
             save_checkpoint(os.path.join(run.out_dir, "checkpoint.pt"), model=model.state_dict(),
                             optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                             config=dataclasses.asdict(cfg), step=step, rng=rngs,
-                            world_size=world, **(extra_state or {}))
+                            world_size=world, skipped_images=list(skipped.items()),
+                            **(extra_state or {}))
+
+    def note_skipped(new, failure):
+        """Every rank learns every rank's skipped entries (and whether a loader failed) before
+        the micro-batch's forward, so that all ranks stop at the same step or none does."""
+        counts = torch.tensor([len(new), failure is not None], device=device)
+        if world > 1:
+            dist.all_reduce(counts)
+        if not counts.any():
+            return
+        reports = gather_objects((new, failure), world)
+        failures = [f for _, f in reports if f]
+        if failures:
+            raise SystemExit(f"error: data loading failed on {'; '.join(failures)}")
+        fresh = []
+        for index, message in (x for new, _ in reports for x in new):
+            if index not in skipped:
+                skipped[index] = message
+                fresh.append(message)
+                log(f"skipped an entry: {message}")
+        if master and fresh:
+            log_json(run.out_dir, {"step": step + 1, "skipped": fresh,
+                                   "skipped_total": len(skipped)})
+        if len(skipped) > skip_limit or len(skipped) == len(train_set):
+            last = "; ".join(list(skipped.values())[-5:])
+            raise SystemExit(f"error: {len(skipped)} of the {len(train_set)} training entries "
+                             f"have an image that cannot be read, more than the limit of "
+                             f"{skip_limit} (--max_bad_images {run.max_bad_images} of the "
+                             f"entries, at least --bad_images_floor {run.bad_images_floor}); "
+                             f"the last: {last}")
 
     # the sampler's order is fixed by (seed, epoch), so a resumed run skips the batches already
     # seen and, with the saved RNG states restored, continues exactly (with num_workers = 0)
@@ -265,20 +430,30 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
         order = list(sampler)[in_epoch * per_step:]
         # worker seeds differ per rank and per epoch
         generator = torch.Generator().manual_seed((run.seed + rank) * 100_003 + epoch)
-        loader = DataLoader(Subset(train_set, order), batch_size=run.batch_size,
-                            num_workers=run.num_workers, collate_fn=collate, drop_last=True,
-                            pin_memory=device.type == "cuda", generator=generator)
+        loader = DataLoader(Subset(SkipUnreadable(train_set, skip_limit + 1), order),
+                            batch_size=run.batch_size, num_workers=run.num_workers,
+                            collate_fn=partial(collate_skipping, collate=collate),
+                            drop_last=True, pin_memory=device.type == "cuda",
+                            generator=generator)
         if ckpt is not None:
             set_rng_state(ckpt["rng"][rank])
             ckpt = None
         batches = iter(loader)
         for _ in range(in_epoch, min(steps_per_epoch, in_epoch + stop_step - step)):
-            lr = lr_at(step, total_steps, run)
+            lr = lr_at(step, steps_per_epoch, run)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             sums = {}
             for micro in range(run.grad_accum):
-                batch = [t.to(device, non_blocking=True) for t in next(batches)]
+                try:
+                    batch, new, failure = *next(batches), None
+                except Exception as e:   # one rank's failing loader must not leave the others
+                    if world == 1:       # waiting in the step's collectives
+                        raise
+                    traceback.print_exc()
+                    batch, new, failure = None, [], f"rank {rank}: {type(e).__name__}: {e}"
+                note_skipped(new, failure)
+                batch = [t.to(device, non_blocking=True) for t in batch]
                 sync = micro == run.grad_accum - 1 or world == 1
                 with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast():
                     out = loss_fn(ddp_model, batch, step, steps_per_epoch)

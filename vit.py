@@ -123,7 +123,7 @@ class VisionTransformer(nn.Module):
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()              # deeper, more drop
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # deeper, more drop
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)

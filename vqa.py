@@ -16,9 +16,9 @@ flavour follows the pre-trained backbone:
   distillation, per answer token (1 - alpha) CE + alpha CE against the momentum decoder's softmax
   (ALBEF/models/xbert.py:1298-1302).
 - BLIP (cross-attention in every layer, fusion_layers 0): the pre-trained text decoder, all its
-  layers; bos [DEC] and the question read by the multimodal encoder with [ENC] in place of [CLS]
-  where the vocabulary has them; the LM loss with label smoothing 0.1 (BLIP/models/med.py:914).
-  BLIP fine-tunes without distillation.
+  layers; with cfg.blip_tokens, bos [DEC] and the question read by the multimodal encoder with
+  [ENC] in place of [CLS] (else [CLS] both); the LM loss with label smoothing 0.1
+  (BLIP/models/med.py:914). BLIP fine-tunes without distillation.
 answer_scores ranks the answer list as the official code does: the k_test answers whose first
 token is likeliest after bos, then each by its whole sequence, ALBEF's score log p(first) -
 seq_loss (the first token counted twice, as ALBEF/models/model_vqa.py:149-206 has it), BLIP's
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from heads import FusionModel, mlp_head
+from model import with_first_token
 from text_encoder import BertConfig, TextEncoder
 
 
@@ -60,19 +61,19 @@ def answer_decoder(cfg, num_layers):
     return TextEncoder(BertConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, num_layers=num_layers,
         num_heads=cfg.text_heads, intermediate_size=cfg.text_mlp,
-        max_position=max(512, cfg.max_len), dropout=cfg.text_dropout, fusion_layer=0,
-        encoder_width=cfg.text_width, lm_head=True, initializer_range=cfg.init_std))
+        max_position=max(512, cfg.max_len), type_vocab_size=2 if cfg.token_types else 0,
+        dropout=cfg.text_dropout, fusion_layer=0, encoder_width=cfg.text_width, lm_head=True,
+        initializer_range=cfg.init_std))
 
 
 class VQADecoderModel(FusionModel):
     """The answer decoder over the fusion states (see the module's docstring). answer_ids,
     answer_mask (A, L): the tokenized answer list ([CLS] answer [SEP] [PAD]...), ranked by
-    answer_scores; bos_id replaces its [CLS]; enc_id (BLIP, or None) replaces the question's
-    [CLS] in the multimodal encoder; k_test answers are re-scored by their whole sequence."""
+    answer_scores, whose [CLS] becomes the bos; k_test answers are re-scored by their whole
+    sequence."""
     NEW_PARAMS = ()     # everything loads from pre-training
 
-    def __init__(self, cfg, answer_ids, answer_mask, bos_id, enc_id=None, k_test=128,
-                 distill=False, momentum=0.995):
+    def __init__(self, cfg, answer_ids, answer_mask, k_test=128, distill=False, momentum=0.995):
         super().__init__(cfg, distill, momentum)
         self.albef = cfg.fusion_layers > 0
         layers = cfg.fusion_layers if self.albef else cfg.text_layers
@@ -80,7 +81,8 @@ class VQADecoderModel(FusionModel):
         # ALBEF: decoder layer i loads from encoder layer text_layers + i (load_pretrained)
         self.decoder_from_layer = cfg.text_layers if self.albef else 0
         self.label_smoothing = 0.0 if self.albef else cfg.label_smoothing
-        self.bos_id, self.enc_id, self.k_test = bos_id, enc_id, k_test
+        self.bos_id = cfg.dec_id if cfg.blip_tokens else cfg.cls_id
+        self.k_test = k_test
         # the answer list, [bos] answer [SEP] [PAD]... (A, L): part of the model, not a parameter
         self.register_buffer("answer_ids", self.with_bos(answer_ids), persistent=False)
         self.register_buffer("answer_mask", answer_mask, persistent=False)
@@ -88,17 +90,7 @@ class VQADecoderModel(FusionModel):
             self.add_momentum("text_decoder")
 
     def with_bos(self, ids):
-        return torch.cat([torch.full_like(ids[:, :1], self.bos_id), ids[:, 1:]], dim=1)
-
-    def question_states(self, images, input_ids, attention_mask, momentum=False):
-        """(B, T, D): the question fused with the image. The ViT's guide is the unimodal [CLS]
-        (ELIP); BLIP's multimodal encoder reads [ENC] in its place."""
-        text_embeds = self.encode_text(input_ids, attention_mask, momentum)        # (B, T, D)
-        image_embeds = self.encode_image(images, text_embeds[:, 0], momentum)      # (B, L', D)
-        if self.enc_id is not None:
-            input_ids = torch.cat([torch.full_like(input_ids[:, :1], self.enc_id),
-                                   input_ids[:, 1:]], dim=1)
-        return self.fuse(text_embeds, attention_mask, image_embeds, input_ids, momentum)
+        return with_first_token(ids, self.bos_id)
 
     def decode(self, ids, mask, states, states_mask, momentum=False):
         """(N, L) answer prefixes reading their question's states (N, T, D) -> (N, L, V): the
@@ -120,11 +112,12 @@ class VQADecoderModel(FusionModel):
         answers: answer_ids, answer_mask (N, L), weights (N,), N = counts.sum(). Returns "vqa"
         (the weighted answer cross-entropy), "kd" (with distill, its distillation term) and
         "loss" = sum_i w_i ((1 - alpha) CE_i + alpha KD_i) / B."""
-        B = images.shape[0]
+        B, N = images.shape[0], answer_ids.shape[0]
         ids = self.with_bos(answer_ids)
-        states = self.question_states(images, input_ids, attention_mask)
-        states = states.repeat_interleave(counts, dim=0)                            # (N, T, D)
-        states_mask = attention_mask.repeat_interleave(counts, dim=0)               # (N, T)
+        # each question's states once per answer; N given, so no device-to-host sync for it
+        states = self.fused_states(images, input_ids, attention_mask)
+        states = states.repeat_interleave(counts, dim=0, output_size=N)             # (N, T, D)
+        states_mask = attention_mask.repeat_interleave(counts, dim=0, output_size=N)  # (N, T)
         logits = self.decode(ids, answer_mask, states, states_mask)[:, :-1]         # (N, L-1, V)
         nll = self.answer_nll(logits, ids, answer_mask)                             # (N,)
         out = {"vqa": (weights * nll).sum() / B}
@@ -132,8 +125,8 @@ class VQADecoderModel(FusionModel):
             out["loss"] = out["vqa"]
             return out
         with torch.no_grad():
-            states_m = self.question_states(images, input_ids, attention_mask, momentum=True)
-            states_m = states_m.repeat_interleave(counts, dim=0)                    # (N, T, D)
+            states_m = self.fused_states(images, input_ids, attention_mask, momentum=True)
+            states_m = states_m.repeat_interleave(counts, dim=0, output_size=N)     # (N, T, D)
             soft = self.decode(ids, answer_mask, states_m, states_mask,
                                momentum=True)[:, :-1].softmax(-1)                  # (N, L-1, V)
         kd = -(logits.log_softmax(-1) * soft).sum(-1)                               # (N, L-1)
@@ -146,7 +139,7 @@ class VQADecoderModel(FusionModel):
     def answer_scores(self, images, input_ids, attention_mask):
         """(B, A): the official ranking's score of every answer of the list for B questions;
         answers outside the top k_test by first-token probability score -inf."""
-        states = self.question_states(images, input_ids, attention_mask)            # (B, T, D)
+        states = self.fused_states(images, input_ids, attention_mask)               # (B, T, D)
         B, A = states.shape[0], self.answer_ids.shape[0]
         k = min(self.k_test, A)
         bos = self.answer_ids[:1, :1].expand(B, 1)                                  # (B, 1)

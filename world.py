@@ -1,8 +1,9 @@
 """The embedded world: a generated demo dataset, so that everything runs with no download.
 
 World(seed) draws scenes of 2-4 flat-coloured objects (6 shapes x 7 colours x 2 sizes) on a 3x3
-grid over a textured background, made on the fly from (seed, split, index): the same scene and
-the same pixels on every machine, and a composition of objects belongs to one split only.
+grid over a textured background (the "clutter" variant: 5-7 small ones on a 4x4 grid), made
+on the fly from (seed, split, index): the same scene and the same pixels on every machine, and
+a composition of objects belongs to one split only.
 Captions describe a part of the scene (one object, or two and their relation, or a count), so
 the text says which patches matter; every downstream task (retrieval, VQA, NLVR2, SNLI-VE,
 captioning) and per-object pixel masks come from the same scenes.
@@ -64,6 +65,14 @@ QUESTIONS = {
 }
 QUESTIONS_PER_IMAGE = 4
 CAPTIONS_PER_IMAGE = 5
+# World variants: "default" above; "clutter" tests text-guided pruning: 5-7 small objects on a
+# 4x4 grid (at 64 px, patch 8, each object within a 2x2 block of patches), and captions that
+# name one object by colour, shape and place, or two and their relation (no counts, which name
+# every object, and no sizes, all being small)
+VARIANTS = {
+    "default": dict(grid=3, count=(2, 4), sizes=("small", "large"), counts=True, objects=(0, 1, 2)),
+    "clutter": dict(grid=4, count=(5, 7), sizes=("small",), counts=False, objects=(1,)),
+}
 
 
 def _say(template, **slots):
@@ -201,13 +210,16 @@ class Scene:
 class World:
     """The embedded demo world: scenes made on the fly from (seed, split, index)."""
 
-    def __init__(self, seed=0):
+    def __init__(self, seed=0, variant="default"):
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"world seed must be a non-negative int, got {seed!r}")
-        self.seed = seed
+        if variant not in VARIANTS:
+            raise ValueError(f"world variant must be one of {list(VARIANTS)}, got {variant!r}")
+        self.seed, self.variant, self.spec = seed, variant, VARIANTS[variant]
 
     def path(self, split, index):
-        return f"world:{self.seed}/{split}/{index}"
+        prefix = "" if self.variant == "default" else self.variant + ":"
+        return f"world:{prefix}{self.seed}/{split}/{index}"
 
     def scene(self, split, index):
         if split not in SPLITS:
@@ -233,17 +245,18 @@ class World:
         return Scene(self.seed, split, index, objects, field.astype(np.float32),
                      grain.astype(np.float32))
 
-    @staticmethod
-    def _objects(rng):
-        """2-4 objects in distinct cells of a 3x3 grid, no two with the same (shape, colour)."""
-        k = int(rng.integers(2, 5))
-        cells = rng.choice(9, k, replace=False)
+    def _objects(self, rng):
+        """2-4 objects (the variant's count) in distinct cells of a 3x3 grid (the variant's), no
+        two with the same (shape, colour)."""
+        (low, high), g, sizes = self.spec["count"], self.spec["grid"], self.spec["sizes"]
+        k = int(rng.integers(low, high + 1))
+        cells = rng.choice(g * g, k, replace=False)
         kinds = rng.choice(len(SHAPES) * len(COLOURS), k, replace=False)
         objects = []
         for cell, kind in zip(cells, kinds):
-            size = ("small", "large")[rng.integers(2)]
-            jitter = 1 / 6 - RADIUS[size] - 0.008      # keeps the object inside its cell
-            cx, cy = (np.array([cell % 3, cell // 3]) + 0.5) / 3 + rng.uniform(-jitter, jitter, 2)
+            size = sizes[rng.integers(len(sizes))]
+            jitter = 1 / (2 * g) - RADIUS[size] - 0.008      # keeps the object inside its cell
+            cx, cy = (np.array([cell % g, cell // g]) + 0.5) / g + rng.uniform(-jitter, jitter, 2)
             objects.append(Obj(SHAPES[kind % len(SHAPES)], list(COLOURS)[kind // len(SHAPES)],
                                size, float(cx), float(cy)))
         return tuple(objects)
@@ -277,10 +290,10 @@ class World:
         """n distinct true captions (all of them if n is None) as (text, indices of the objects it
         names): one object, a relation of two, or a count. Object, relation and count captions
         take turns, so a scene's captions describe different parts of it."""
-        objs = scene.objects
+        objs, spec = scene.objects, self.spec
         single, relation, count = [], [], []
         for i, o in enumerate(objs):
-            for template in CAPTIONS["object"]:
+            for template in (CAPTIONS["object"][t] for t in spec["objects"]):
                 single.append((_say(template, size=o.size, colour=o.colour, shape=o.shape,
                                      where=WHERE[o.cell]), (i,)))
         for i, a in enumerate(objs):
@@ -291,11 +304,12 @@ class World:
                 if b.cy - a.cy > MARGIN:
                     relation += [(_say(CAPTIONS["above"], a=a.name, b=b.name), (i, j)),
                                  (_say(CAPTIONS["below"], a=b.name, b=a.name), (j, i))]
-        count.append((_say(CAPTIONS["count"], n=NUMBERS[len(objs)]), tuple(range(len(objs)))))
+        if spec["counts"]:
+            count.append((_say(CAPTIONS["count"], n=NUMBERS[len(objs)]), tuple(range(len(objs)))))
         for key, attr, fill in (("count_shape", "shape", lambda v: {"shapes": PLURALS[v]}),
                                 ("count_colour", "colour", lambda v: {"colour": v})):
             for value, k in Counter(getattr(o, attr) for o in objs).items():
-                if k > 1:
+                if k > 1 and spec["counts"]:
                     named = tuple(i for i, o in enumerate(objs) if getattr(o, attr) == value)
                     count.append((_say(CAPTIONS[key], n=NUMBERS[k], **fill(value)), named))
         rng = _rng(scene.seed, scene.split, scene.index, "captions")
@@ -383,6 +397,12 @@ class World:
         return [(_pick(rng, true)[0], "entailment"), (neutral, "neutral"),
                 (_pick(rng, false), "contradiction")]
 
+    def true_captions(self, scene):
+        """Every caption of this world (variant) that is true of the scene: captions(scene, None)
+        says every true sentence of the templates the variant uses, so a caption said of any of
+        its scenes is true of this one exactly when it is in this set."""
+        return {text for text, _ in self.captions(scene, n=None)}
+
     @staticmethod
     def vocabulary():
         """Every word any generator can emit (captions, questions, answers, statements,
@@ -399,7 +419,7 @@ def world_answer_list():
     return ["yes", "no", *NUMBERS[2:5], *COLOURS, *SHAPES, *RADIUS, *map(_answer, WHERE)]
 
 
-def world_entries(task, split, n, seed=0):
+def world_entries(task, split, n, seed=0, variant="default"):
     """Entries of the world in the JSON layout of the real dataset of `task` (ALBEF/BLIP's).
     n is the number of scenes (images), or of image pairs for "nlvr". Per scene: "pretrain" one
     entry with CAPTIONS_PER_IMAGE captions; "retrieval"/"caption" one entry per caption with
@@ -408,7 +428,7 @@ def world_entries(task, split, n, seed=0):
     one false statement about the scenes (2k, 2k+1)."""
     if task not in ("pretrain", "retrieval", "caption", "vqa", "ve", "nlvr"):
         raise ValueError(f"unknown task {task!r}: pretrain, retrieval, caption, vqa, ve or nlvr")
-    world = World(seed)
+    world = World(seed, variant)
     entries = []
     for i in range(n):
         if task == "nlvr":
@@ -435,21 +455,42 @@ def world_entries(task, split, n, seed=0):
 # -----------------------------------------------------------------------------
 # Image paths: how the datasets name a world image
 
-WORLD_RES = 256     # world images are drawn at this size; the transforms resize them like photos
-_WORLD_PATH = re.compile(r"world:(?:(\d+)/)?(train|val|test)/(\d+)")
+# world images are drawn at this size and the transforms resize them like photos: twice the tiny
+# preset's 64 px, so the random crop resamples a finer picture; 256 px cost three times as much
+# per image (a fifth of the default run's step, in the main process)
+WORLD_RES = 128
+_WORLD_PATH = re.compile(rf"world:(?:({'|'.join(VARIANTS)}):)?(?:(\d+)/)?(train|val|test)/(\d+)")
+
+
+def world_of_path(path):
+    """"world:[<variant>:]<seed>/<split>/<index>" (variant "default" and seed 0 may be left
+    out) -> (World, split, index)."""
+    m = _WORLD_PATH.fullmatch(path)
+    if m is None:
+        raise ValueError(f"bad world image path {path!r}: expected "
+                         f"world:[<variant>:]<seed>/<split>/<index>")
+    return World(int(m.group(2) or 0), m.group(1) or "default"), m.group(3), int(m.group(4))
 
 
 def parse_world_path(path):
-    """"world:<seed>/<split>/<index>", or "world:<split>/<index>" for seed 0 ->
-    (seed, split, index)."""
-    m = _WORLD_PATH.fullmatch(path)
-    if m is None:
-        raise ValueError(f"bad world image path {path!r}: expected world:<seed>/<split>/<index>")
-    return int(m.group(1) or 0), m.group(2), int(m.group(3))
+    """A "world:" path -> (seed, split, index); world_of_path also gives the variant."""
+    world, split, index = world_of_path(path)
+    return world.seed, split, index
 
 
 def render_path(path):
     """The PIL RGB image of a "world:" path, drawn at WORLD_RES."""
-    seed, split, index = parse_world_path(path)
-    world = World(seed)
+    world, split, index = world_of_path(path)
     return world.render(world.scene(split, index), WORLD_RES)
+
+
+def caption_truth(images, texts):
+    """(len(images), len(texts)) bool numpy: whether each text, a caption of the images' world
+    (as said or cleaned by data.pre_caption, which leaves them as they are), is true of each
+    "world:" image. The ground truth of retrieval's oracle (metrics.oracle_recall)."""
+    truth = np.zeros((len(images), len(texts)), bool)
+    for i, path in enumerate(images):
+        world, split, index = world_of_path(path)
+        true = world.true_captions(world.scene(split, index))
+        truth[i] = [t in true for t in texts]
+    return truth

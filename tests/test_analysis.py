@@ -174,9 +174,9 @@ def checkpoint(tmp_path_factory):
 
 
 def test_load_for_analysis(checkpoint, tmp_path):
-    model, tok, seed = analysis.load_for_analysis(checkpoint)
+    model, tok, w = analysis.load_for_analysis(checkpoint)
     mc, ref_tok = tiny_model_config()
-    assert seed == WORLD_SEED and model.cfg == mc and not model.training
+    assert (w.seed, w.variant) == (WORLD_SEED, "default") and model.cfg == mc and not model.training
     assert tok.vocab == ref_tok.vocab
     torch.manual_seed(0)
     ref = ELIPModel(mc).state_dict()
@@ -211,7 +211,7 @@ def test_keep_command_end_to_end(checkpoint, tmp_path, capsys):
 
 def test_world_pairs_name_some_of_the_objects():
     mc = ModelConfig(**TINY)
-    pairs = analysis.world_pairs(0, "test", 4, 5, mc, 0.5)
+    pairs = analysis.world_pairs(world.World(0), "test", 4, 5, mc, 0.5)
     assert pairs["images"].shape == (4, 3, 32, 32) and len(pairs["texts"]) == 20
     assert pairs["scene"].tolist() == [i for i in range(4) for _ in range(5)]
     assert not (pairs["named"] & ~pairs["objects"]).any()      # named objects are objects

@@ -1,6 +1,8 @@
 """data.py: caption cleaning, the JSON datasets with their errors (over files and over the
 embedded world's entries), the flip, transforms and collate."""
 import json
+import math
+import pickle
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ import data
 import world
 from data import (CaptionDataset, NLVRDataset, PretrainDataset, RetrievalEvalDataset,
                   RetrievalTrainDataset, VEDataset, VQADataset, create_transform, load_image,
-                  make_collate, pre_caption, pre_question, swap_left_right)
+                  make_collate, pre_caption, pre_caption_blip, pre_question, swap_left_right)
+from tokenizer import Tokenizer
 from world import World, render_path, world_answer_list, world_entries
 
 WORLD = World(0)
@@ -31,6 +34,14 @@ def test_pre_caption_as_albef():
     # ALBEF's pre_question keeps inner runs of spaces and strips only on the right
     assert pre_question("What  COLOR is the cat's tail?") == "what  color is the cats tail"
     assert pre_question("is it red-ish? ") == "is it red ish"
+
+
+def test_pre_caption_as_blip():
+    # BLIP/data/utils.py:10-29: .!"()*#:;~ become spaces; commas, apostrophes, ?, - and / stay
+    assert pre_caption_blip("A man's  DOG (running)-on the beach!! #fun, ok?") == \
+        "a man's dog running -on the beach fun, ok?"
+    assert pre_caption_blip(" ".join(str(i) for i in range(50))).split() == \
+        [str(i) for i in range(30)]
 
 
 def test_swap_left_right_whole_words_only():
@@ -239,6 +250,16 @@ def test_flip_mirrors_image_and_swaps_left_right():
     assert all(nlvr[0][2] == "the left image" for _ in range(10))
 
 
+def test_flip_without_swapping_words():
+    entries = [{"image": WORLD.path("train", 2), "caption": "a red circle to the left of a square"}]
+    plain = np.asarray(load_image(entries[0]["image"]))
+    ds = PretrainDataset(entries, transform=None, swap_words=False)
+    torch.manual_seed(0)
+    images = [np.asarray(ds[0][0]) for _ in range(20)]
+    assert any(not np.array_equal(im, plain) for im in images)               # some mirrored
+    assert all(ds[0][1] == entries[0]["caption"] for _ in range(20))          # text untouched
+
+
 def test_transforms_shapes_and_normalisation():
     image = load_image(WORLD.path("train", 1))
     for res in (64, 224, 256):
@@ -289,3 +310,184 @@ def test_collate_every_dataset():
     # the collate pickles (DataLoader workers under spawn/forkserver)
     import pickle
     assert pickle.loads(pickle.dumps(collate)).keywords["max_len"] == 30
+
+
+def test_collate_pads_to_max_len_as_blip():
+    tok = Tokenizer.build(["a red ball and a blue cube"])
+    batch = [(torch.zeros(3, 4, 4), "a red ball"), (torch.zeros(3, 4, 4), "a blue cube and a ball")]
+    _, ids, mask = make_collate(tok, 10)(batch)
+    _, ids30, mask30 = make_collate(tok, 30, pad_to_max_len=True)(batch)
+    assert ids30.shape == mask30.shape == (2, 30)
+    assert torch.equal(ids30[:, :ids.shape[1]], ids) and torch.equal(mask30.sum(1), mask.sum(1))
+    assert (ids30[:, ids.shape[1]:] == tok.pad_id).all() and mask30[:, ids.shape[1]:].sum() == 0
+
+
+# -----------------------------------------------------------------------------
+# RandAugment against the official numpy/cv2 formulas (ALBEF/dataset/randaugment.py), written
+# out here: the geometric ops as cv2.warpAffine's forward matrices, bilinear, border 128
+
+def warp_reference(image, matrix):
+    """cv2.warpAffine(image, matrix, border 128): out(p) = bilinear image(matrix^-1 p). Also
+    whether all four neighbours of each sample lie inside or all outside the image."""
+    C, H, W = image.shape
+    inv = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float64)
+    sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
+    sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    fx, fy = sx - x0, sy - y0
+    padded = np.pad(image.astype(np.float64), ((0, 0), (1, 1), (1, 1)), constant_values=128)
+
+    def at(y, x):
+        inside = (x >= -1) & (x <= W) & (y >= -1) & (y <= H)
+        return np.where(inside, padded[:, np.clip(y + 1, 0, H + 1), np.clip(x + 1, 0, W + 1)],
+                        128.0)
+
+    out = (at(y0, x0) * (1 - fx) * (1 - fy) + at(y0, x0 + 1) * fx * (1 - fy)
+           + at(y0 + 1, x0) * (1 - fx) * fy + at(y0 + 1, x0 + 1) * fx * fy)
+    inside = [(x >= 0) & (x < W) & (y >= 0) & (y < H)
+              for y in (y0, y0 + 1) for x in (x0, x0 + 1)]
+    return np.round(out), np.logical_and.reduce(inside) | ~np.logical_or.reduce(inside)
+
+
+def official_matrix(op, m, sign, H, W):
+    """The forward matrices of ALBEF/dataset/randaugment.py (shear_x_func ... rotate_func)."""
+    level = sign * m / 10
+    if op == "ShearX":
+        return np.array([[1, level * 0.3, 0], [0, 1, 0]])
+    if op == "ShearY":
+        return np.array([[1, 0, 0], [level * 0.3, 1, 0]])
+    if op == "TranslateX":
+        return np.array([[1, 0, -level * 10], [0, 1, 0]])
+    if op == "TranslateY":
+        return np.array([[1, 0, 0], [0, 1, -level * 10]])
+    a = math.radians(level * 30)      # cv2.getRotationMatrix2D((W / 2, H / 2), degree, 1)
+    cx, cy, al, be = W / 2, H / 2, math.cos(a), math.sin(a)
+    return np.array([[al, be, (1 - al) * cx - be * cy], [-be, al, be * cx + (1 - al) * cy]])
+
+
+@pytest.mark.parametrize("op", ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_randaug_geometry_is_the_official_cv2_warp(op, sign):
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 40, 52), dtype=torch.uint8, generator=g)
+    ours = data.randaug_op(image, op, 7, sign).numpy().astype(np.float64)
+    ref, clean = warp_reference(image.numpy(), official_matrix(op, 7, sign, 40, 52))
+    # on noise, a half-pixel error would leave tens of levels everywhere; along the edge of
+    # the grey fill torchvision blends image and fill its own way (a one-pixel band)
+    assert clean.mean() > 0.8 and (ref[:, ~clean] != 128).any()
+    assert np.abs(ours - ref)[:, clean].max() <= 1
+
+
+def test_randaug_colour_ops_are_the_official_formulas():
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(60, 181, (3, 24, 24), dtype=torch.uint8, generator=g)
+    x = image.numpy().astype(np.float64)
+    f = 7 / 10 * 1.8 + 0.1                                            # enhance_level_to_args
+    # brightness_func: (arange(256) * factor).clip(0, 255).astype(uint8)
+    bright = np.clip(np.arange(256, dtype=np.float32) * np.float32(f), 0, 255).astype(np.uint8)
+    assert np.array_equal(data.randaug_op(image, "Brightness", 7, 1).numpy(),
+                          bright[image.numpy()])
+    # autocontrast_func: each channel stretched from [min, max] to [0, 255], truncated
+    lo, hi = x.min(axis=(1, 2), keepdims=True), x.max(axis=(1, 2), keepdims=True)
+    stretched = np.clip(np.floor((x - lo) * 255 / (hi - lo)), 0, 255)
+    assert np.abs(data.randaug_op(image, "AutoContrast", 7, 1).numpy() - stretched).max() <= 1
+    # sharpness_func: blend with the 3x3 [[1,1,1],[1,5,1],[1,1,1]] / 13 blur inside the border
+    kernel = np.ones((3, 3)) / 13
+    kernel[1, 1] = 5 / 13
+    blur = np.round(sum(kernel[i, j] * x[:, i:i + 22, j:j + 22] for i in range(3) for j in range(3)))
+    sharp = np.floor(blur + f * (x[:, 1:-1, 1:-1] - blur))
+    out = data.randaug_op(image, "Sharpness", 7, 1).numpy()
+    assert np.abs(out[:, 1:-1, 1:-1] - sharp).max() <= 1 and np.array_equal(out[:, 0], image[:, 0])
+    # equalize_func (PIL's equalize): per channel lut = cumsum(step // 2, hist[:-1]) // step
+    lut_out = []
+    for ch in image.numpy():
+        hist = np.bincount(ch.ravel(), minlength=256)
+        step = hist[hist > 0][:-1].sum() // 255
+        lut = np.clip((np.concatenate([[step // 2], hist[:-1]]).cumsum()) // step, 0, 255)
+        lut_out.append(lut[ch])
+    assert np.array_equal(data.randaug_op(image, "Equalize", 7, 1).numpy(), np.stack(lut_out))
+    # BLIP's strength 5 makes both enhance factors 1: no change
+    for op in ("Brightness", "Sharpness", "Identity"):
+        assert torch.equal(data.randaug_op(image, op, 5, 1), image)
+
+
+def test_randaugment_draws_n_ops_with_replacement_each_applied_half_the_time(monkeypatch):
+    calls = []
+    monkeypatch.setattr(data, "randaug_op", lambda image, op, m, sign: calls.append(
+        (len(seen), op, m, sign)) or image)
+    aug, seen = data.RandomAugment(2, 7), []
+    torch.manual_seed(0)
+    for _ in range(4000):
+        seen.append(aug(torch.zeros(3, 2, 2, dtype=torch.uint8)))
+    per_call = np.bincount([c[0] for c in calls], minlength=4000)
+    assert abs(per_call.mean() - 1.0) < 0.05                           # 2 ops x p 0.5
+    assert abs((per_call == 2).mean() - 0.25) < 0.03                    # independently
+    ops = [c[1] for c in calls]
+    assert set(ops) == set(data.RANDAUG_OPS)
+    assert all(abs(ops.count(o) / len(ops) - 0.1) < 0.02 for o in data.RANDAUG_OPS)
+    twice = [i for i in range(4000) if per_call[i] == 2]
+    same = sum(calls[k][1] == calls[k + 1][1] for k in range(len(calls) - 1)
+               if calls[k][0] == calls[k + 1][0])
+    assert abs(same / len(twice) - 0.1) < 0.03                          # with replacement
+    assert {c[2] for c in calls} == {7} and abs(np.mean([c[3] for c in calls])) < 0.05
+
+
+def test_transform_without_randaugment_is_unchanged():
+    image = load_image(WORLD.path("train", 1))
+    old = data.transforms.Compose([
+        data.transforms.RandomResizedCrop(64, scale=(0.8, 1.0),
+                                          interpolation=data.InterpolationMode.BICUBIC),
+        data.transforms.ToTensor(), data.transforms.Normalize(data.CLIP_MEAN, data.CLIP_STD)])
+    torch.manual_seed(3)
+    a = create_transform(64, True, (0.8, 1.0))(image)
+    torch.manual_seed(3)
+    assert torch.equal(a, old(image))
+    torch.manual_seed(3)
+    b = create_transform(64, True, (0.8, 1.0), randaug_n=2, randaug_m=7)(image)
+    assert b.shape == a.shape and b.dtype == a.dtype
+
+
+# -----------------------------------------------------------------------------
+# corpus scale: packed entries, the existence check split over ranks
+
+def test_packed_list_holds_the_records():
+    records = [{"images": [f"{i}.jpg"], "captions": ["a b"] * (i % 3 + 1)} for i in range(50)]
+    packed = data.PackedList()
+    for r in records:
+        packed.append(r)
+    assert len(packed) == 50 and list(packed) == records
+    assert packed[7] == records[7] and packed[-1] == records[-1]
+    assert packed[7] is not packed[7]                     # a fresh copy: nothing stored is touched
+    with pytest.raises(IndexError):
+        packed[50]
+    assert list(pickle.loads(pickle.dumps(packed))) == records       # spawned workers get a copy
+
+
+def test_missing_images_split_over_ranks_and_named(tmp_path):
+    write_pngs(tmp_path, ["a.png"])
+    one = write_json(tmp_path / "one.json", [{"image": "a.png", "caption": "x"}] * 3)
+    two = write_json(tmp_path / "two.json", [{"image": "a.png", "caption": "x"},
+                                             {"image": "gone1.png", "caption": "x"},
+                                             {"image": "gone2.png", "caption": "x"}])
+    ds = PretrainDataset([one, two], str(tmp_path), check_images=False)
+    assert ds.origin(4) == f"{two}, entry 1" and ds.origin(2) == f"{one}, entry 2"
+    count, first = ds.missing_images()
+    assert count == 2 and first == [f"{two}, entry {k}: image not found: {tmp_path}/gone{k}.png"
+                                    for k in (1, 2)]
+    shares = [ds.missing_images(rank, 3) for rank in range(3)]
+    assert sum(n for n, _ in shares) == 2
+    assert sorted(m for _, ms in shares for m in ms) == first
+    with pytest.raises(FileNotFoundError, match=r"two.json, entry 1: .*gone1.png \(and 1 more"):
+        PretrainDataset([one, two], str(tmp_path))
+
+
+@pytest.mark.parametrize("content", [b"", b"GIF89a but not really", None])
+def test_unreadable_images_raise_oserror_naming_the_file(tmp_path, content):
+    path = tmp_path / "bad.jpg"
+    if content is None:                                   # a JPEG cut in the middle
+        Image.new("RGB", (64, 48), (200, 30, 30)).save(path, quality=90)
+        content = path.read_bytes()[:300]
+    path.write_bytes(content)
+    with pytest.raises(OSError, match="cannot read image .*bad.jpg"):
+        load_image(str(path))

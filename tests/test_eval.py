@@ -1,13 +1,19 @@
 """The evaluation loops (eval.py) on stand-in models whose scores are known: the ITM re-ranking
 of retrieval against recall_at_k on the same scores, the classifier, VQA and captioning loops
-against their metrics, and the model's mode restored after each."""
+against their metrics, and the model's mode restored after each; 2 DDP ranks against one."""
+import json
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ddp_probe
+import train_pretrain
 from eval import evaluate_caption, evaluate_classifier, evaluate_retrieval, evaluate_vqa
 from metrics import accuracy, bleu4, cider_d, recall_at_k, vqa_accuracy
+from test_train_pretrain import SMALL, torchrun
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -87,6 +93,18 @@ def test_retrieval_with_k_1_keeps_the_itc_top_1():
         assert out[key] == pytest.approx(out["itc"][key])
 
 
+def test_retrieval_blip_score_adds_the_itc_cosine():
+    """BLIP: the top k by ITC, each scored ITM logit + ITC cosine; the rest -100."""
+    model, dataset, images, texts = retrieval_case()
+    out = evaluate_retrieval(model, dataset, index_tokenizer, "cpu", k=100, add_itc=True)
+    itc = F.normalize(images, dim=-1) @ F.normalize(texts, dim=-1).T            # (N, T)
+    blip = -(images @ texts.T) + itc
+    assert {k: v for k, v in out.items() if k != "itc"} == pytest.approx(
+        recall_at_k(blip, blip.T, dataset.img2txt, dataset.txt2img))
+    alone = evaluate_retrieval(model, dataset, index_tokenizer, "cpu", k=100)
+    assert out["r_mean"] != pytest.approx(alone["r_mean"])                   # the sum mattered
+
+
 class Classifier(nn.Module):
     def logits(self, x, y):
         return F.one_hot((x + y) % 3, 3).float()                             # (B, 3)
@@ -129,12 +147,19 @@ def test_vqa_score_and_results(with_answers):
 
 
 class Captioner(nn.Module):
-    """Greedy says token ids [1, 2]; beam search [1, 3] for every image."""
+    """Greedy says token ids [1, 2]; beam search [1, 3] for every image. Both record the limits
+    they are given."""
 
-    def greedy(self, images, max_new_tokens):
+    def __init__(self):
+        super().__init__()
+        self.limits = []
+
+    def greedy(self, images, max_length, min_length, repetition_penalty):
+        self.limits.append((max_length, min_length, repetition_penalty))
         return torch.tensor([[1, 2]]).expand(len(images), 2), None
 
-    def beam_search(self, images, beam, max_new_tokens, length_penalty):
+    def beam_search(self, images, beam, max_length, min_length, length_penalty, repetition_penalty):
+        self.limits.append((beam, max_length, min_length, length_penalty, repetition_penalty))
         return torch.tensor([[1, 3]]).expand(len(images), 2), None
 
 
@@ -145,12 +170,38 @@ class WordTokenizer:
         return " ".join(self.words[i] for i in ids.tolist())
 
 
-def test_caption_scores_greedy_and_beam():
-    refs = [["a red ball", "a red cube"], ["a cube", "one cube"], ["a red thing", "red"]]
-    dataset = ListDataset([(torch.zeros(3), i) for i in range(3)], references=refs)
-    metrics, captions = evaluate_caption(Captioner(), dataset, WordTokenizer(), "cpu",
-                                         batch_size=2)
+def test_caption_scores_greedy_and_beam_against_the_raw_references():
+    """The references as the file has them, cleaned as the COCO evaluation does ("A red ball."
+    scores as "a red ball"); BLIP's limits reach the decoding."""
+    raw = [["A red ball.", "A red cube!"], ["A cube", "One cube."], ["A (red) thing", "Red"]]
+    clean = [["a red ball", "a red cube"], ["a cube", "one cube"], ["a -lrb- red -rrb- thing", "red"]]
+    dataset = ListDataset([(torch.zeros(3), i) for i in range(3)], raw_references=raw)
+    model = Captioner()
+    metrics, captions = evaluate_caption(model, dataset, WordTokenizer(), "cpu", batch_size=2)
     assert captions == {"greedy": ["a red"] * 3, "beam": ["a cube"] * 3}
     assert metrics == pytest.approx({
-        "greedy_bleu4": bleu4(["a red"] * 3, refs), "greedy_cider_d": cider_d(["a red"] * 3, refs),
-        "beam_bleu4": bleu4(["a cube"] * 3, refs), "beam_cider_d": cider_d(["a cube"] * 3, refs)})
+        "greedy_bleu4": bleu4(["a red"] * 3, clean), "greedy_cider_d": cider_d(["a red"] * 3, clean),
+        "beam_bleu4": bleu4(["a cube"] * 3, clean), "beam_cider_d": cider_d(["a cube"] * 3, clean)})
+    assert model.limits == [(20, 5, 1.0), (3, 20, 5, 1.0, 1.0)] * 2          # two batches
+
+
+def test_two_ranks_give_the_results_of_one(tmp_path):
+    """2 gloo ranks, each embedding and re-ranking its share (7 images and 35 captions: uneven
+    shares, batches of 3), against one process, on the same checkpoint and data; the other
+    loops on stand-ins, 11 samples in batches of 4."""
+    train_pretrain.main(SMALL + ["--out_dir", str(tmp_path), "--max_steps", "1"])
+    ckpt = str(tmp_path / "checkpoint.pt")
+    single = ddp_probe.retrieval_scores(ckpt, torch.device("cpu"))
+    proc = torchrun([os.path.join("tests", "ddp_probe.py"), "eval", ckpt, str(tmp_path / "out")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loops = json.loads(json.dumps(ddp_probe.loop_results()))           # as the ranks wrote it
+    for rank in (0, 1):
+        got = json.load(open(tmp_path / f"out_{rank}.json"))
+        scores = got["retrieval"]
+        assert scores.keys() == single.keys()
+        assert scores["itc"] == pytest.approx(single["itc"])
+        assert {k: v for k, v in scores.items() if k != "itc"} == pytest.approx(
+            {k: v for k, v in single.items() if k != "itc"})
+        assert got["loops"] == loops
+    assert single["r_mean"] != single["itc"]["r_mean"]                    # ITM re-ranked
+    assert len(set(loops["classifier"][1])) == 3 and len(set(loops["caption"][1]["beam"])) == 11

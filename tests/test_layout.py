@@ -4,7 +4,7 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"train_pretrain", "train_downstream", "bench", "analysis"}
+SCRIPTS = {"train_pretrain", "train_downstream", "bench", "bench_data", "analysis", "experiments"}
 
 
 def project_modules():

@@ -3,13 +3,14 @@ pycocoevalcap."""
 import inspect
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from metrics import (accuracy, bleu, bleu4, chance_recall, cider_d, format_recall, recall_at_k,
-                     vqa_accuracy, vqa_score)
+from metrics import (accuracy, bleu, bleu4, caption_scores, chance_recall, cider_d, format_recall,
+                     oracle_recall, ptb_tokenize, recall_at_k, vqa_accuracy, vqa_score)
 
 
 # -----------------------------------------------------------------------------
@@ -120,6 +121,47 @@ def test_chance_recall_by_hand_and_by_sampling():
         assert np.mean([r[key] for r in runs]) == pytest.approx(expected[key], abs=3.0), key
 
 
+def test_oracle_recall_by_hand():
+    # image 0 owns captions 0, 1 and caption 2 is also true of it; image 1 owns caption 2 and
+    # caption 0 is also true of it
+    truth = [[True, True, True], [True, False, True]]
+    oracle = oracle_recall(truth, [[0, 1], [2]])
+    # text retrieval: image 0 ranks its 3 true captions first, 2 of them its own: a hit at 1 in
+    # 2 of 3 orders; image 1 ranks captions 0 and 2 first: 1 in 2. At 5 and 10 always a hit
+    assert oracle["txt_r1"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)          # 58.33
+    assert oracle["txt_r5"] == oracle["txt_r10"] == 100.0
+    # image retrieval: caption 0 is true of both images (1/2), caption 1 of image 0 only (1),
+    # caption 2 of both (1/2)
+    assert oracle["img_r1"] == pytest.approx(100 * (1 / 2 + 1 + 1 / 2) / 3)      # 66.67
+    assert oracle["img_r5"] == oracle["img_r10"] == 100.0
+    assert oracle["r_mean"] == pytest.approx(87.5)          # ((58.33 + 200) / 3 + (66.67 + 200) / 3) / 2
+
+
+def test_oracle_recall_between_perfect_and_chance():
+    img2txt = {0: [0], 1: [1, 2, 3], 2: [4, 5], 3: [6], 4: [7, 8, 9, 10], 5: [11], 6: [12, 13]}
+    own = np.zeros((7, 14), bool)
+    for i, caps in img2txt.items():
+        own[i, caps] = True
+    # captions true only of their own image: a perfect ranking
+    assert all(v == 100.0 for v in oracle_recall(own, img2txt).values())
+    # every caption true of every image: the oracle knows nothing and ranks at random
+    everything = oracle_recall(np.ones((7, 14), bool), img2txt)
+    assert everything == pytest.approx(chance_recall(img2txt))
+    # and by sampling the oracle's random order among the true candidates, on a mixed truth
+    rng = np.random.default_rng(0)
+    truth = own | (rng.random((7, 14)) < 0.3)
+    txt2img = [i for i, caps in img2txt.items() for _ in caps]
+    runs = []
+    for _ in range(400):
+        scores = truth + rng.random((7, 14)) * 0.5        # the true ones first, random among them
+        runs.append(recall_at_k(scores, scores.T, img2txt, txt2img))
+    expected = oracle_recall(truth, img2txt)
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
+        assert np.mean([r[key] for r in runs]) == pytest.approx(expected[key], abs=3.0), key
+    with pytest.raises(ValueError):                  # an image's own caption must be true of it
+        oracle_recall(np.zeros((7, 14), bool), img2txt)
+
+
 def test_format_recall():
     model = dict(txt_r1=12.5, txt_r5=40, txt_r10=60, img_r1=10, img_r5=35, img_r10=55, r_mean=35.4)
     chance = chance_recall([[0, 1], [2, 3]])
@@ -130,6 +172,9 @@ def test_format_recall():
                                 "35.40"]
     assert lines[3].split()[0] == "chance" and len(lines) == 4
     assert len(format_recall(model).splitlines()) == 3                 # no chance row
+    lines = format_recall(model, None, "zero-shot", oracle=dict(model, r_mean=70.8)).splitlines()
+    assert lines[3].split()[0] == "oracle" and lines[4] == "R mean 35.40 is 50.0% of the " \
+        "oracle's 70.80"
 
 # -----------------------------------------------------------------------------
 # VQA and classification accuracy
@@ -260,3 +305,104 @@ def test_cider_d_matches_pycocoevalcap():
     expected, _ = cider_module.Cider().compute_score(gts, res)
     assert 0.1 < expected < 5
     assert cider_d(candidates, references) == pytest.approx(expected, abs=1e-9)
+
+
+# -----------------------------------------------------------------------------
+# the COCO caption evaluation's cleaning (pycocoevalcap's Java PTB tokenizer, in Python)
+
+PTB_CASES = {   # caption -> what pycocoevalcap's PTBTokenizer and punctuation list make of it
+    "A man's dog isn't running.": "a man 's dog is n't running",
+    "Two dogs (brown) play in the park!": "two dogs -lrb- brown -rrb- play in the park",
+    "A black/white cat on a well-dressed man's lap": "a black/white cat on a well-dressed man 's lap",
+    'He said "hello" to them...': "he said hello to them",
+    "A cannot gonna wanna gotta test": "a can not gon na wan na got ta test",
+    "It's 3.5 feet, and 1,000 people; wow: ok?": "it 's 3.5 feet and 1,000 people wow ok",
+    "A dog -- running - fast": "a dog running fast",
+    "Mr. Smith and Dr. Who at 5 p.m. in the U.S.": "mr. smith and dr. who at 5 p.m. in the u.s.",
+    "a $5 bill & 50% off @home #tag": "a $ 5 bill & 50 % off @home #tag",
+    "cats' toys and the 90's": "cats toys and the 90 's",
+    "I'll we'd you're they've I'm": "i 'll we 'd you 're they 've i 'm",
+    "don't can't won't shouldn't": "do n't ca n't wo n't should n't",
+    "An 'odd' quote `here'": "an odd quote here",
+    "A plate of food with  broccoli,carrots.": "a plate of food with broccoli carrots",
+    "a {curly} [square] <angle>": "a -lcb- curly -rcb- -lsb- square -rsb- <angle>",
+    "A cat.Another sentence": "a cat.another sentence",
+    "a b.c d.": "a b.c d.",
+    "o'clock O'Neil": "o'clock o'neil",
+    "hi!!! wow?!": "hi !!! wow ?!",
+    "end..": "end",
+    "hello--world semi;colon x:y 10:30": "hello world semi colon x y 10:30",
+    "a cat(s) here, a b&w photo": "a cat -lrb- s -rrb- here a b & w photo",
+    "the '90s style": "the '90s style",
+    "A woman riding a bike down the street, next to a bus.":
+        "a woman riding a bike down the street next to a bus",
+    "Skiers on the slope... at night!": "skiers on the slope at night",
+    "A 10-year-old boy plays baseball.": "a 10-year-old boy plays baseball",
+}
+
+
+PTB_MORE = [   # more captions for the comparison with the Java tokenizer
+    'A  Man   with spaces ',
+    'a tennis-player.',
+    'e-mail t-shirt x-ray',
+    'A 2x4 board * star',
+    'Café naïve résumé',
+    'the end .',
+    "a ''double'' quote",
+    'U.S.A. is big',
+    "it's 10:30 am",
+    "A 'S word",
+    "a dog's.",
+    "what's up?",
+    "a kids' room",
+    "an 'I love NY' shirt",
+    "some 'quoted text'.",
+    "It is 5 o'clock.",
+    'a dog,',
+    'A.',
+    "dog's, cat's",
+    '(a) test',
+    'hello--world',
+    'semi;colon x:y',
+    'a cat(s) here',
+    'a b&w photo',
+    'I LOVE NY',
+    'he\'s "the best".',
+    'A man, a plan, a canal: Panama!',
+    'two men on bikes ; one is red',
+    "a woman's hat ( red )",
+    "Can't stop won't stop",
+    'a 3-4 year old',
+    'a cup of coffee?!?',
+    'A group of people standing around a kitchen.',
+    '"A sign that says \'stop\' on a pole."',
+    "A person's hand holding a cell-phone (iPhone).",
+    "There's a cat on the couch; it's sleeping.",
+    'The bus is red/white and blue.',
+    "people at the St. Patrick's day parade",
+]
+
+
+def test_ptb_tokenize_by_hand():
+    for caption, tokens in PTB_CASES.items():
+        assert " ".join(ptb_tokenize(caption)) == tokens, caption
+
+
+def test_ptb_tokenize_matches_pycocoevalcap_java():
+    """These cases and more through pycocoevalcap's own tokenizer (Stanford CoreNLP 3.4.1, Java)."""
+    ptb = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer")
+    if shutil.which("java") is None:
+        pytest.skip("no java to run pycocoevalcap's PTBTokenizer")
+    captions = list(PTB_CASES) + PTB_MORE
+    out = ptb.PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
+    assert [out[i][0] for i in range(len(captions))] == [" ".join(ptb_tokenize(c)) for c in captions]
+
+
+def test_caption_scores_clean_both_sides():
+    refs = [["A dog's ball.", "The dog's red ball!"], ["Two (2) cats, sleeping.", "Cats sleep."]]
+    cands = ["A dog's ball", "two cats sleeping"]
+    clean = [["a dog 's ball", "the dog 's red ball"], ["two -lrb- 2 -rrb- cats sleeping", "cats sleep"]]
+    want = {"bleu4": bleu4(["a dog 's ball", "two cats sleeping"], clean),
+            "cider_d": cider_d(["a dog 's ball", "two cats sleeping"], clean)}
+    assert caption_scores(cands, refs) == pytest.approx(want)
+    assert want["cider_d"] > 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from text_encoder import (BertConfig, TextEncoder, bert_config_from_json, load_bert_weights,
-                          read_safetensors)
+                          read_safetensors, tie_to_encoder)
 from tokenizer import Tokenizer
 
 
@@ -239,3 +239,53 @@ def test_training_step_runs():
     assert torch.isfinite(loss)
     assert enc.encoder.layer[3].crossattention.self.key.weight.grad.abs().sum() > 0
     assert enc.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_vocabulary_rows_grow_strictly_otherwise():
+    """BLIP adds [DEC] and [ENC] to BERT's vocabulary: a checkpoint with two fewer rows loads, its
+    rows copied and the two new ones left at their initialisation; nothing else may differ."""
+    torch.manual_seed(0)
+    small = TextEncoder(tiny_config(vocab_size=50))
+    state = small.state_dict()
+    state["cls.predictions.bias"] = torch.randn(50)
+    grown = TextEncoder(tiny_config(vocab_size=52))
+    before = grown.embeddings.word_embeddings.weight.detach().clone()
+    report = load_bert_weights(grown, state)
+    assert sorted(report["grown"]) == ["cls.predictions.bias", "embeddings.word_embeddings.weight"]
+    assert report["missing"] == [] and report["unused"] == []
+    w = grown.embeddings.word_embeddings.weight
+    assert torch.equal(w[:50], state["embeddings.word_embeddings.weight"])
+    assert torch.equal(w[50:], before[50:])                       # the added rows keep their init
+    assert torch.equal(grown.cls.predictions.bias[:50], state["cls.predictions.bias"])
+    assert (grown.cls.predictions.bias[50:] == 0).all()
+    with pytest.raises(ValueError, match="word_embeddings"):      # fewer rows than the checkpoint
+        load_bert_weights(TextEncoder(tiny_config(vocab_size=48)), state)
+    wide = dict(state, **{"embeddings.word_embeddings.weight": torch.zeros(50, 16)})
+    with pytest.raises(ValueError, match="word_embeddings"):      # only rows may be added
+        load_bert_weights(TextEncoder(tiny_config(vocab_size=52)), wide)
+    pos = dict(state, **{"embeddings.position_embeddings.weight": torch.zeros(12, 32)})
+    with pytest.raises(ValueError, match="position_embeddings"):  # and only to the vocabulary
+        load_bert_weights(TextEncoder(tiny_config(vocab_size=52)), pos)
+
+
+def test_no_token_types_as_blips_bert():
+    """type_vocab_size 0: no token-type embeddings (BLIP's BERT); a BERT checkpoint's are unused,
+    and the output is BERT's without its token-type-0 vector."""
+    torch.manual_seed(0)
+    bert = TextEncoder(tiny_config()).eval()
+    blip = TextEncoder(tiny_config(type_vocab_size=0)).eval()
+    assert "embeddings.token_type_embeddings.weight" not in blip.state_dict()
+    report = load_bert_weights(blip, bert.state_dict())
+    assert report["unused"] == ["embeddings.token_type_embeddings.weight"]
+    ids, mask, _ = tiny_batch(bert.cfg)
+    with torch.no_grad():
+        bert.embeddings.token_type_embeddings.weight.zero_()
+        assert torch.allclose(blip(ids, mask), bert(ids, mask), atol=1e-6)
+
+
+def test_tie_to_encoder_refuses_what_blip_cannot_tie():
+    dec = TextEncoder(tiny_config(fusion_layer=0))
+    with pytest.raises(ValueError, match="cross-attention in every"):
+        tie_to_encoder(dec, TextEncoder(tiny_config(fusion_layer=2)))
+    with pytest.raises(ValueError, match="layers"):
+        tie_to_encoder(dec, TextEncoder(tiny_config(fusion_layer=0, num_layers=3)))

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from tokenizer import Tokenizer, basic_tokenize
+from tokenizer import BLIP_TOKENS, Tokenizer, basic_tokenize
 
 
 def minilm_dir():
@@ -96,3 +96,31 @@ def test_decode_joins_word_pieces():
     assert tok.tokenize("unaffable dogs") == ["un", "##aff", "##able", "dog", "##s"]
     assert tok.decode(torch.tensor(ids + [tok.pad_id])) == "unaffable dogs"
     assert tok.decode([tok.cls_id, 8, tok.mask_id, 8, tok.sep_id, 5]) == "dog dog"
+
+
+def test_blip_tokens_take_the_ids_blips_tokenizer_gives():
+    """BLIP's tokenizer: bert-base-uncased plus bos_token [DEC] and the additional special token
+    [ENC] (BLIP's models/blip.py init_tokenizer), built here with Hugging Face's BertTokenizer."""
+    directory = minilm_dir()                       # bert-base-uncased's vocabulary
+    bert = Tokenizer.from_file(os.path.join(directory, "vocab.txt"))
+    assert (bert.enc_id, bert.dec_id) == (-1, -1)
+    ours = bert.add_tokens(BLIP_TOKENS)
+    assert ours.vocab_size == 30524 and (ours.dec_id, ours.enc_id) == (30522, 30523)
+    assert ours.vocab[:30522] == bert.vocab and bert.vocab_size == 30522   # the original unchanged
+    slow, _ = hf_reference_tokenizers(directory)
+    slow.add_special_tokens({"bos_token": "[DEC]"})
+    slow.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    assert len(slow) == ours.vocab_size
+    assert (slow.bos_token_id, slow.convert_tokens_to_ids("[ENC]")) == (ours.dec_id, ours.enc_id)
+    for s in varied_sentences(50):
+        assert ours.encode(s) == bert.encode(s)     # plain text never produces the new tokens
+    ids = ours.encode("a dog on the beach")
+    assert ours.decode([ours.dec_id] + ids[1:]) == ours.decode([ours.enc_id] + ids[1:]) == "a dog on the beach"
+
+
+def test_add_tokens_appends_only_what_is_missing():
+    tok = Tokenizer.build(["a red cube"])
+    more = tok.add_tokens(["[DEC]", "red", "[ENC]", "[DEC]"])
+    assert more.vocab == tok.vocab + ["[DEC]", "[ENC]"] and (more.dec_id, more.enc_id) == (8, 9)
+    assert more.add_tokens(BLIP_TOKENS).vocab == more.vocab
+    assert Tokenizer(more.vocab).enc_id == 9          # found again from a saved vocabulary

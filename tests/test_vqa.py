@@ -17,7 +17,7 @@ ANSWERS = ["yes", "no", "red", "red cube", "two", "big red cube", "left"]
 QUESTIONS = ["what colour is it", "how many", "is it a big red cube"]
 
 
-def tiny(blip, distill=False, k_test=None):
+def tiny(blip, distill=False):
     """A tiny decoder model in eval mode: ALBEF (1 text + 2 fusion layers, bos [CLS]) or BLIP (3
     layers with cross-attention, bos [DEC], [ENC] for the multimodal question). Its decoder's
     word embeddings are large so that the next-token distributions are peaked and differ."""
@@ -25,12 +25,11 @@ def tiny(blip, distill=False, k_test=None):
     cfg = ModelConfig(img_size=16, patch_size=8, vision_width=32, vision_depth=2, vision_heads=2,
                       vocab_size=tok.vocab_size, text_width=32, text_layers=3 if blip else 1,
                       fusion_layers=0 if blip else 2, text_heads=2, text_mlp=64, text_dropout=0.0,
-                      losses=("itc", "itm"), prune=PruneConfig(method="none"))
+                      losses=("itc", "itm"), prune=PruneConfig(method="none"), blip_tokens=blip,
+                      enc_id=tok.token_to_id["[ENC]"], dec_id=tok.token_to_id["[DEC]"],
+                      token_types=not blip)
     torch.manual_seed(0)
-    bos = tok.token_to_id["[DEC]"] if blip else tok.cls_id
-    enc = tok.token_to_id["[ENC]"] if blip else None
-    model = VQADecoderModel(cfg, *tok(ANSWERS, 8), bos, enc, k_test or len(ANSWERS),
-                            distill=distill)
+    model = VQADecoderModel(cfg, *tok(ANSWERS, 8), len(ANSWERS), distill=distill)
     with torch.no_grad():
         model.text_decoder.embeddings.word_embeddings.weight.normal_(0, 1)
         if distill:   # a teacher that differs from the student
@@ -50,7 +49,7 @@ def question_states(model, tok, image, question, momentum=False):
     if model.albef:
         text = enc(ids, None, mode="text")
         return enc(None, None, image_embeds, None, mode="fusion", hidden=text)
-    ids[0, 0] = model.enc_id
+    ids[0, 0] = model.cfg.enc_id
     return enc(ids, None, image_embeds, None, mode="multimodal")
 
 

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import world
@@ -318,3 +319,74 @@ def test_ve_labels_correct_and_balanced():
             m = re.fullmatch(f"the ({COLOURS}) ({SHAPES}) is (?:made of )?\\w+", s)
             assert m and any(o.colour == m[1] and o.shape == m[2] for o in objs), e
             assert caption_truth(s, objs) is None
+
+
+# -----------------------------------------------------------------------------
+# the truth of any caption about any scene (retrieval's oracle), and the clutter variant
+
+CLUTTER = World(0, "clutter")
+
+
+def test_caption_truth_agrees_with_an_independent_reader():
+    for w in (WORLD, CLUTTER):
+        entries = world_entries("retrieval", "test", 25, variant=w.variant)
+        images = [e["image"] for e in entries]
+        texts = [c for e in entries for c in e["caption"]]
+        truth = world.caption_truth(images, texts)
+        assert truth.shape == (25, 125)
+        for i, path in enumerate(images):
+            scene = w.scene("test", int(path.rsplit("/", 1)[1]))
+            assert truth[i, 5 * i:5 * i + 5].all()                          # its own captions
+            for t, text in enumerate(texts):
+                assert truth[i, t] == caption_truth(text, scene.objects), (text, scene.objects)
+        # many captions are true of other images too, none of all
+        assert 125 < truth.sum() < 25 * 125 / 2
+
+
+def test_caption_truth_by_hand():
+    big_red_circle = world.Obj("circle", "red", "large", 0.2, 0.5)      # left
+    small_blue_star = world.Obj("star", "blue", "small", 0.8, 0.2)      # top right
+    scene = world.Scene(0, "test", 0, (big_red_circle, small_blue_star), None, None)
+    true = WORLD.true_captions(scene)
+    for text in ("a large red circle", "a red circle on the left", "a small star at the top right",
+                 "a red circle to the left of a blue star", "a blue star above a red circle",
+                 "there are two objects"):
+        assert text in true, text
+    for text in ("a small red circle", "a red circle at the top left", "there are three objects",
+                 "a blue star to the left of a red circle", "a red circle above a blue star",
+                 "there are two circles"):
+        assert text not in true, text
+
+
+def test_clutter_variant():
+    scenes = [CLUTTER.scene(split, i) for split in world.SPLITS for i in range(15)]
+    for s in scenes:
+        assert 5 <= len(s.objects) <= 7 and {o.size for o in s.objects} == {"small"}
+        cells = {(int(o.cy * 4), int(o.cx * 4)) for o in s.objects}
+        assert len(cells) == len(s.objects)                              # one per cell of 4x4
+        assert len({(o.shape, o.colour) for o in s.objects}) == len(s.objects)
+        for text, idx in CLUTTER.captions(s, n=None):
+            assert len(idx) in (1, 2) and not text.startswith("there are")
+            assert caption_truth(text, s.objects) is True, text
+            if len(idx) == 1:                       # names its object by colour and shape
+                o = s.objects[idx[0]]
+                assert f"{o.colour} {o.shape}" in text
+        masks = CLUTTER.masks(s, 64)
+        assert masks.sum(0).max() == 1
+        for o, m in zip(s.objects, masks):         # inside its 16 px cell: a 2x2 block of patches
+            rows, cols = np.nonzero(m)
+            r, c = int(o.cy * 4), int(o.cx * 4)
+            assert 16 * r <= rows.min() and rows.max() < 16 * r + 16
+            assert 16 * c <= cols.min() and cols.max() < 16 * c + 16
+    # paths name the variant; the default world's paths are unchanged
+    path = CLUTTER.path("val", 7)
+    assert path == "world:clutter:0/val/7" and WORLD.path("val", 7) == "world:0/val/7"
+    w, split, index = world.world_of_path(path)
+    assert (w.variant, w.seed, split, index) == ("clutter", 0, "val", 7)
+    assert parse_world_path(path) == (0, "val", 7)
+    assert np.array_equal(np.asarray(render_path(path)),
+                          np.asarray(CLUTTER.render(CLUTTER.scene("val", 7), world.WORLD_RES)))
+    assert CLUTTER.scene("val", 7).canonical() != WORLD.scene("val", 7).canonical()
+    for bad in ("world:cluttered:0/val/7", "world:clutter/val/7"):
+        with pytest.raises(ValueError):
+            world.world_of_path(bad)

@@ -1,0 +1,339 @@
+"""
+Experiments of several runs, each one command; every run is a subprocess of train_downstream.py,
+train_pretrain.py or analysis.py in its own folder under --out_dir, and a run whose result file
+exists is not run again, so a command that stopped continues where it was.
+
+    python experiments.py transfer     # each world task fine-tuned from the pre-training
+                                       # checkpoint and from scratch, 3 seeds each
+    python experiments.py guidance     # text guidance's test on the clutter world: elip (lam 0.8,
+                                       # 0.6, 1.0), evit, random, none; 3 seeds each
+    python experiments.py transfer --help                # every flag
+
+Figures are printed as the mean and the sample standard deviation over the seeds (mean ± sd),
+and written with each seed's value to out_dir/summary.json.
+"""
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import world
+from config import parse_config, run_subcommand
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def run(cmd, out_dir, result, log_name, threads, dry_run):
+    """Run `cmd` (python script and flags) unless out_dir/result exists; its output goes to
+    out_dir/log_name. Returns the seconds it took (0 when skipped)."""
+    cmd = [sys.executable, *cmd]
+    if os.path.exists(os.path.join(out_dir, result)):
+        log(f"done already: {os.path.join(out_dir, result)}")
+        return 0.0
+    log("$ " + shlex.join(["python", *cmd[1:]]))
+    if dry_run:
+        return 0.0
+    os.makedirs(out_dir, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}     # BLAS and torch alike
+    t0 = time.time()
+    with open(os.path.join(out_dir, log_name), "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"error: the run failed (exit {proc.returncode}): see "
+                         f"{os.path.join(out_dir, log_name)}")
+    log(f"  {time.time() - t0:.0f} s")
+    return time.time() - t0
+
+
+def spread(values):
+    """{mean, sd (sample standard deviation; 0 for one value), values}."""
+    values = [float(v) for v in values]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "sd": sd, "values": values}
+
+
+def fmt(s, digits):
+    return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"
+
+
+def write_summary(out_dir, summary, table):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    log("\n" + table)
+    log(f"wrote {os.path.join(out_dir, 'summary.json')}")
+
+
+# ---- transfer: pre-trained against from scratch, on every downstream task of the world ----
+@dataclass
+class TransferConfig:
+    preset: str = "full"
+    pretrained: str = "out/pretrain/checkpoint.pt"   # the pre-trained row's checkpoint
+    tasks: tuple[str, ...] = ("retrieval", "vqa", "nlvr", "ve", "caption")
+    seeds: tuple[int, ...] = (0, 1, 2)   # fine-tuning seeds (head and from-scratch weights, data
+                                     # order, crops)
+    epochs: int = 0                  # of every task; 0: the task's preset (train_downstream.py)
+    max_steps: int = 0               # per run; 0: all the epochs
+    world_train: int = 0             # the world's training scenes; 0: the task's preset
+    world_test: int = 0              # and test scenes; 0: the task's preset
+    threads: int = 1                 # per run
+    out_dir: str = "out/transfer"
+    dry_run: bool = False            # print the commands, run nothing
+
+
+TRANSFER_PRESETS = {"full": {}, "quick": dict(tasks=("vqa",), seeds=(0, 1), max_steps=20)}
+# the figures of each task: (name, key in metrics.json, digits)
+HEADLINE = {
+    "retrieval": [("R mean", "r_mean", 2), ("R mean, ITC only", "itc.r_mean", 2)],
+    "vqa": [("VQA score", "vqa_score", 3)],
+    "nlvr": [("accuracy", "accuracy", 3)],
+    "ve": [("accuracy", "accuracy", 3)],
+    "caption": [("CIDEr-D, greedy", "greedy_cider_d", 3), ("BLEU-4, greedy", "greedy_bleu4", 3),
+                ("CIDEr-D, beam", "beam_cider_d", 3)],
+}
+# VQA question kinds, by their first words (world.QUESTIONS)
+VQA_KINDS = {"what color": "colour", "what shape": "shape", "how many": "count",
+             "is there": "exists", "where is": "where", "what size": "size"}
+
+
+def question_kind(question):
+    kind = next((k for p, k in VQA_KINDS.items() if question.startswith(p)), None)
+    return kind or ("left" if " to the left of " in question else "above")
+
+
+def vqa_by_kind(run_dir, rec):
+    """{question kind: accuracy} of a VQA run on the world, from its predictions.json."""
+    cfg = rec["config"]
+    entries = world.world_entries("vqa", "test", cfg["world_test"], cfg["world_seed"])
+    truth = {e["question_id"]: (question_kind(e["question"]), e["answer"][0]) for e in entries}
+    with open(os.path.join(run_dir, "predictions.json")) as f:
+        preds = json.load(f)["world"]
+    hits = {}
+    for p in preds:
+        kind, answer = truth[p["question_id"]]
+        hits.setdefault(kind, []).append(p["answer"] == answer)
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
+def lookup(metrics, key):
+    for part in key.split("."):
+        metrics = metrics[part]
+    return metrics
+
+
+def transfer_runs(cfg):
+    """[(task, row, seed, out_dir, command)] with row "pre-trained" or "from scratch"."""
+    runs = []
+    for task in cfg.tasks:
+        for row, source in (("pre-trained", cfg.pretrained), ("from scratch", "none")):
+            for seed in cfg.seeds:
+                out = os.path.join(cfg.out_dir, task, "scratch" if source == "none" else "pretrained",
+                                   f"seed{seed}")
+                cmd = ["train_downstream.py", "--task", task, "--pretrained", source,
+                       "--seed", str(seed), "--threads", str(cfg.threads), "--out_dir", out]
+                for flag in ("epochs", "max_steps", "world_train", "world_test"):
+                    if getattr(cfg, flag):
+                        cmd += [f"--{flag}", str(getattr(cfg, flag))]
+                runs.append((task, row, seed, out, cmd))
+    return runs
+
+
+def summarise_transfer(cfg, runs):
+    """The summary (per task, figure and row: mean, sd, values) and its table."""
+    results = {}
+    for task, row, seed, out, _ in runs:
+        with open(os.path.join(out, "metrics.json")) as f:
+            rec = json.load(f)
+        metrics = rec["test"]["world"]["metrics"]        # the world's test split
+        figures = {name: lookup(metrics, key) for name, key, _ in HEADLINE[task]}
+        if task == "vqa":
+            figures.update({f"VQA {k} questions, accuracy": v
+                            for k, v in vqa_by_kind(out, rec).items()})
+        for name, value in figures.items():
+            results.setdefault(task, {}).setdefault(name, {}).setdefault(row, []).append(value)
+    digits = {name: d for figures in HEADLINE.values() for name, _, d in figures}
+    lines = [f"fine-tuning from {cfg.pretrained} and from scratch (--pretrained none), seeds "
+             f"{', '.join(map(str, cfg.seeds))}: mean ± sd",
+             f"{'task':<10}{'figure':<34}{'pre-trained':>18}{'from scratch':>18}{'difference':>12}"]
+    summary = {"config": asdict(cfg), "tasks": {}}
+    for task, figures in results.items():
+        for name, rows in figures.items():
+            s = {row: spread(v) for row, v in rows.items()}
+            summary["tasks"].setdefault(task, {})[name] = s
+            d = digits.get(name, 3)
+            diff = s["pre-trained"]["mean"] - s["from scratch"]["mean"]
+            lines.append(f"{task:<10}{name:<34}{fmt(s['pre-trained'], d):>18}"
+                         f"{fmt(s['from scratch'], d):>18}{diff:>+12.{d}f}")
+    return summary, "\n".join(lines)
+
+
+def transfer_main(argv):
+    cfg, _ = parse_config(TransferConfig(), argv, TRANSFER_PRESETS, doc=TRANSFER_DOC)
+    bad = set(cfg.tasks) - set(HEADLINE)
+    if bad or not cfg.seeds:
+        raise SystemExit(f"error: tasks {sorted(bad)} unknown (choose from {', '.join(HEADLINE)}), "
+                         f"or no seeds")
+    if not cfg.dry_run and not os.path.isfile(cfg.pretrained):
+        raise SystemExit(f"error: --pretrained {cfg.pretrained} does not exist (make one with "
+                         f"python train_pretrain.py)")
+    runs = transfer_runs(cfg)
+    for _, _, _, out, cmd in runs:
+        run(cmd, out, "metrics.json", "run.log", cfg.threads, cfg.dry_run)
+    if not cfg.dry_run:
+        write_summary(cfg.out_dir, *summarise_transfer(cfg, runs))
+
+
+# ---- guidance: does the text steer the pruning where it matters? --------------------------
+@dataclass
+class GuidanceConfig:
+    preset: str = "full"
+    methods: tuple[str, ...] = ("elip", "evit", "random", "none")
+    lams: tuple[float, ...] = (0.8, 0.6, 1.0)   # elip is trained once per lam (Eq. 1; 1.0 is the
+                                     # image [CLS] alone, the look-ahead kept)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    init_from: str = "out/pretrain/checkpoint.pt"   # every run continues pre-training from this
+                                     # checkpoint (the default run's, which knows the world's
+                                     # words and shapes) on the clutter world; empty: from scratch
+    keep_ratios: tuple[float, ...] = (0.5, 0.3, 0.15)   # of the 64 patches, before layers 2, 4
+                                     # and 10: 32, 19 and 9 patches for every method but none
+    world_train: int = 1600          # clutter scenes in the training split
+    epochs: int = 2                  # (100 steps of 32)
+    batch_size: int = 32
+    world_test: int = 100            # test scenes for zero-shot retrieval
+    keep_scenes: int = 60            # test scenes (x 5 captions) for the keep fractions
+    cover: float = 0.25              # a patch belongs to an object covering this much of it (a
+                                     # small object spans 2x2 patches, about a quarter of each)
+    threads: int = 1                 # per run
+    out_dir: str = "out/guidance"
+    dry_run: bool = False            # print the commands, run nothing
+
+
+GUIDANCE_PRESETS = {"full": {}, "quick": dict(methods=("elip", "random"), lams=(0.8,),
+                                              seeds=(0,), world_train=320, epochs=1,
+                                              world_test=50, keep_scenes=20)}
+
+
+def guidance_rows(cfg):
+    """[(label, method, lam)]: elip once per lam, the others once."""
+    return [(f"elip lam {lam}", "elip", lam) for lam in cfg.lams if "elip" in cfg.methods] + \
+        [(m, m, cfg.lams[0]) for m in cfg.methods if m != "elip"]
+
+
+def guidance_runs(cfg):
+    """[(label, method, lam, seed, out_dir, pre-training command, keep command or None)]."""
+    runs = []
+    ratios = ",".join(map(str, cfg.keep_ratios))
+    for label, method, lam in guidance_rows(cfg):
+        for seed in cfg.seeds:
+            out = os.path.join(cfg.out_dir, label.replace(" ", "_"), f"seed{seed}")
+            train = ["train_pretrain.py", "--world_variant", "clutter", "--world_train",
+                     str(cfg.world_train), "--world_test", str(cfg.world_test), "--epochs",
+                     str(cfg.epochs), "--batch_size", str(cfg.batch_size), "--prune.method",
+                     method, "--lam", str(lam), "--keep_ratios", ratios, "--seed", str(seed),
+                     "--threads", str(cfg.threads), "--out_dir", out]
+            train += ["--init_from", cfg.init_from] if cfg.init_from else []
+            # the trained method's own choice, elip at every lam of the experiment
+            keep = None if method == "none" else [
+                "analysis.py", "keep", "--checkpoint", os.path.join(out, "checkpoint.pt"),
+                "--methods", method, "--lams", ",".join(map(str, (lam, *[x for x in cfg.lams
+                                                                        if x != lam]))),
+                "--scenes", str(cfg.keep_scenes), "--cover", str(cfg.cover), "--seed",
+                str(seed), "--threads", str(cfg.threads), "--out", os.path.join(out, "keep.json")]
+            runs.append((label, method, lam, seed, out, train, keep))
+    return runs
+
+
+def summarise_guidance(cfg, runs):
+    rows, keep_rows, oracle = {}, {}, None
+    for label, method, lam, seed, out, _, keep in runs:
+        with open(os.path.join(out, "zero_shot.json")) as f:
+            z = json.load(f)
+        oracle = z["oracle"]["r_mean"]
+        r = rows.setdefault(label, {})
+        for name, value in (("R mean", z["zero_shot_retrieval"]["r_mean"]),
+                            ("R mean, ITC only", z["zero_shot_retrieval"]["itc"]["r_mean"]),
+                            ("train seconds", z["train_seconds"])):
+            r.setdefault(name, []).append(value)
+        if keep is None:
+            continue
+        with open(os.path.join(out, "keep.json")) as f:
+            report = json.load(f)
+        for row in report["rows"]:      # the trained method; elip also at the other lams
+            name = label if row["label"] in (label, f"elip lam {lam}") else \
+                f"{label} model, {row['label']}"
+            k = keep_rows.setdefault(name, {})
+            for s in row["stages"]:
+                for group in ("named", "other", "all"):
+                    k.setdefault(f"{group} {s['layer']}", []).append(s[group])
+    rows = {label: {n: spread(v) for n, v in r.items()} for label, r in rows.items()}
+    keep_rows = {label: {n: spread(v) for n, v in r.items()} for label, r in keep_rows.items()}
+    layers = sorted({int(n.split()[1]) for r in keep_rows.values() for n in r})
+    start = f"from {cfg.init_from}" if cfg.init_from else "from scratch"
+    lines = [f"clutter world, {start}, {cfg.world_train} scenes x {cfg.epochs} epochs, keep ratios "
+             f"{', '.join(map(str, cfg.keep_ratios))}, seeds {', '.join(map(str, cfg.seeds))}: "
+             f"mean ± sd",
+             f"zero-shot retrieval on {cfg.world_test} test scenes (the oracle's R mean: "
+             f"{oracle:.2f})",
+             f"{'trained with':<18}{'R mean':>16}{'R mean, ITC':>16}{'train s':>10}"]
+    for label, r in rows.items():
+        lines.append(f"{label:<18}{fmt(r['R mean'], 2):>16}{fmt(r['R mean, ITC only'], 2):>16}"
+                     f"{r['train seconds']['mean']:>10.0f}")
+    lines += ["", f"kept fraction of the named objects' / the other objects' / all patches "
+              f"entering each cut ({cfg.keep_scenes} test scenes x 5 captions, cover "
+              f"{cfg.cover})", f"{'':<34}" + "".join(f"{'layer ' + str(i):^42}" for i in layers)]
+    for label, k in keep_rows.items():
+        lines.append(f"{label:<34}" + "".join(
+            f"{fmt(k[f'named {i}'], 3):>14}{fmt(k[f'other {i}'], 3):>14}{fmt(k[f'all {i}'], 3):>14}"
+            for i in layers))
+    summary = {"config": asdict(cfg), "oracle_r_mean": oracle, "retrieval": rows,
+               "keep": keep_rows}
+    return summary, "\n".join(lines)
+
+
+def guidance_main(argv):
+    cfg, _ = parse_config(GuidanceConfig(), argv, GUIDANCE_PRESETS, doc=GUIDANCE_DOC)
+    if cfg.init_from and not cfg.dry_run and not os.path.isfile(cfg.init_from):
+        raise SystemExit(f"error: --init_from {cfg.init_from} does not exist (make it with "
+                         f"python train_pretrain.py, or give --init_from '' to start from scratch)")
+    runs = guidance_runs(cfg)
+    for _, _, _, _, out, train, keep in runs:
+        run(train, out, "zero_shot.json", "run.log", cfg.threads, cfg.dry_run)
+        if keep is not None:
+            run(keep, out, "keep.json", "keep.log", cfg.threads, cfg.dry_run)
+    if not cfg.dry_run:
+        write_summary(cfg.out_dir, *summarise_guidance(cfg, runs))
+
+
+TRANSFER_DOC = """python experiments.py transfer [--flag value ...]
+
+Each task of the embedded world fine-tuned (train_downstream.py with the task's preset) from the
+pre-training checkpoint and from scratch (--pretrained none: the same architecture, untrained),
+once per seed; VQA also by question kind. Prints mean ± sd, writes out_dir/summary.json."""
+GUIDANCE_DOC = """python experiments.py guidance [--flag value ...]
+
+Text guidance's test: the clutter world (5-7 small objects, captions naming one or two),
+pre-trained (train_pretrain.py --world_variant clutter) with each method at the same aggressive
+token budget, elip once per lam, and without pruning, once per seed; zero-shot retrieval on the
+clutter test split and, with analysis.py keep, the fractions of the named objects' patches that
+each trained model's pruning keeps. Prints mean ± sd, writes out_dir/summary.json."""
+COMMANDS = {"transfer": transfer_main, "guidance": guidance_main}
+USAGE = """usage: python experiments.py {transfer,guidance} [--flag value ...]
+  transfer   every world task fine-tuned from the pre-training checkpoint and from scratch
+  guidance   text guidance's test on the clutter world (elip, evit, random, none; lam)
+python experiments.py COMMAND --help lists the command's flags"""
+
+
+def main(argv):
+    run_subcommand(COMMANDS, argv, USAGE)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

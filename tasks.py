@@ -1,0 +1,195 @@
+"""
+The downstream tasks of train_downstream.py, piece by piece: each task's data (the ALBEF/BLIP JSON
+files or the embedded world), its model on the pre-trained architecture, and its evaluation on a
+test set beside a chance or majority baseline.
+
+    train_set, test_sets, train_collate, test_collate = build_data(cfg, mc, tok)
+    model = build_model(cfg, mc, tok, answers)
+    scores, baseline, kind, predictions = evaluate_task(cfg, model, train_set, test_set, ...)
+
+Every test file is a test set of its own (`--test_file val.json,test.json`: metrics per file);
+several training files are one training set (ALBEF's VQA trains on vqa_train + vqa_val + vg_qa).
+"""
+import dataclasses
+from collections import Counter
+from functools import partial
+
+import torch
+
+import data
+import eval as evaluation
+import metrics
+import world
+from config import apply_preset
+from heads import CaptionModel, NLVRModel, VEModel
+from model import PRESETS, ELIPModel, ModelConfig
+from pruning import TEXT_GUIDED, PruneConfig
+from tokenizer import Tokenizer
+from vqa import VQADecoderModel, VQAModel
+
+TASKS = ("retrieval", "vqa", "nlvr", "ve", "caption")
+
+
+# ---- data --------------------------------------------------------------------------------
+def vqa_collate(batch, tokenizer, max_len, answer_index):
+    """VQA training batch -> images (B, 3, H, W), question ids and mask (B, T), targets (B, A):
+    the soft score of each answer of the list. An answer outside the list is dropped: the
+    classifier cannot give it. A module-level function, so DataLoader workers can pickle it."""
+    images, questions, answers, weights = zip(*batch)
+    ids, mask = tokenizer(list(questions), max_len)
+    hits = [(i, answer_index[a], w) for i, (ans, ws) in enumerate(zip(answers, weights))
+            for a, w in zip(ans, ws) if a in answer_index]
+    targets = torch.zeros(len(batch), len(answer_index))
+    if hits:
+        rows, cols, scores = zip(*hits)
+        targets[list(rows), list(cols)] = torch.tensor(scores)
+    return torch.stack(images), ids, mask, targets
+
+
+def task_dataset(cfg, entries, root, transform, train, answers, max_words):
+    """One dataset of the task; `answers` is VQA's answer list (None: every answer seen)."""
+    task, kw = cfg.task, dict(max_words=max_words)
+    if task == "retrieval":
+        return (data.RetrievalTrainDataset(entries, root, transform, **kw) if train
+                else data.RetrievalEvalDataset(entries, root, transform, **kw))
+    if task == "vqa":
+        # the classifier's targets are the VQA soft scores; the decoder weighs its answers as
+        # ALBEF's dataset does
+        weighting = "share" if cfg.vqa_head == "decoder" else "score"
+        return data.VQADataset(entries, root, transform, train, answers, **kw,
+                               weighting=weighting, vg_weight=cfg.vg_weight)
+    if task == "nlvr":
+        return data.NLVRDataset(entries, root, transform, **kw)
+    if task == "ve":
+        return data.VEDataset(entries, root, transform, train, **kw)
+    return data.CaptionDataset(entries, root, transform, train, **kw)
+
+
+def build_data(cfg, mc, tok, answers=None):
+    """(train set or None, {name: test set}, train collate, test collate): the JSON files, or the
+    world's splits (named "world"). Without --train_file an evaluation-only run has no training
+    set (and so no majority baseline). `answers`: VQA's answer list when the model fixes it (a
+    fine-tuned checkpoint); else --answer_list, the world's, or every answer of the training files."""
+    if cfg.train_file and not cfg.test_file or cfg.test_file and not (cfg.train_file or cfg.evaluate):
+        raise SystemExit("error: give both --train_file and --test_file (--test_file alone with "
+                         "--evaluate true), or neither (the embedded world)")
+    task, root, words = cfg.task, cfg.image_root or None, mc.max_len
+    train_tf = data.create_transform(mc.img_size, True, cfg.crop_scale, cfg.randaug_n,
+                                     cfg.randaug_m)
+    test_tf = data.create_transform(mc.img_size, False)
+    if answers is None and task == "vqa":
+        answers = cfg.answer_list or (None if cfg.train_file else world.world_answer_list())
+    train_set = None
+    if cfg.train_file or not cfg.test_file:
+        entries = list(cfg.train_file) or world.world_entries(task, "train", cfg.world_train,
+                                                              cfg.world_seed)
+        train_set = task_dataset(cfg, entries, root, train_tf, True, answers, words)
+        answers = train_set.answer_list if task == "vqa" else answers
+    if task == "vqa" and not answers:
+        raise SystemExit("error: VQA without training files needs --answer_list")
+    tests = {f: [f] for f in cfg.test_file} or {
+        "world": world.world_entries(task, "test", cfg.world_test, cfg.world_seed)}
+    test_sets = {name: task_dataset(cfg, entries, root, test_tf, False, answers, words)
+                 for name, entries in tests.items()}
+    collate = data.make_collate(tok, mc.max_len)
+    if task == "vqa":   # the list itself, where --answer_list named a file
+        answers = next(iter(test_sets.values())).answer_list
+    train_collate = collate if task != "vqa" or cfg.vqa_head == "decoder" else partial(
+        vqa_collate, tokenizer=tok, max_len=mc.max_len,
+        answer_index={a: i for i, a in enumerate(answers)})
+    return train_set, test_sets, train_collate, collate
+
+
+# ---- model -------------------------------------------------------------------------------
+def downstream_model_config(mc, cfg):
+    """The pre-trained architecture for fine-tuning: the resolution and text length asked for
+    (--img_size, --max_len; 0 keeps the pre-training's), ITM negatives from every rank if asked,
+    and the downstream pruning: none, as the paper fine-tunes and evaluates on all tokens, unless
+    --prune true, which keeps the pre-training schedule in fine-tuning and evaluation. Retrieval
+    evaluation embeds each image once for all captions, so no text can guide it there: a
+    text-guided method then prunes in fine-tuning only."""
+    if not cfg.prune:
+        prune = PruneConfig(method="none")
+    else:
+        text_free_eval = cfg.task == "retrieval" and mc.prune.method in TEXT_GUIDED
+        prune = dataclasses.replace(mc.prune, in_eval=not text_free_eval)
+    # ("itc", "itm"): the retrieval objectives; for every task, a text encoder without MLM head
+    return dataclasses.replace(mc, prune=prune, losses=("itc", "itm"),
+                               img_size=cfg.img_size or mc.img_size,
+                               max_len=cfg.max_len or mc.max_len,
+                               negative_all_rank=cfg.negative_all_rank)
+
+
+def scratch_model_config():
+    """(model config, tokenizer) of what train_pretrain.py builds by default, the tiny preset
+    with the world's vocabulary, for the same fine-tuning from random weights (--pretrained
+    none): what pre-training adds is the difference."""
+    tok = Tokenizer.build([" ".join(world.World.vocabulary())])
+    mc = apply_preset(ModelConfig(), PRESETS["tiny"])
+    return dataclasses.replace(mc, vocab_size=tok.vocab_size, pad_id=tok.pad_id, cls_id=tok.cls_id,
+                               mask_id=tok.mask_id, enc_id=tok.enc_id, dec_id=tok.dec_id), tok
+
+
+def build_model(cfg, mc, tok, answers):
+    task, distill = cfg.task, dict(distill=cfg.distill, momentum=cfg.momentum)
+    if task == "retrieval":
+        return ELIPModel(mc)
+    if task == "vqa" and cfg.vqa_head == "classifier":
+        return VQAModel(mc, len(answers))
+    if task == "vqa":   # BLIP's VQA fine-tunes without distillation
+        return VQADecoderModel(mc, *tok(answers, mc.max_len), cfg.vqa_k,
+                               distill=cfg.distill and mc.fusion_layers > 0, momentum=cfg.momentum)
+    if task == "nlvr":
+        return NLVRModel(mc, **distill)
+    if task == "ve":
+        return VEModel(mc, **distill)
+    return CaptionModel(mc, tok.encode(cfg.prompt)[:-1], tok.sep_id)   # [CLS] prompt, no [SEP]
+
+
+# ---- evaluation --------------------------------------------------------------------------
+def evaluate_task(cfg, model, train_set, test_set, collate, tok, device, log):
+    """(scores, baseline, what the baseline is, predictions or None) on one test set; the
+    baseline needs the training set ({} without one)."""
+    bs, task = cfg.eval_batch_size, cfg.task
+    if task == "retrieval":
+        scores = evaluation.evaluate_retrieval(model, test_set, tok, device, k=cfg.eval_k,
+                                                max_len=model.cfg.max_len, batch_size=bs,
+                                                add_itc=cfg.retrieval_score == "itm_itc")
+        chance = metrics.chance_recall(test_set.img2txt)
+        log(metrics.format_recall(scores, chance, f"retrieval, {len(test_set)} test images, "
+                                     f"{cfg.retrieval_score} re-ranking of the top {cfg.eval_k}"))
+        log(metrics.format_recall(scores["itc"], None, "ITC only"))
+        return scores, chance, "chance (random ranking)", None
+    if task == "vqa":
+        scores, results = evaluation.evaluate_vqa(model, test_set, collate, device, bs)
+        truth = [it["answers"] for it in test_set.items]
+        if train_set is None or not all(truth):
+            return scores, {}, "none", results
+        top = Counter(Counter(it["answers"]).most_common(1)[0][0] for it in train_set.items)
+        majority = top.most_common(1)[0][0]
+        baseline = {"vqa_score": metrics.vqa_accuracy([majority] * len(truth), truth)}
+        return scores, baseline, f"majority answer of the training set ({majority!r})", results
+    if task in ("nlvr", "ve"):
+        scores, _ = evaluation.evaluate_classifier(model, test_set, collate, device, bs)
+        if train_set is None:
+            return scores, {}, "none", None
+        majority = Counter(it["label"] for it in train_set.items).most_common(1)[0][0]
+        labels = [it["label"] for it in test_set.items]
+        baseline = {"accuracy": metrics.accuracy([majority] * len(labels), labels)}
+        return scores, baseline, f"majority label of the training set ({majority})", None
+    scores, captions = evaluation.evaluate_caption(
+        model, test_set, tok, device, cfg.beam, cfg.max_length, cfg.min_length, bs,
+        cfg.length_penalty, cfg.repetition_penalty)
+    predictions = [{"image": it["images"][0], "greedy": g, "beam": b}
+                   for it, g, b in zip(test_set.items, captions["greedy"], captions["beam"])]
+    if train_set is None:
+        return scores, {}, "none", predictions
+    # majority: the most frequent training caption for every image; chance: a true caption of
+    # another image (the next one's first reference)
+    common = Counter(c for it in train_set.items for c in it["captions"]).most_common(1)[0][0]
+    refs = test_set.raw_references
+    guesses = {"": [common] * len(refs), "chance_": [r[0] for r in refs[1:] + refs[:1]]}
+    baseline = {f"{name}{metric}": value for name, caps in guesses.items()
+                for metric, value in metrics.caption_scores(caps, refs).items()}
+    return scores, baseline, f"bleu4, cider_d: the most frequent training caption ({common!r}) " \
+        "for every image; chance_*: a true caption of another image", predictions

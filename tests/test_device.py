@@ -1,0 +1,125 @@
+"""Host/device mixes, caught on a CPU. Every architecture of model.PRESETS, shrunk, and every
+downstream model run forward, backward and the training step's other pieces (optimizer step,
+momentum update, queue write, the ranks' fingerprint) on PyTorch's `meta` device: meta tensors
+carry shapes and no data, and an op that meets a meta tensor and a CPU one (other than a
+0-dim scalar, which CUDA accepts too) raises, as it would between a GPU and the CPU. So a
+tensor made without device= inside the model or the step fails here, not on the first GPU."""
+import dataclasses
+
+import pytest
+import torch
+
+from heads import CaptionModel, NLVRModel, VEModel
+from model import PRESETS, ELIPModel, ModelConfig, MomentumStep
+from pruning import METHODS, PruneConfig
+from trainer import build_optimizer, params_fingerprint
+from vqa import VQADecoderModel, VQAModel
+
+META = torch.device("meta")
+B, T, VOCAB = 4, 12, 60
+
+
+def shrunk(preset, **kw):
+    """The preset's architecture and objectives at toy size: losses, queue on/off,
+    distillation, drop path, dropout and the BLIP/ALBEF text layout kept; three cuts of the
+    pruning schedule in 4 layers."""
+    p = {k: v for k, v in PRESETS[preset].items() if k in ModelConfig.__dataclass_fields__}
+    prune = PruneConfig(prune_layers=(1, 2, 3), tome_r=2, **kw.pop("prune", {}))
+    p.update(img_size=32, patch_size=8, vision_width=32, vision_depth=4, text_width=32,
+             vision_heads=2, text_heads=2, text_mlp=64, embed_dim=16, vocab_size=VOCAB, max_len=T,
+             dec_id=VOCAB - 2, enc_id=VOCAB - 1,                  # BLIP's [DEC], [ENC]
+             text_layers=min(2, p.get("text_layers", 2)),
+             fusion_layers=min(1, p.get("fusion_layers", 2)),
+             queue_size=min(16, p.get("queue_size", 1024)), prune=prune, **kw)
+    return ModelConfig(**p)
+
+
+def meta_inputs(with_idx=False):
+    ids = torch.randint(5, VOCAB, (B, T), device=META)
+    mask = torch.ones(B, T, dtype=torch.long, device=META)
+    images = torch.randn(B, 3, 32, 32, device=META)
+    return (images, ids, mask) + ((torch.arange(B, device=META) // 2,) if with_idx else ())
+
+
+def on_meta(model):
+    """Built on the CPU (initialisers read values), then moved: every later tensor must follow."""
+    return model.to(META).train()
+
+
+def train_step(model, loss_fn):
+    """One optimizer step as trainer.fit takes it (clipping included), on meta."""
+    optimizer = build_optimizer(model, 1e-3, 0.02)
+    out = loss_fn()
+    assert out["loss"].device == META and out["loss"].shape == ()
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_pretraining_step_stays_on_the_device(preset):
+    model = on_meta(ELIPModel(shrunk(preset)))
+    momentum = MomentumStep(model)
+    out = train_step(model, lambda: momentum.take(model(*meta_inputs(), alpha=0.4)))
+    momentum.after_step()
+    assert set(out) == set(model.cfg.losses) | {"loss"}
+    assert all(b.device == META for b in model.buffers())
+    assert params_fingerprint(model).device == META
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_pruning_method_stays_on_the_device(method):
+    model = on_meta(ELIPModel(shrunk("tiny", prune=dict(method=method))))
+    train_step(model, lambda: model(*meta_inputs()))
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_retrieval_finetuning_stays_on_the_device(preset):
+    cfg = dataclasses.replace(shrunk(preset), losses=("itc", "itm"))
+    model = on_meta(ELIPModel(cfg))
+    momentum = MomentumStep(model)
+    images, ids, mask, idx = meta_inputs(with_idx=True)
+    train_step(model, lambda: momentum.take(model(images, ids, mask, alpha=0.4, idx=idx)))
+    momentum.after_step()
+
+
+@pytest.mark.parametrize("preset", ["albef", "blip"])      # fusion layers, or BLIP's layout
+def test_downstream_heads_stay_on_the_device(preset):
+    cfg = dataclasses.replace(shrunk(preset), losses=("itc", "itm"))
+    images, ids, mask = meta_inputs()
+    answer_ids = torch.randint(5, VOCAB, (6, 4), device=META)          # 2, 1, 2 and 1 answers
+    answer_mask, counts = torch.ones_like(answer_ids), torch.tensor([2, 1, 2, 1], device=META)
+    answers = (torch.randint(5, VOCAB, (3, 4)), torch.ones(3, 4, dtype=torch.long))   # the list
+    cases = [
+        (VQAModel(cfg, 7), lambda m: m(images, ids, mask, torch.rand(B, 7, device=META))),
+        (VQADecoderModel(cfg, *answers, distill=True),
+         lambda m: m(images, ids, mask, answer_ids, answer_mask, counts,
+                     torch.rand(6, device=META), alpha=0.4)),
+        (NLVRModel(cfg, distill=True), lambda m: m(images, images, ids, mask,
+                                                   torch.randint(2, (B,), device=META), alpha=0.4)),
+        (VEModel(cfg, distill=True),
+         lambda m: m(images, ids, mask, torch.randint(3, (B,), device=META), alpha=0.4)),
+        (CaptionModel(cfg, [cfg.cls_id, 7, 8], sep_id=3), lambda m: m(images, ids, mask)),
+    ]
+    for model, forward in cases:
+        model = on_meta(model)
+        train_step(model, lambda: forward(model))
+        if getattr(model, "distill", False):
+            model.momentum_update()
+    decoder = cases[1][0]
+    assert decoder.eval().answer_scores(images, ids, mask).shape == (B, 3)
+
+
+def test_a_host_tensor_in_the_step_is_caught():
+    """The check works: a fingerprint with its weights made on the host (no device=) fails."""
+    model = on_meta(ELIPModel(shrunk("tiny")))
+
+    def host_fingerprint(model):
+        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        return (flat * torch.linspace(1, 2, flat.numel(), dtype=torch.float64)).sum()
+
+    with pytest.raises(RuntimeError, match="device"):
+        host_fingerprint(model)
+    assert params_fingerprint(model).device == META

@@ -1,0 +1,100 @@
+"""experiments.py: the runs each command makes, the summaries (mean ± sd over seeds) from
+result files, and one small guidance experiment end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import experiments
+import world
+from test_train_pretrain import ROOT
+
+
+def test_transfer_runs_pair_each_seed_with_and_without_pre_training():
+    cfg = experiments.TransferConfig(pretrained="ck.pt", tasks=("vqa", "ve"), seeds=(0, 3),
+                                     epochs=1, max_steps=5, out_dir="o")
+    runs = experiments.transfer_runs(cfg)
+    assert [(t, row, s) for t, row, s, _, _ in runs] == [
+        (t, row, s) for t in ("vqa", "ve") for row in ("pre-trained", "from scratch") for s in (0, 3)]
+    assert len({out for *_, out, _ in runs}) == 8
+    for task, row, seed, out, cmd in runs:
+        flags = dict(zip(cmd[1::2], cmd[2::2]))
+        assert cmd[0] == "train_downstream.py" and flags["--task"] == task
+        assert flags["--pretrained"] == ("ck.pt" if row == "pre-trained" else "none")
+        assert flags["--seed"] == str(seed) and flags["--out_dir"] == out
+        assert flags["--max_steps"] == "5" and flags["--epochs"] == "1"
+        assert "--world_train" not in flags                                  # 0: the preset's
+
+
+def test_question_kinds_cover_every_question_template():
+    slots = dict(shape="star", colour="orange", a="red circle", b="blue square")
+    for kind, template in world.QUESTIONS.items():
+        assert experiments.question_kind(template.format(**slots)) == kind
+
+
+def test_transfer_summary_mean_and_sample_sd(tmp_path):
+    cfg = experiments.TransferConfig(pretrained="ck.pt", tasks=("vqa", "nlvr"), seeds=(0, 1),
+                                     out_dir=str(tmp_path))
+    runs = experiments.transfer_runs(cfg)
+    entries = world.world_entries("vqa", "test", 3)
+    scores = {"pre-trained": (0.8, 0.6), "from scratch": (0.5, 0.5)}
+    for task, row, seed, out, _ in runs:
+        os.makedirs(out)
+        value = scores[row][seed]
+        metrics = {"vqa_score": value} if task == "vqa" else {"accuracy": value}
+        rec = {"test": {"world": {"metrics": metrics}}, "config": {"world_test": 3, "world_seed": 0}}
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(rec, f)
+        if task == "vqa":     # the pre-trained model answers every question right, else "yes"
+            preds = [{"question_id": e["question_id"],
+                      "answer": e["answer"][0] if row == "pre-trained" else "yes"} for e in entries]
+            with open(os.path.join(out, "predictions.json"), "w") as f:
+                json.dump({"world": preds}, f)
+    summary, table = experiments.summarise_transfer(cfg, runs)
+    vqa = summary["tasks"]["vqa"]["VQA score"]
+    assert vqa["pre-trained"]["mean"] == pytest.approx(0.7)
+    assert vqa["pre-trained"]["sd"] == pytest.approx(0.1414, abs=1e-4)       # sample sd of .8, .6
+    assert vqa["from scratch"] == {"mean": 0.5, "sd": 0.0, "values": [0.5, 0.5]}
+    kinds = {k for k in summary["tasks"]["vqa"] if k.endswith("questions, accuracy")}
+    assert kinds and all(summary["tasks"]["vqa"][k]["pre-trained"]["mean"] == 1.0 for k in kinds)
+    assert summary["tasks"]["nlvr"]["accuracy"]["pre-trained"]["values"] == [0.8, 0.6]
+    assert "0.700 ± 0.141" in table and "+0.200" in table
+
+
+def test_guidance_runs_every_method_at_one_budget():
+    cfg = experiments.GuidanceConfig()
+    runs = experiments.guidance_runs(cfg)
+    labels = [label for label, *_ in runs]
+    assert sorted(set(labels)) == ["elip lam 0.6", "elip lam 0.8", "elip lam 1.0", "evit", "none",
+                                   "random"]
+    assert len(runs) == 6 * 3
+    for label, method, lam, seed, out, train, keep in runs:
+        flags = dict(zip(train[1::2], train[2::2]))
+        assert flags["--world_variant"] == "clutter" and flags["--keep_ratios"] == "0.5,0.3,0.15"
+        assert flags["--prune.method"] == method and flags["--seed"] == str(seed)
+        assert flags["--init_from"] == "out/pretrain/checkpoint.pt"       # the same start
+        assert (keep is None) == (method == "none")
+        if method == "elip":
+            assert flags["--lam"] == str(lam)
+            assert dict(zip(keep[2::2], keep[3::2]))["--lams"].split(",")[0] == str(lam)
+
+
+def test_guidance_end_to_end_and_rerun_skips_what_is_done(tmp_path):
+    out = str(tmp_path / "g")
+    cmd = [sys.executable, "experiments.py", "guidance", "--methods", "random", "--lams", "0.8",
+           "--seeds", "3", "--world_train", "8", "--batch_size", "4", "--epochs", "1",
+           "--world_test", "4", "--keep_scenes", "2", "--init_from", "", "--out_dir", out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    r = summary["retrieval"]["random"]["R mean"]
+    assert len(r["values"]) == 1 and 0 <= r["mean"] <= 100 and r["sd"] == 0.0
+    assert 0 < summary["oracle_r_mean"] <= 100
+    keep = summary["keep"]["random"]
+    assert keep["all 10"]["mean"] == pytest.approx(int(64 * 0.15) / 64, abs=1 / 64)
+    assert "random" in proc.stdout and "± " in proc.stdout
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done already") == 2
