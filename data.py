@@ -409,14 +409,20 @@ class CaptionDataset(PretrainDataset):
 
 
 class VQADataset(JSONDataset):
-    """{"question_id", "question", "answer": [str, ...], "image"}.
-    train -> (image, question, answers, weights): each distinct answer once, with its VQA soft
-    score min(1, count / 3) as weight. eval -> (image, question, index); answers optional.
+    """{"question_id", "question", "answer": [str, ...], "image"}, and optionally "dataset": "vqa"
+    or "vg" (Visual Genome QA, whose "answer" may be one string), as ALBEF's files.
+    train -> (image, question, answers, weights): each distinct answer once, with its weight:
+    weighting "score", the VQA soft score min(1, count / 3) (a classifier's target), or "share",
+    count / number of answers (ALBEF's and BLIP's decoder); a VG answer weighs vg_weight (ALBEF
+    0.5, BLIP 0.2). eval -> (image, question, index); answers optional.
     .answer_list: the candidate answers (a list, a JSON file of one, or all answers seen)."""
 
     def __init__(self, source, image_root=None, transform=None, train=True, answer_list=None,
-                 max_words=30, check_images=True):
+                 max_words=30, check_images=True, weighting="score", vg_weight=0.5):
+        if weighting not in ("score", "share"):
+            raise ValueError(f"weighting must be 'score' or 'share', got {weighting!r}")
         self.train, self.max_words = train, max_words
+        self.weighting, self.vg_weight = weighting, vg_weight
         super().__init__(source, image_root, transform, train, check_images)
         if isinstance(answer_list, (str, os.PathLike)):
             with open(answer_list, encoding="utf-8") as f:
@@ -425,14 +431,20 @@ class VQADataset(JSONDataset):
         self.question_ids = [item["question_id"] for item in self.items]
 
     def parse(self, entry):
-        answers = (_field(entry, "answer", list, "a list of strings")
-                   if self.train or "answer" in entry else [])
+        dataset = entry.get("dataset", "vqa")
+        if dataset not in ("vqa", "vg"):
+            raise ValueError(f"'dataset' must be 'vqa' or 'vg', got {dataset!r}")
+        answers = []
+        if self.train or "answer" in entry:
+            answers = _field(entry, "answer", (list, str) if dataset == "vg" else list,
+                             "a list of strings")
+        answers = [answers] if isinstance(answers, str) else answers
         if (self.train and not answers) or not all(isinstance(a, str) for a in answers):
             raise ValueError("'answer' must be a non-empty list of strings")
         return {"images": [_field(entry, "image", str, "a string")],
                 "question_id": _field(entry, "question_id", (str, int), "a string or an int"),
                 "question": _texts(entry, "question", pre_question, self.max_words)[0],
-                "answers": answers}
+                "answers": answers, "dataset": dataset}
 
     def __getitem__(self, i):
         item = self.items[i]
@@ -440,7 +452,13 @@ class VQADataset(JSONDataset):
         if not self.train:
             return image, question, i
         counts = Counter(answers)
-        return image, question, list(counts), [min(1.0, k / 3) for k in counts.values()]
+        if item["dataset"] == "vg":
+            weights = [self.vg_weight] * len(counts)
+        elif self.weighting == "share":
+            weights = [k / len(answers) for k in counts.values()]
+        else:
+            weights = [min(1.0, k / 3) for k in counts.values()]
+        return image, question, list(counts), weights
 
 
 class NLVRDataset(JSONDataset):

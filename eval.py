@@ -1,9 +1,9 @@
 """
 The evaluation loops of ELIP: zero-shot and fine-tuned retrieval (the pre-training model or the
-retrieval fine-tuned one), NLVR2 / SNLI-VE classification, VQA by classification over an answer
-list, and captioning. Each runs the model in eval mode, where the ViT sees all tokens unless its
-PruneConfig has in_eval, restores the model's mode, and returns the metrics (metrics.py) as plain
-floats, with the predictions where there are any.
+retrieval fine-tuned one), NLVR2 / SNLI-VE classification, VQA over an answer list (classified, or
+ranked by the answer decoder), and captioning. Each runs the model in eval mode, where the ViT
+sees all tokens unless its PruneConfig has in_eval, restores the model's mode, and returns the
+metrics (metrics.py) as plain floats, with the predictions where there are any.
 
 Under DDP (a process group is running) every rank must call the loop: each computes its share of
 the work (a contiguous block of the images, texts, queries or samples), the shares are gathered,
@@ -131,14 +131,16 @@ def evaluate_classifier(model, dataset, collate, device, batch_size=64):
 
 @torch.no_grad()
 def evaluate_vqa(model, dataset, collate, device, batch_size=64):
-    """VQA by classification: the top-scoring answer of dataset.answer_list for each question.
+    """VQA over an answer list: for each question the answer of dataset.answer_list with the
+    highest model.answer_scores (a classifier's logit, or the answer decoder's ranking score).
     Returns ({"vqa_score"}, or {} for a split without answers such as VQA test-dev; the
     results in ALBEF's format, [{"question_id", "answer"}])."""
     was_training = model.training
     model.eval()
     preds = []
     for images, ids, mask, _ in shard_loader(dataset, batch_size, collate):
-        preds.append(model.logits(images.to(device), ids.to(device), mask.to(device)).argmax(1))
+        preds.append(model.answer_scores(images.to(device), ids.to(device),
+                                         mask.to(device)).argmax(1))
     model.train(was_training)
     answers = [dataset.answer_list[i]
                for i in gather_rows(torch.cat(preds), len(dataset)).tolist()]

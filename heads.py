@@ -1,6 +1,7 @@
 """
-Downstream models on the pre-trained encoders: VQA, NLVR2, SNLI-VE and captioning (retrieval
-fine-tunes ELIPModel itself), and the strict loader of pre-trained weights.
+Downstream models on the pre-trained encoders: the fusion base of VQA (vqa.py), NLVR2 and SNLI-VE
+with ALBEF's momentum distillation, captioning (retrieval fine-tunes ELIPModel itself), and the
+strict loader of pre-trained weights.
 
 Fine-tuning reuses the pre-trained encoders under the same parameter names, so the weights load
 by name (load_pretrained). Retrieval is ELIPModel itself with losses ("itc", "itm") and `idx`
@@ -10,12 +11,15 @@ cfg.prune: train_downstream.py sets method "none" unless asked, as the paper fin
 tokens. When the pruning is text-guided, every forward pass runs the text encoder first and
 hands its [CLS] to the ViT, as ELIPModel.forward does.
 """
+import copy
+import re
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model import ELIPModel, build_text, build_vit
-from pruning import TEXT_GUIDED
+from pruning import TEXT_GUIDED, PruneConfig
 from vit import interpolate_pos_embed
 
 
@@ -24,50 +28,68 @@ def mlp_head(d_in, d_hidden, d_out):
 
 
 class FusionModel(nn.Module):
-    """The online ViT and text/fusion encoder of ELIPModel, without projections, momentum copies,
-    queues or MLM head; the base of the VQA, NLVR2 and SNLI-VE models."""
+    """The online ViT and text/fusion encoder of ELIPModel, without projections, queues or MLM
+    head; the base of the VQA, NLVR2 and SNLI-VE models. With distill, ALBEF's momentum
+    distillation: a momentum (teacher) copy of the encoders and of the task's head, updated
+    as theta_m <- m theta_m + (1 - m) theta once per optimizer step (momentum_update), whose
+    softmax is a soft target beside the labels. The encoder copies carry the pre-training
+    checkpoint's names (visual_encoder_m, text_encoder_m), so they load its momentum encoders
+    as ALBEF's fine-tuning does; the head's copy starts equal to the fresh head."""
     NEW_PARAMS = ()     # name fragments of parameters that pre-training does not have (heads)
+    momentum_names = ()  # the modules that have a momentum copy (name + "_m")
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, distill=False, momentum=0.995):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.distill, self.momentum = cfg, distill, momentum
         self.visual_encoder = build_vit(cfg, cfg.prune)
         self.text_encoder = build_text(cfg)
 
-    # ELIPModel's methods for its online encoders, shared as they are: they read only self.cfg,
-    # self.visual_encoder and self.text_encoder
+    # ELIPModel's methods for its encoders, shared as they are: they read only self.cfg and the
+    # (momentum) ViT and text encoder
     encode_text = ELIPModel.encode_text
     encode_image = ELIPModel.encode_image
     fuse = ELIPModel.fuse
 
-    def fused_cls(self, images, input_ids, attention_mask):
-        """The fusion encoder's [CLS] (B, D) for B (image, text) pairs; text first (ELIP)."""
-        text_embeds = self.encode_text(input_ids, attention_mask)                # (B, T, D)
-        image_embeds = self.encode_image(images, text_embeds[:, 0])              # (B, L', D)
-        return self.fuse(text_embeds, attention_mask, image_embeds, input_ids)[:, 0]
+    def add_momentum(self, *heads):
+        """Momentum copies of the encoders and of `heads` (module names), frozen. The ViT's copy
+        never prunes, as the teacher of pre-training."""
+        self.momentum_names = ("visual_encoder", "text_encoder", *heads)
+        for name in self.momentum_names:
+            online = getattr(self, name)
+            copy_ = build_vit(self.cfg, PruneConfig(method="none")) if name == "visual_encoder" \
+                else copy.deepcopy(online)
+            copy_.load_state_dict(online.state_dict())
+            copy_.requires_grad_(False)
+            setattr(self, name + "_m", copy_)
 
+    @torch.no_grad()
+    def momentum_update(self):
+        """theta_m <- m * theta_m + (1 - m) * theta, for every module with a momentum copy."""
+        for name in self.momentum_names:
+            for p, p_m in zip(getattr(self, name).parameters(),
+                              getattr(self, name + "_m").parameters()):
+                p_m.lerp_(p, 1.0 - self.momentum)
 
-class VQAModel(FusionModel):
-    """VQA as classification over the answer list (BUTD-style), trained with binary cross-entropy
-    on the VQA soft scores. ALBEF and BLIP instead rank the answer list with an answer decoder;
-    the classifier is smaller and trains in minutes on a CPU, at the cost of never answering
-    outside the list."""
-    NEW_PARAMS = ("vqa_head.",)
+    def fused_states(self, images, input_ids, attention_mask, momentum=False):
+        """The fusion encoder's output (B, T, D) for B (image, text) pairs; text first (ELIP)."""
+        text_embeds = self.encode_text(input_ids, attention_mask, momentum)        # (B, T, D)
+        image_embeds = self.encode_image(images, text_embeds[:, 0], momentum)      # (B, L', D)
+        return self.fuse(text_embeds, attention_mask, image_embeds, input_ids, momentum)
 
-    def __init__(self, cfg, num_answers):
-        super().__init__(cfg)
-        self.vqa_head = mlp_head(cfg.text_width, 2 * cfg.text_width, num_answers)
+    def fused_cls(self, images, input_ids, attention_mask, momentum=False):
+        return self.fused_states(images, input_ids, attention_mask, momentum)[:, 0]  # (B, D)
 
-    def logits(self, images, input_ids, attention_mask):
-        return self.vqa_head(self.fused_cls(images, input_ids, attention_mask))  # (B, A)
-
-    def forward(self, images, input_ids, attention_mask, targets):
-        """targets (B, A): the soft score of each answer in the list."""
-        logits = self.logits(images, input_ids, attention_mask)
-        # summed over answers (mean over the batch), as BUTD: a mean over A answers would shrink
-        # the gradient of the few answers that matter by the size of the list
-        vqa = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(targets)
-        return {"vqa": vqa, "loss": vqa}
+    def classification_loss(self, name, logits, labels, alpha, teacher):
+        """Cross-entropy; with distill, ALBEF's (1 - alpha) CE + alpha KD, KD the cross-entropy
+        against the momentum model's softmax (model_ve.py:78-79, model_nlvr.py). teacher():
+        the momentum model's logits, run only when distilling."""
+        ce = F.cross_entropy(logits, labels)
+        if not self.distill:
+            return {name: ce, "loss": ce}
+        with torch.no_grad():
+            soft = teacher().softmax(dim=1)                                         # (B, C)
+        kd = -(logits.log_softmax(dim=1) * soft).sum(dim=1).mean()
+        return {name: ce, "kd": kd, "loss": (1 - alpha) * ce + alpha * kd}
 
 
 class NLVRModel(FusionModel):
@@ -75,40 +97,49 @@ class NLVRModel(FusionModel):
     concatenated and classified true/false. ALBEF instead adds fusion layers that attend to both
     images at once (and a text-assignment pre-training step); this keeps the pre-trained
     architecture unchanged."""
-    NEW_PARAMS = ("cls_head.",)
+    NEW_PARAMS = ("cls_head.", "cls_head_m.")
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, distill=False, momentum=0.995):
+        super().__init__(cfg, distill, momentum)
         self.cls_head = mlp_head(2 * cfg.text_width, cfg.text_width, 2)
+        if distill:
+            self.add_momentum("cls_head")
 
-    def logits(self, image0, image1, input_ids, attention_mask):
+    def logits(self, image0, image1, input_ids, attention_mask, momentum=False):
         B = image0.shape[0]
         # one batched pass over both images: the text is encoded once and used twice
-        text_embeds = self.encode_text(input_ids, attention_mask).repeat(2, 1, 1)   # (2B, T, D)
+        text_embeds = self.encode_text(input_ids, attention_mask, momentum)
+        text_embeds = text_embeds.repeat(2, 1, 1)                                  # (2B, T, D)
         ids, mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)             # (2B, T)
-        image_embeds = self.encode_image(torch.cat([image0, image1]), text_embeds[:, 0])
-        cls = self.fuse(text_embeds, mask, image_embeds, ids)[:, 0]                # (2B, D)
-        return self.cls_head(torch.cat([cls[:B], cls[B:]], dim=1))                 # (B, 2)
+        image_embeds = self.encode_image(torch.cat([image0, image1]), text_embeds[:, 0], momentum)
+        cls = self.fuse(text_embeds, mask, image_embeds, ids, momentum)[:, 0]      # (2B, D)
+        head = self.cls_head_m if momentum else self.cls_head
+        return head(torch.cat([cls[:B], cls[B:]], dim=1))                          # (B, 2)
 
-    def forward(self, image0, image1, input_ids, attention_mask, labels):
-        nlvr = F.cross_entropy(self.logits(image0, image1, input_ids, attention_mask), labels)
-        return {"nlvr": nlvr, "loss": nlvr}
+    def forward(self, image0, image1, input_ids, attention_mask, labels, alpha=0.0):
+        inputs = (image0, image1, input_ids, attention_mask)
+        return self.classification_loss("nlvr", self.logits(*inputs), labels, alpha,
+                                        lambda: self.logits(*inputs, momentum=True))
 
 
 class VEModel(FusionModel):
     """SNLI-VE: fusion [CLS] -> MLP -> contradiction / neutral / entailment (as ALBEF)."""
-    NEW_PARAMS = ("cls_head.",)
+    NEW_PARAMS = ("cls_head.", "cls_head_m.")
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, distill=False, momentum=0.995):
+        super().__init__(cfg, distill, momentum)
         self.cls_head = mlp_head(cfg.text_width, cfg.text_width, 3)
+        if distill:
+            self.add_momentum("cls_head")
 
-    def logits(self, images, input_ids, attention_mask):
-        return self.cls_head(self.fused_cls(images, input_ids, attention_mask))   # (B, 3)
+    def logits(self, images, input_ids, attention_mask, momentum=False):
+        head = self.cls_head_m if momentum else self.cls_head
+        return head(self.fused_cls(images, input_ids, attention_mask, momentum))   # (B, 3)
 
-    def forward(self, images, input_ids, attention_mask, labels):
-        ve = F.cross_entropy(self.logits(images, input_ids, attention_mask), labels)
-        return {"ve": ve, "loss": ve}
+    def forward(self, images, input_ids, attention_mask, labels, alpha=0.0):
+        inputs = (images, input_ids, attention_mask)
+        return self.classification_loss("ve", self.logits(*inputs), labels, alpha,
+                                        lambda: self.logits(*inputs, momentum=True))
 
 
 class CaptionModel(nn.Module):
@@ -261,24 +292,33 @@ class CaptionModel(nn.Module):
 
 def load_pretrained(model, state):
     """Load a pre-training state dict into a downstream model, strictly, by name. Each parameter
-    or buffer loads from the key of the same name; a captioning decoder that pre-training did not
-    have (ALBEF) loads from the text encoder's weights of the same layer (embeddings,
-    self-attention, feed-forward, the MLM head as LM head, cross-attention where the encoder has
-    it). A key found nowhere must be new by design (model.NEW_PARAMS, e.g. the heads). Position
+    or buffer loads from the key of the same name. A decoder that pre-training did not have
+    (ALBEF) loads from the text encoder's weights, its layer i from the encoder's layer
+    i + model.decoder_from_layer (embeddings, self-attention, feed-forward, the MLM head as LM
+    head, cross-attention where the encoder has it): 0 for captioning, the first fusion layer for
+    ALBEF's VQA decoder. A momentum copy that the checkpoint lacks (a decoder's, a head's) loads
+    as its online module does. A key found nowhere must be new by design (model.NEW_PARAMS, e.g.
+    the heads). Position
     embeddings of a ViT (online and momentum) trained at another resolution are resized to ours
     (vit.interpolate_pos_embed: bicubic on the grid, [CLS] kept, as ALBEF and BLIP load their
     checkpoints for fine-tuning at 384 px); any other shape mismatch is an error. Returns
     dict(loaded, initialised, unused, interpolated) lists of keys: `unused` are the pre-training
-    keys the task drops (momentum encoders, queues, projections, ...), `interpolated` the
+    keys the task drops (queues, projections, ...), `interpolated` the
     resized position embeddings."""
     ours = model.state_dict()
     has_decoder = any(k.startswith("text_decoder.") for k in state)
+    offset = getattr(model, "decoder_from_layer", 0)
 
     def source(key):
         if key in state:
             return key
-        alt = "text_encoder." + key.removeprefix("text_decoder.")
-        return alt if key.startswith("text_decoder.") and not has_decoder and alt in state else None
+        module, _, rest = key.partition(".")
+        if module in ("text_decoder", "text_decoder_m") and not has_decoder:
+            rest = re.sub(r"^encoder\.layer\.(\d+)\.",
+                          lambda m: f"encoder.layer.{int(m[1]) + offset}.", rest)
+            alt = module.replace("decoder", "encoder") + "." + rest
+            return alt if alt in state else None
+        return source(module[:-2] + "." + rest) if module.endswith("_m") else None
 
     sources = {k: source(k) for k in ours}
     initialised = [k for k, s in sources.items() if s is None]

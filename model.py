@@ -278,17 +278,17 @@ class ELIPModel(nn.Module):
         proj = self.text_proj_m if momentum else self.text_proj
         return F.normalize(proj(text_embeds[:, 0]), dim=-1)                 # (B, E)
 
-    def fuse(self, text_embeds, attention_mask, image_embeds, input_ids=None):
+    def fuse(self, text_embeds, attention_mask, image_embeds, input_ids=None, momentum=False):
         """The image-grounded text encoder: ALBEF's fusion layers on the text states, or BLIP's
         multimodal encoder on the ids, which starts with [ENC] when cfg.blip_tokens.
         Returns (B, T, Dt)."""
+        enc = self.text_encoder_m if momentum else self.text_encoder
         atts = image_embeds.new_ones(image_embeds.shape[:2], dtype=torch.long)
         if self.cfg.fusion_layers > 0:
-            return self.text_encoder(None, attention_mask, image_embeds, atts, mode="fusion",
-                                     hidden=text_embeds)
+            return enc(None, attention_mask, image_embeds, atts, mode="fusion", hidden=text_embeds)
         if self.cfg.blip_tokens:
             input_ids = with_first_token(input_ids, self.cfg.enc_id)
-        return self.text_encoder(input_ids, attention_mask, image_embeds, atts, mode="multimodal")
+        return enc(input_ids, attention_mask, image_embeds, atts, mode="multimodal")
 
     def decode(self, input_ids, attention_mask, image_embeds):
         """The causal decoder reading the image through cross-attention: (B, T, Dt). Its input

@@ -4,7 +4,7 @@ files or the embedded world), its model on the pre-trained architecture, and its
 test set beside a chance or majority baseline.
 
     train_set, test_sets, train_collate, test_collate = build_data(cfg, mc, tok)
-    model = build_model(cfg.task, mc, tok, len(answers), cfg.prompt)
+    model = build_model(cfg, mc, tok, answers)
     scores, baseline, kind, predictions = evaluate_task(cfg, model, train_set, test_set, ...)
 
 Every test file is a test set of its own (`--test_file val.json,test.json`: metrics per file);
@@ -21,10 +21,11 @@ import eval as evaluation
 import metrics
 import world
 from config import apply_preset
-from heads import CaptionModel, NLVRModel, VEModel, VQAModel
+from heads import CaptionModel, NLVRModel, VEModel
 from model import PRESETS, ELIPModel, ModelConfig
 from pruning import TEXT_GUIDED, PruneConfig
 from tokenizer import Tokenizer
+from vqa import VQADecoderModel, VQAModel
 
 TASKS = ("retrieval", "vqa", "nlvr", "ve", "caption")
 
@@ -45,14 +46,18 @@ def vqa_collate(batch, tokenizer, max_len, answer_index):
     return torch.stack(images), ids, mask, targets
 
 
-def task_dataset(task, entries, root, transform, train, answers, max_words):
+def task_dataset(cfg, entries, root, transform, train, answers, max_words):
     """One dataset of the task; `answers` is VQA's answer list (None: every answer seen)."""
-    kw = dict(max_words=max_words)
+    task, kw = cfg.task, dict(max_words=max_words)
     if task == "retrieval":
         return (data.RetrievalTrainDataset(entries, root, transform, **kw) if train
                 else data.RetrievalEvalDataset(entries, root, transform, **kw))
     if task == "vqa":
-        return data.VQADataset(entries, root, transform, train, answers, **kw)
+        # the classifier's targets are the VQA soft scores; the decoder weighs its answers as
+        # ALBEF's dataset does
+        weighting = "share" if cfg.vqa_head == "decoder" else "score"
+        return data.VQADataset(entries, root, transform, train, answers, **kw,
+                               weighting=weighting, vg_weight=cfg.vg_weight)
     if task == "nlvr":
         return data.NLVRDataset(entries, root, transform, **kw)
     if task == "ve":
@@ -78,18 +83,18 @@ def build_data(cfg, mc, tok, answers=None):
     if cfg.train_file or not cfg.test_file:
         entries = list(cfg.train_file) or world.world_entries(task, "train", cfg.world_train,
                                                               cfg.world_seed)
-        train_set = task_dataset(task, entries, root, train_tf, True, answers, words)
+        train_set = task_dataset(cfg, entries, root, train_tf, True, answers, words)
         answers = train_set.answer_list if task == "vqa" else answers
     if task == "vqa" and not answers:
         raise SystemExit("error: VQA without training files needs --answer_list")
     tests = {f: [f] for f in cfg.test_file} or {
         "world": world.world_entries(task, "test", cfg.world_test, cfg.world_seed)}
-    test_sets = {name: task_dataset(task, entries, root, test_tf, False, answers, words)
+    test_sets = {name: task_dataset(cfg, entries, root, test_tf, False, answers, words)
                  for name, entries in tests.items()}
     collate = data.make_collate(tok, mc.max_len)
     if task == "vqa":   # the list itself, where --answer_list named a file
         answers = next(iter(test_sets.values())).answer_list
-    train_collate = collate if task != "vqa" else partial(
+    train_collate = collate if task != "vqa" or cfg.vqa_head == "decoder" else partial(
         vqa_collate, tokenizer=tok, max_len=mc.max_len,
         answer_index={a: i for i, a in enumerate(answers)})
     return train_set, test_sets, train_collate, collate
@@ -125,16 +130,20 @@ def scratch_model_config():
                                mask_id=tok.mask_id, enc_id=tok.enc_id, dec_id=tok.dec_id), tok
 
 
-def build_model(task, mc, tok, num_answers, prompt):
+def build_model(cfg, mc, tok, answers):
+    task, distill = cfg.task, dict(distill=cfg.distill, momentum=cfg.momentum)
     if task == "retrieval":
         return ELIPModel(mc)
-    if task == "vqa":
-        return VQAModel(mc, num_answers)
+    if task == "vqa" and cfg.vqa_head == "classifier":
+        return VQAModel(mc, len(answers))
+    if task == "vqa":   # BLIP's VQA fine-tunes without distillation
+        return VQADecoderModel(mc, *tok(answers, mc.max_len), cfg.vqa_k,
+                               distill=cfg.distill and mc.fusion_layers > 0, momentum=cfg.momentum)
     if task == "nlvr":
-        return NLVRModel(mc)
+        return NLVRModel(mc, **distill)
     if task == "ve":
-        return VEModel(mc)
-    return CaptionModel(mc, tok.encode(prompt)[:-1], tok.sep_id)   # [CLS] prompt, no [SEP]
+        return VEModel(mc, **distill)
+    return CaptionModel(mc, tok.encode(cfg.prompt)[:-1], tok.sep_id)   # [CLS] prompt, no [SEP]
 
 
 # ---- evaluation --------------------------------------------------------------------------

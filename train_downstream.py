@@ -10,15 +10,18 @@ Fine-tune a pre-trained ELIP model on a downstream task, then evaluate it on the
     python train_downstream.py --task retrieval --preset albef_coco --evaluate true \\
         --pretrained out/retrieval_albef_coco/checkpoint.pt --test_file coco_test.json ...
 
-Tasks, each on ELIP's pre-trained encoders (heads.py, tasks.py):
+Tasks, each on ELIP's pre-trained encoders (heads.py, vqa.py, tasks.py):
   retrieval  ITC + ITM with every caption of an image a positive; ITC ranks all pairs and the
              top eval_k are re-scored by the ITM match logit (ALBEF) or by it plus the ITC
              cosine (BLIP, --retrieval_score itm_itc); TR/IR R@1/5/10, and the ITC-only figures
-  vqa        a classifier over the answer list on the fusion [CLS], BCE on VQA soft scores
+  vqa        ALBEF's / BLIP's answer decoder (vqa.py), the answer list ranked by its likelihood
+             (top vqa_k by the first token, then the whole answer); or --vqa_head classifier:
+             the answer list classified on the fusion [CLS], BCE on VQA soft scores
   nlvr       the sentence fused with each image, the two [CLS] concatenated: true / false
   ve         SNLI-VE: fusion [CLS] -> contradiction / neutral / entailment
   caption    the decoder with the prompt "a picture of "; greedy and beam search within BLIP's
              length limits (prompt included), BLEU-4 and CIDEr-D as the COCO evaluation
+nlvr, ve and vqa (ALBEF's decoder) distil from a momentum model as ALBEF (--distill; --run.alpha).
 With no --train_file/--test_file the data is the embedded world's version of the task; with them,
 the ALBEF/BLIP JSON files (and --answer_list for VQA); each test file is scored on its own.
 Every field of DownstreamConfig (and of the nested RunConfig) is a flag, as in train_pretrain.py;
@@ -82,10 +85,16 @@ class DownstreamConfig:
     randaug_m: int = 7               # and their strength, of 10 (ALBEF 7, BLIP 5)
     prune: bool = False              # keep the pre-training pruning schedule, in evaluation too
     negative_all_rank: bool = False  # retrieval: ITM negatives from every rank (BLIP on COCO)
+    vqa_head: str = "decoder"        # VQA: decoder (ALBEF/BLIP's answer decoder) | classifier
+    vg_weight: float = 0.5           # VQA: the weight of a Visual Genome answer (BLIP: 0.2)
+    distill: bool = True             # ALBEF's momentum distillation in nlvr, ve and vqa with an
+                                     # ALBEF checkpoint's decoder (BLIP's VQA has none)
+    momentum: float = 0.995          # the momentum model's EMA rate, once per optimizer step
     # evaluation
     retrieval_score: str = "itm"     # itm: the ITM match logit (ALBEF); itm_itc: plus ITC (BLIP)
     eval_k: int = 16                 # retrieval: ITC candidates re-scored (ALBEF, BLIP: 256 COCO,
                                      # 128 Flickr30K)
+    vqa_k: int = 128                 # VQA decoder: answers re-scored by their whole sequence
     eval_batch_size: int = 64
     beam: int = 3                    # captioning: beam size
     max_length: int = 20             # captioning: tokens in all, [CLS] and prompt included (BLIP)
@@ -99,6 +108,8 @@ class DownstreamConfig:
     def __post_init__(self):
         if self.retrieval_score not in ("itm", "itm_itc"):
             raise ValueError(f"retrieval_score {self.retrieval_score!r} is not itm or itm_itc")
+        if self.vqa_head not in ("decoder", "classifier"):
+            raise ValueError(f"vqa_head {self.vqa_head!r} is not decoder or classifier")
 
 
 # The official fine-tuning of each backbone (ELIP's ALBEF/configs/*.yaml and BLIP/configs/*.yaml;
@@ -118,7 +129,8 @@ TASK_PRESETS = {
     ("retrieval", "world"): dict(out_dir="out/retrieval", world_train=1000, epochs=1, lr=3e-4),
     ("vqa", "world"): dict(out_dir="out/vqa", world_train=1200, epochs=4, lr=5e-4),
     ("nlvr", "world"): dict(out_dir="out/nlvr", world_train=1200, epochs=2, lr=3e-4),
-    ("ve", "world"): dict(out_dir="out/ve", world_train=1600, epochs=2, lr=3e-4),
+    ("ve", "world"): dict(out_dir="out/ve", world_train=1600, epochs=2, lr=3e-4,
+                          alpha_ramp_epochs=0.0),
     ("caption", "world"): dict(out_dir="out/caption", world_train=900, epochs=2, lr=3e-4),
     # per GPU: batch_size (train), eval_batch_size (test)
     ("retrieval", "albef_coco"): {**ALBEF, "out_dir": "out/retrieval_albef_coco", "lr": 1e-5,
@@ -146,7 +158,7 @@ TASK_PRESETS = {
 }
 # evaluation settings may change when a fine-tuning run resumes
 SAFE_ON_RESUME = ("test_file", "eval_k", "eval_batch_size", "beam", "max_length", "min_length",
-                  "length_penalty", "repetition_penalty", "retrieval_score")
+                  "length_penalty", "repetition_penalty", "retrieval_score", "vqa_k")
 
 
 def load_source(cfg):
@@ -203,7 +215,7 @@ def main(argv=None):
     # model: weights loaded strictly, by name; the task's heads start fresh from a pre-training
     # checkpoint, and a fine-tuned one must hold every weight
     answers = next(iter(test_sets.values())).answer_list if cfg.task == "vqa" else []
-    model = build_model(cfg.task, mc, tok, len(answers), cfg.prompt).to(device)
+    model = build_model(cfg, mc, tok, answers).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         weights = ckpt["weights"]
@@ -227,19 +239,21 @@ def main(argv=None):
     if cfg.task == "vqa" and train_set is not None:
         missed = sum(not set(it["answers"]) & set(answers) for it in train_set.items)
         log(f"answer list: {len(answers)} answers; {missed} training questions have no answer in "
-            f"it (a classifier cannot give them: their targets are all zero)")
+            f"it (neither head can give them; the classifier's targets are all zero)")
     if cfg.task == "caption":
         log(f"prompt tokens: {' '.join(tok.vocab[i] for i in model.prompt_ids[0].tolist())}")
 
-    # retrieval fine-tunes ELIPModel: its momentum encoders and queues step as in pre-training
+    # retrieval fine-tunes ELIPModel: its momentum encoders and queues step as in pre-training;
+    # the other distilling models move their momentum copies once per optimizer step too
     momentum = MomentumStep(model) if cfg.task == "retrieval" else None
+    distilled = getattr(model, "distill", False)
 
     def loss_fn(m, batch, step, steps_per_epoch):
-        if momentum is None:
-            return m(*batch)
-        images, ids, mask, idx = batch
         alpha = alpha_at(step, steps_per_epoch, cfg.run)
-        return momentum.take(m(images, ids, mask, alpha=alpha, idx=idx))
+        if momentum is not None:
+            images, ids, mask, idx = batch
+            return momentum.take(m(images, ids, mask, alpha=alpha, idx=idx))
+        return m(*batch, alpha=alpha) if distilled else m(*batch)
 
     train_time = 0.0
     if not cfg.evaluate:
@@ -247,7 +261,8 @@ def main(argv=None):
                  "answer_list": answers}
         train_time = fit(cfg, model, train_set, train_collate, loss_fn, device, rank, world_size,
                          log, ckpt, extra_state=extra, desc=cfg.task,
-                         after_step=momentum.after_step if momentum else None)
+                         after_step=momentum.after_step if momentum else
+                         model.momentum_update if distilled else None)
 
     # every rank evaluates its share of each test set (eval.py); rank 0 writes the results
     files, predictions = {}, {}

@@ -131,7 +131,7 @@ class Classifier(nn.Module):
 
 
 class Answerer(nn.Module):
-    def logits(self, images, ids, mask):
+    def answer_scores(self, images, ids, mask):
         return torch.nn.functional.one_hot(ids[:, 0], 4).float()                # (B, 4)
 
 

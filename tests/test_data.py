@@ -104,6 +104,17 @@ def test_albef_json_folder_loads(tmp_path):
         side = "right" if flipped else "left"
         assert dict(zip(answers, weights)) == {"dog": 1.0, "cat": 2 / 3, side: 1.0}
     assert vqa.answer_list == ["dog", "cat"]
+    # ALBEF's decoder weights: each answer's share of the annotators; a Visual Genome answer (one
+    # string) weighs vg_weight
+    vqa_file = write_json(tmp_path / "vqa_vg.json", [
+        {"question_id": 1, "question": "What is it?", "image": "a.png",
+         "answer": ["dog"] * 5 + ["cat"] * 2 + ["cube"] * 3, "dataset": "vqa"},
+        {"question_id": 2, "question": "Color?", "image": "b.png", "answer": "red",
+         "dataset": "vg"}])
+    vqa = VQADataset(vqa_file, str(tmp_path), tf, weighting="share", vg_weight=0.2)
+    assert dict(zip(*vqa[0][2:])) == pytest.approx({"dog": 0.5, "cat": 0.2, "cube": 0.3})
+    assert vqa[1][2:] == (["red"], [0.2])
+    assert VQADataset(vqa_file, str(tmp_path), tf)[1][2:] == (["red"], [0.5])
 
     nlvr = NLVRDataset(write_json(tmp_path / "nlvr.json", [
         {"images": ["a.png", "b.png"], "sentence": "The left image has a dog.", "label": "True"},
@@ -195,6 +206,10 @@ def test_errors_name_file_and_entry(tmp_path):
                             VEDataset),
                            ("vqa.json", {"image": "a.png", "question": "x", "question_id": 1,
                                          "answer": []}, VQADataset),
+                           ("vqastr.json", {"image": "a.png", "question": "x", "question_id": 1,
+                                            "answer": "red"}, VQADataset),
+                           ("source.json", {"image": "a.png", "question": "x", "question_id": 1,
+                                            "answer": ["red"], "dataset": "gqa"}, VQADataset),
                            ("notdict.json", "a.png", PretrainDataset)]:
         path = write_json(tmp_path / name, [ok, ok, ok, bad] if cls is PretrainDataset else [bad])
         with pytest.raises(ValueError) as e:

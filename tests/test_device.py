@@ -9,10 +9,11 @@ import dataclasses
 import pytest
 import torch
 
-from heads import CaptionModel, NLVRModel, VEModel, VQAModel
+from heads import CaptionModel, NLVRModel, VEModel
 from model import PRESETS, ELIPModel, ModelConfig, MomentumStep
 from pruning import METHODS, PruneConfig
 from trainer import build_optimizer, params_fingerprint
+from vqa import VQADecoderModel, VQAModel
 
 META = torch.device("meta")
 B, T, VOCAB = 4, 12, 60
@@ -88,16 +89,27 @@ def test_retrieval_finetuning_stays_on_the_device(preset):
 def test_downstream_heads_stay_on_the_device(preset):
     cfg = dataclasses.replace(shrunk(preset), losses=("itc", "itm"))
     images, ids, mask = meta_inputs()
+    answer_ids = torch.randint(5, VOCAB, (6, 4), device=META)          # 2, 1, 2 and 1 answers
+    answer_mask, counts = torch.ones_like(answer_ids), torch.tensor([2, 1, 2, 1], device=META)
+    answers = (torch.randint(5, VOCAB, (3, 4)), torch.ones(3, 4, dtype=torch.long))   # the list
     cases = [
         (VQAModel(cfg, 7), lambda m: m(images, ids, mask, torch.rand(B, 7, device=META))),
-        (NLVRModel(cfg), lambda m: m(images, images, ids, mask,
-                                     torch.randint(2, (B,), device=META))),
-        (VEModel(cfg), lambda m: m(images, ids, mask, torch.randint(3, (B,), device=META))),
+        (VQADecoderModel(cfg, *answers, distill=True),
+         lambda m: m(images, ids, mask, answer_ids, answer_mask, counts,
+                     torch.rand(6, device=META), alpha=0.4)),
+        (NLVRModel(cfg, distill=True), lambda m: m(images, images, ids, mask,
+                                                   torch.randint(2, (B,), device=META), alpha=0.4)),
+        (VEModel(cfg, distill=True),
+         lambda m: m(images, ids, mask, torch.randint(3, (B,), device=META), alpha=0.4)),
         (CaptionModel(cfg, [cfg.cls_id, 7, 8], sep_id=3), lambda m: m(images, ids, mask)),
     ]
     for model, forward in cases:
         model = on_meta(model)
         train_step(model, lambda: forward(model))
+        if getattr(model, "distill", False):
+            model.momentum_update()
+    decoder = cases[1][0]
+    assert decoder.eval().answer_scores(images, ids, mask).shape == (B, 3)
 
 
 def test_a_host_tensor_in_the_step_is_caught():

@@ -19,11 +19,12 @@ import train_downstream
 import train_pretrain
 import vit
 from config import config_from_dict
-from heads import CaptionModel, VQAModel, load_pretrained
+from heads import CaptionModel, FusionModel, NLVRModel, VEModel, load_pretrained
 from model import ELIPModel, ModelConfig
 from pruning import PruneConfig, token_counts
 from test_train_pretrain import ROOT, SMALL
 from tokenizer import Tokenizer
+from vqa import VQADecoderModel, VQAModel
 
 TASKS = ("retrieval", "vqa", "nlvr", "ve", "caption")
 COLOURS = [(220, 40, 40), (40, 200, 70), (40, 90, 235), (245, 215, 30), (170, 60, 230),
@@ -234,6 +235,85 @@ def test_decoder_initialised_from_the_text_encoder(pretrained, pretrained_blip):
                        ckpt["model"]["text_decoder.encoder.layer.0.crossattention.self.key.weight"])
 
 
+@pytest.mark.parametrize("backbone, head", [("albef", "decoder"), ("blip", "decoder"),
+                                           ("albef", "classifier")])
+def test_both_vqa_heads_fine_tune_and_answer_from_the_list(tmp_path, pretrained, pretrained_blip,
+                                                           backbone, head):
+    ckpt = pretrained if backbone == "albef" else pretrained_blip
+    out = run_task(tmp_path, ckpt, "vqa", "--vqa_head", head, "--vqa_k", "3")
+    steps = [json.loads(l) for l in open(out / "log.jsonl") if "step" in json.loads(l)]
+    assert [r["step"] for r in steps] == [1, 2]
+    # ALBEF's decoder distils from its momentum model; BLIP's decoder and the classifier do not
+    assert ("kd" in steps[0]) == (backbone == "albef" and head == "decoder")
+    rec = json.loads((out / "metrics.json").read_text())
+    test = rec["test"][str(tmp_path / "test.json")]
+    assert 0 <= test["metrics"]["vqa_score"] <= 1
+    fresh = rec["weights"]["initialised"]      # the decoder loads every weight; not so the head
+    assert fresh == [] if head == "decoder" else fresh and all(k.startswith("vqa_head.")
+                                                               for k in fresh)
+    preds = json.loads((out / "predictions.json").read_text())[str(tmp_path / "test.json")]
+    assert [p["question_id"] for p in preds] == [100, 101, 102, 103]
+    assert all(p["answer"] in ("red", "green", "blue", "yellow", "purple", "orange") for p in preds)
+
+
+def test_vqa_decoder_initialised_from_the_fusion_layers(pretrained, pretrained_blip):
+    """ALBEF: decoder layer i is fusion layer i (encoder layer text_layers + i), with the
+    encoder's embeddings and MLM head; the momentum decoder likewise from the momentum encoder;
+    the encoder keeps every layer. BLIP: the pre-trained decoder, all of it."""
+    mc, ckpt = model_config(pretrained, "vqa")
+    state, tok = ckpt["model"], Tokenizer(ckpt["vocab"])
+    model = VQADecoderModel(mc, *tok(["yes", "no"], 8), distill=True)
+    rep = load_pretrained(model, state)
+    assert rep["initialised"] == []
+    ours, T = model.state_dict(), mc.text_layers
+    assert len(model.text_decoder.encoder.layer) == mc.fusion_layers == 2
+    for m in ("", "_m"):
+        for i in range(mc.fusion_layers):
+            for part in ("attention.self.query.weight", "crossattention.self.key.weight",
+                         "output.dense.bias"):
+                assert torch.equal(ours[f"text_decoder{m}.encoder.layer.{i}.{part}"],
+                                   state[f"text_encoder{m}.encoder.layer.{T + i}.{part}"])
+        for part in ("embeddings.word_embeddings.weight", "cls.predictions.transform.dense.weight"):
+            assert torch.equal(ours[f"text_decoder{m}.{part}"], state[f"text_encoder{m}.{part}"])
+    assert all(torch.equal(v, state[k]) for k, v in ours.items()
+               if k.startswith(("text_encoder.", "visual_encoder.", "text_encoder_m.")))
+    mc, ckpt = model_config(pretrained_blip, "vqa")
+    blip = VQADecoderModel(mc, *tok(["yes", "no"], 8))
+    rep = load_pretrained(blip, ckpt["model"])
+    assert rep["initialised"] == [] and len(blip.text_decoder.encoder.layer) == 3
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in blip.state_dict().items())
+
+
+@pytest.mark.parametrize("task", ["ve", "nlvr"])
+def test_distillation_alpha_and_one_momentum_update_per_optimizer_step(tmp_path, pretrained,
+                                                                       monkeypatch, task):
+    """SNLI-VE distils with alpha 0.4 from the first step (ALBEF's warm_up False), NLVR2 ramps
+    it up over the first epoch; the momentum model moves once per optimizer step, here of two
+    micro-batches."""
+    alphas, updates = [], []
+    cls = VEModel if task == "ve" else NLVRModel
+    forward, update = cls.forward, FusionModel.momentum_update
+
+    def recording_forward(self, *args, alpha=0.0):
+        alphas.append(alpha)
+        return forward(self, *args, alpha=alpha)
+
+    def counting_update(self):
+        updates.append(1)
+        update(self)
+
+    monkeypatch.setattr(cls, "forward", recording_forward)
+    monkeypatch.setattr(FusionModel, "momentum_update", counting_update)
+    # steps of 2 x 2 samples: ve has 12 (three steps per epoch), nlvr 8 (two)
+    run_task(tmp_path, pretrained, task, "--batch_size", "2", "--grad_accum", "2")
+    assert len(updates) == 2 and len(alphas) == 4
+    expected = [0.4] * 4 if task == "ve" else [0.0, 0.0, 0.2, 0.2]
+    assert alphas == pytest.approx(expected)
+    (tmp_path / "plain").mkdir()
+    run_task(tmp_path / "plain", pretrained, task, "--distill", "false")
+    assert len(updates) == 2 and len(alphas) == 6
+
+
 def test_blip_checkpoint_with_tied_decoder_and_its_tokens(pretrained_blip_tied):
     """Pre-training added [DEC] and [ENC] to the world's vocabulary and saved the tied decoder
     under its own names; captioning loads every weight and decodes from [DEC]; VQA's image-
@@ -264,9 +344,16 @@ def test_blip_checkpoint_with_tied_decoder_and_its_tokens(pretrained_blip_tied):
     vqa.text_encoder.register_forward_pre_hook(
         lambda mod, args, kwargs: first.append((kwargs["mode"], args[0][:, 0])), with_kwargs=True)
     ids, mask = tok(["what colour is it"], max_len=12)
-    vqa.eval().logits(torch.randn(1, 3, 32, 32), ids, mask)
+    vqa.eval().answer_scores(torch.randn(1, 3, 32, 32), ids, mask)
     assert [(mode, f.tolist()) for mode, f in first] == [("text", [tok.cls_id]),
                                                         ("multimodal", [tok.enc_id])]
+    # the answer decoder: BLIP's pre-trained decoder, every weight, its answers start with [DEC]
+    decoder = VQADecoderModel(mc, *tok(["yes", "no"], 8))
+    assert load_pretrained(decoder, state)["initialised"] == []
+    first.clear()
+    decoder.text_decoder.register_forward_pre_hook(lambda mod, args: first.append(args[0][:, 0]))
+    decoder.eval().answer_scores(torch.randn(1, 3, 32, 32), ids, mask)
+    assert len(first) == 2 and all((f == tok.dec_id).all() for f in first)
 
 
 @pytest.fixture(scope="module")
@@ -522,8 +609,8 @@ def test_from_scratch_is_the_default_pretraining_architecture_untrained(tmp_path
         states["pretrained"], states["scratch"]
     assert new_mc == pre_mc and new_vocab == pre_vocab
     assert {k: v.shape for k, v in new_state.items()} == {k: v.shape for k, v in pre_state.items()}
-    assert new_w["initialised"] == list(new_state) and pre_w["initialised"] == ["vqa_head.0.weight",
-        "vqa_head.0.bias", "vqa_head.2.weight", "vqa_head.2.bias"]
+    # the answer decoder starts from the fusion layers: every weight loads from a checkpoint
+    assert new_w["initialised"] == list(new_state) and pre_w["initialised"] == []
     # the same seed, yet different encoders: one started from the checkpoint
     key = "visual_encoder.patch_embed.proj.weight"
     assert not torch.equal(new_state[key], pre_state[key])

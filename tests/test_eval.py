@@ -121,7 +121,7 @@ def test_classifier_accuracy_and_predictions():
 
 
 class Answerer(nn.Module):
-    def logits(self, images, ids, mask):
+    def answer_scores(self, images, ids, mask):
         return F.one_hot(ids[:, 0], 4).float()                               # (B, 4)
 
 

@@ -1,0 +1,154 @@
+"""
+VQA on the pre-trained encoders, two ways.
+
+VQAModel classifies the fusion [CLS] over the answer list (BUTD-style), with binary
+cross-entropy on the VQA soft scores: small, and quick to train on a CPU.
+
+VQADecoderModel is ALBEF's and BLIP's answer decoder. The question is encoded with the image (the
+fusion states, (B, T, D)); a causal BERT decoder reads them through cross-attention in every layer
+and learns to generate each distinct answer, [bos] answer [SEP], the [SEP] ending it; the loss is
+sum_i w_i * seq_loss_i / B over the batch's answers, w_i the answer's weight (ALBEF: the share of
+the annotators who gave it; official ELIP-ALBEF code, ALBEF/models/model_vqa.py:116-117). The
+flavour follows the pre-trained backbone:
+- ALBEF (the text encoder has fusion layers): as many decoder layers as fusion layers (6),
+  initialised from them (encoder layers 6-11 -> decoder layers 0-5), with the encoder's
+  embeddings and its MLM head as LM head (ALBEF/VQA.py:160-182); bos [CLS]; momentum
+  distillation, per answer token (1 - alpha) CE + alpha CE against the momentum decoder's softmax
+  (ALBEF/models/xbert.py:1298-1302).
+- BLIP (cross-attention in every layer, fusion_layers 0): the pre-trained text decoder, all its
+  layers; with cfg.blip_tokens, bos [DEC] and the question read by the multimodal encoder with
+  [ENC] in place of [CLS] (else [CLS] both); the LM loss with label smoothing 0.1
+  (BLIP/models/med.py:914). BLIP fine-tunes without distillation.
+answer_scores ranks the answer list as the official code does: the k_test answers whose first
+token is likeliest after bos, then each by its whole sequence, ALBEF's score log p(first) -
+seq_loss (the first token counted twice, as ALBEF/models/model_vqa.py:149-206 has it), BLIP's
+-seq_loss with its label smoothing (BLIP/models/blip_vqa.py:120-167); the argmax is the answer.
+"""
+import torch
+import torch.nn.functional as F
+
+from heads import FusionModel, mlp_head
+from model import with_first_token
+from text_encoder import BertConfig, TextEncoder
+
+
+class VQAModel(FusionModel):
+    """VQA as classification over the answer list (BUTD-style), trained with binary cross-entropy
+    on the VQA soft scores; it never answers outside the list, nor learns from answers outside
+    it."""
+    NEW_PARAMS = ("vqa_head.",)
+
+    def __init__(self, cfg, num_answers):
+        super().__init__(cfg)
+        self.vqa_head = mlp_head(cfg.text_width, 2 * cfg.text_width, num_answers)
+
+    def answer_scores(self, images, input_ids, attention_mask):
+        """(B, A): the logit of each answer of the list."""
+        return self.vqa_head(self.fused_cls(images, input_ids, attention_mask))
+
+    def forward(self, images, input_ids, attention_mask, targets):
+        """targets (B, A): the soft score of each answer in the list."""
+        logits = self.answer_scores(images, input_ids, attention_mask)
+        # summed over answers (mean over the batch), as BUTD: a mean over A answers would shrink
+        # the gradient of the few answers that matter by the size of the list
+        vqa = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(targets)
+        return {"vqa": vqa, "loss": vqa}
+
+
+def answer_decoder(cfg, num_layers):
+    """A causal BERT with an LM head whose every layer cross-attends to the question's fusion
+    states (width text_width)."""
+    return TextEncoder(BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, num_layers=num_layers,
+        num_heads=cfg.text_heads, intermediate_size=cfg.text_mlp,
+        max_position=max(512, cfg.max_len), type_vocab_size=2 if cfg.token_types else 0,
+        dropout=cfg.text_dropout, fusion_layer=0, encoder_width=cfg.text_width, lm_head=True,
+        initializer_range=cfg.init_std))
+
+
+class VQADecoderModel(FusionModel):
+    """The answer decoder over the fusion states (see the module's docstring). answer_ids,
+    answer_mask (A, L): the tokenized answer list ([CLS] answer [SEP] [PAD]...), ranked by
+    answer_scores, whose [CLS] becomes the bos; k_test answers are re-scored by their whole
+    sequence."""
+    NEW_PARAMS = ()     # everything loads from pre-training
+
+    def __init__(self, cfg, answer_ids, answer_mask, k_test=128, distill=False, momentum=0.995):
+        super().__init__(cfg, distill, momentum)
+        self.albef = cfg.fusion_layers > 0
+        layers = cfg.fusion_layers if self.albef else cfg.text_layers
+        self.text_decoder = answer_decoder(cfg, layers)
+        # ALBEF: decoder layer i loads from encoder layer text_layers + i (load_pretrained)
+        self.decoder_from_layer = cfg.text_layers if self.albef else 0
+        self.label_smoothing = 0.0 if self.albef else cfg.label_smoothing
+        self.bos_id = cfg.dec_id if cfg.blip_tokens else cfg.cls_id
+        self.k_test = k_test
+        # the answer list, [bos] answer [SEP] [PAD]... (A, L): part of the model, not a parameter
+        self.register_buffer("answer_ids", self.with_bos(answer_ids), persistent=False)
+        self.register_buffer("answer_mask", answer_mask, persistent=False)
+        if distill:
+            self.add_momentum("text_decoder")
+
+    def with_bos(self, ids):
+        return with_first_token(ids, self.bos_id)
+
+    def decode(self, ids, mask, states, states_mask, momentum=False):
+        """(N, L) answer prefixes reading their question's states (N, T, D) -> (N, L, V): the
+        logits of the token after each position."""
+        decoder = self.text_decoder_m if momentum else self.text_decoder
+        hidden = decoder(ids, mask, states, states_mask, mode="multimodal", causal=True)
+        return decoder.lm_logits(hidden)
+
+    def answer_nll(self, logits, ids, mask):
+        """(N,): each answer's summed cross-entropy over its tokens after bos, [SEP] included,
+        [PAD] not; logits (N, L-1, V) predict ids[:, 1:]."""
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)                   # (N, L-1)
+        return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                               reduction="none", label_smoothing=self.label_smoothing).sum(1)
+
+    def forward(self, images, input_ids, attention_mask, answer_ids, answer_mask, counts,
+                weights, alpha=0.0):
+        """B questions (input_ids, attention_mask (B, T)), question b with counts[b] distinct
+        answers: answer_ids, answer_mask (N, L), weights (N,), N = counts.sum(). Returns "vqa"
+        (the weighted answer cross-entropy), "kd" (with distill, its distillation term) and
+        "loss" = sum_i w_i ((1 - alpha) CE_i + alpha KD_i) / B."""
+        B, N = images.shape[0], answer_ids.shape[0]
+        ids = self.with_bos(answer_ids)
+        # each question's states once per answer; N given, so no device-to-host sync for it
+        states = self.fused_states(images, input_ids, attention_mask)
+        states = states.repeat_interleave(counts, dim=0, output_size=N)             # (N, T, D)
+        states_mask = attention_mask.repeat_interleave(counts, dim=0, output_size=N)  # (N, T)
+        logits = self.decode(ids, answer_mask, states, states_mask)[:, :-1]         # (N, L-1, V)
+        nll = self.answer_nll(logits, ids, answer_mask)                             # (N,)
+        out = {"vqa": (weights * nll).sum() / B}
+        if not self.distill:
+            out["loss"] = out["vqa"]
+            return out
+        with torch.no_grad():
+            states_m = self.fused_states(images, input_ids, attention_mask, momentum=True)
+            states_m = states_m.repeat_interleave(counts, dim=0, output_size=N)     # (N, T, D)
+            soft = self.decode(ids, answer_mask, states_m, states_mask,
+                               momentum=True)[:, :-1].softmax(-1)                  # (N, L-1, V)
+        kd = -(logits.log_softmax(-1) * soft).sum(-1)                               # (N, L-1)
+        kd = (kd * answer_mask[:, 1:]).sum(1)                                       # (N,)
+        out["kd"] = (weights * kd).sum() / B
+        out["loss"] = (weights * ((1 - alpha) * nll + alpha * kd)).sum() / B
+        return out
+
+    @torch.no_grad()
+    def answer_scores(self, images, input_ids, attention_mask):
+        """(B, A): the official ranking's score of every answer of the list for B questions;
+        answers outside the top k_test by first-token probability score -inf."""
+        states = self.fused_states(images, input_ids, attention_mask)               # (B, T, D)
+        B, A = states.shape[0], self.answer_ids.shape[0]
+        k = min(self.k_test, A)
+        bos = self.answer_ids[:1, :1].expand(B, 1)                                  # (B, 1)
+        first = self.decode(bos, None, states, attention_mask)[:, 0].softmax(-1)    # (B, V)
+        top_p, top = first[:, self.answer_ids[:, 1]].topk(k, dim=1)                 # (B, k)
+        ids, mask = self.answer_ids[top.flatten()], self.answer_mask[top.flatten()]  # (B*k, L)
+        logits = self.decode(ids, mask, states.repeat_interleave(k, dim=0),
+                             attention_mask.repeat_interleave(k, dim=0))[:, :-1]
+        score = -self.answer_nll(logits, ids, mask).view(B, k)                      # (B, k)
+        if self.albef:
+            score = score + top_p.log()
+        return torch.full((B, A), float("-inf"), device=score.device).scatter(1, top, score)
