@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import re
+import sys
 from array import array
 from collections import Counter
 from collections.abc import Sequence
@@ -260,9 +261,12 @@ class JSONDataset(Dataset):
     source: a JSON path, a list of paths (concatenated), or a list of entries ("<entries>")."""
 
     swap_words = True   # a mirrored image's texts swap left and right
+    blank_unreadable = False    # evaluation (for_evaluation): an unreadable image is scored as
+                                # a black one and named in self.unreadable, instead of raising
 
     def __init__(self, source, image_root, transform, flip, check_images):
         self.image_root, self.transform, self.flip = image_root, transform, flip
+        self.unreadable = []
         # entries packed (PackedList), and each file's name with the index of its first entry,
         # so that a corpus of millions of entries costs no Python object per entry
         self.items, self.files = PackedList(), []
@@ -319,7 +323,11 @@ class JSONDataset(Dataset):
             try:
                 image = load_image(path, self.image_root)
             except (OSError, ValueError) as e:
-                raise type(e)(f"{self.origin(i)}: {e}") from e
+                if not self.blank_unreadable:
+                    raise type(e)(f"{self.origin(i)}: {e}") from e
+                self.unreadable.append(f"{self.origin(i)}: {e}")
+                print(f"warning: {self.unreadable[-1]}; scored as a black image", file=sys.stderr)
+                image = Image.new("RGB", (world.WORLD_RES, world.WORLD_RES))
             image = ImageOps.mirror(image) if flip else image
             images.append(self.transform(image) if self.transform else image)
         return images, [swap_left_right(t) if flip and self.swap_words else t for t in texts]
@@ -327,6 +335,16 @@ class JSONDataset(Dataset):
     def random_choice(self, texts):
         # torch's generator, which DataLoader seeds in every worker, so runs are reproducible
         return texts[int(torch.randint(len(texts), ()))]
+
+
+def for_evaluation(dataset: JSONDataset) -> JSONDataset:
+    """The dataset, set to score an unreadable image as a black one (named on stderr and in
+    dataset.unreadable) instead of raising: a test set cannot skip a sample the way training
+    does without changing what is measured, and a run that trained for days must still end with
+    its metrics (the callers report how many images were blank). Evaluation loads in the main
+    process, so dataset.unreadable sees every one."""
+    dataset.blank_unreadable = True
+    return dataset
 
 
 class PretrainDataset(JSONDataset):

@@ -47,7 +47,13 @@ def vqa_collate(batch, tokenizer, max_len, answer_index):
 
 
 def task_dataset(cfg, entries, root, transform, train, answers, max_words):
-    """One dataset of the task; `answers` is VQA's answer list (None: every answer seen)."""
+    """One dataset of the task; `answers` is VQA's answer list (None: every answer seen). A test
+    set scores an unreadable image as a black one (data.for_evaluation)."""
+    dataset = train_or_test_dataset(cfg, entries, root, transform, train, answers, max_words)
+    return dataset if train else data.for_evaluation(dataset)
+
+
+def train_or_test_dataset(cfg, entries, root, transform, train, answers, max_words):
     task, kw = cfg.task, dict(max_words=max_words)
     if task == "retrieval":
         return (data.RetrievalTrainDataset(entries, root, transform, **kw) if train

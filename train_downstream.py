@@ -55,7 +55,7 @@ from model import ModelConfig, MomentumStep
 from tasks import (build_data, build_model, downstream_model_config, evaluate_task,
                    scratch_model_config)
 from tokenizer import Tokenizer
-from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, load_checkpoint, log_json,
+from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, gather_objects, load_checkpoint, log_json,
                      resume_config, seed_everything, setup_distributed)
 
 
@@ -270,8 +270,14 @@ def main(argv=None):
         t0 = time.time()
         scores, baseline, kind, preds = evaluate_task(cfg, model, train_set, test_set,
                                                       test_collate, tok, device, log)
+        # every rank read its share of the images: the ones scored black, from all ranks
+        blank = [m for ms in gather_objects(test_set.unreadable, world_size) for m in ms]
         files[name] = {"metrics": scores, "baseline": baseline, "baseline_kind": kind,
-                       "test_samples": len(test_set), "eval_seconds": time.time() - t0}
+                       "test_samples": len(test_set), "eval_seconds": time.time() - t0,
+                       "unreadable_images": blank}
+        if blank:
+            log(f"warning: {len(blank)} images of {name} could not be read and were scored as "
+                f"black images: {'; '.join(blank[:5])}" + (" ..." if len(blank) > 5 else ""))
         if preds is not None:
             predictions[name] = preds
         log(f"{cfg.task} {name}: {json.dumps({k: v for k, v in scores.items() if k != 'itc'})}"

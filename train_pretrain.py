@@ -195,10 +195,10 @@ def main(argv=None):
     # zero-shot retrieval on the embedded world's held-out split (only for the default data);
     # under DDP every rank embeds and re-ranks its share (eval.py), rank 0 reports
     if not cfg.train_files and cfg.world_test > 0:
-        test_set = data.RetrievalEvalDataset(
+        test_set = data.for_evaluation(data.RetrievalEvalDataset(
             world.world_entries("retrieval", "test", cfg.world_test, cfg.world_seed,
                                 cfg.world_variant), None,
-            data.create_transform(mc.img_size, train=False))
+            data.create_transform(mc.img_size, train=False)))
         scores = evaluation.evaluate_retrieval(model, test_set, tok, device, k=cfg.eval_k,
                                                max_len=mc.max_len)
         if master:

@@ -587,6 +587,25 @@ def test_evaluate_gives_the_metrics_of_the_fine_tuning_run(tmp_path, pretrained,
         train_downstream.main(flags[:2] + flags[4:])
 
 
+@pytest.mark.parametrize("task", ["retrieval", "vqa", "nlvr"])
+def test_an_unreadable_test_image_is_scored_black_and_named(tmp_path, pretrained, task, capsys):
+    """Evaluation cannot skip a test sample: a corrupt image is read as a black one, named in
+    the log and in metrics.json, and the run ends with its metrics."""
+    flags = write_task(tmp_path, task)
+    (tmp_path / "images" / "im1.png").write_bytes(b"not a png")
+    test = flags[flags.index("--test_file") + 1]
+    out = tmp_path / "eval"
+    train_downstream.main(["--task", task, "--evaluate", "true", "--pretrained", pretrained,
+                           *flags[flags.index("--test_file"):], "--out_dir", str(out),
+                           "--eval_k", "3", "--eval_batch_size", "3"])
+    rec = json.loads((out / "metrics.json").read_text())["test"][test]
+    uses = sum("im1.png" in json.dumps(e) for e in json.loads(open(test).read()))
+    assert len(rec["unreadable_images"]) == uses > 0        # once per test entry that reads it
+    assert all("im1.png" in m and "entry" in m for m in rec["unreadable_images"])
+    assert "im1.png" in capsys.readouterr().err
+    assert rec["metrics"]
+
+
 def test_from_scratch_is_the_default_pretraining_architecture_untrained(tmp_path):
     """--pretrained none: the model train_pretrain.py builds by default (the tiny preset, the
     world's vocabulary), fine-tuned the same way from random weights."""
