@@ -7,17 +7,22 @@ exists is not run again, so a command that stopped continues where it was.
                                        # checkpoint and from scratch, 3 seeds each
     python experiments.py guidance     # text guidance's test on the clutter world: elip (lam 0.8,
                                        # 0.6, 1.0), evit, random, none; 3 seeds each
+    python experiments.py speed --base REV   # the default run of this code and of an older
+                                       # revision (git), side by side: time and R mean
     python experiments.py transfer --help                # every flag
 
 Figures are printed as the mean and the sample standard deviation over the seeds (mean ± sd),
 and written with each seed's value to out_dir/summary.json.
 """
+import io
 import json
 import os
+import resource
 import shlex
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -312,6 +317,77 @@ def guidance_main(argv):
         write_summary(cfg.out_dir, *summarise_guidance(cfg, runs))
 
 
+# ---- speed: the default run of two code revisions, side by side -----------------------------
+@dataclass
+class SpeedConfig:
+    preset: str = "full"
+    base: str = ""                   # the older revision (a git commit, tag or branch of this
+                                     # repository), run beside the working tree
+    reps: int = 1                    # runs of each; the order alternates (base first on even reps)
+    max_steps: int = 0               # per run; 0: the whole default run
+    threads: int = 0                 # --threads of every run (0: torch's default)
+    out_dir: str = "out/speed"
+
+
+SPEED_PRESETS = {"full": {}, "quick": dict(max_steps=3)}     # quick: checks the harness
+
+
+def revision_tree(rev, out_dir):
+    """The files of revision `rev` of this repository, extracted once to out_dir/tree-<rev>."""
+    tree = os.path.join(out_dir, f"tree-{rev}")
+    if not os.path.isdir(tree):
+        proc = subprocess.run(["git", "-C", ROOT, "archive", rev], capture_output=True)
+        if proc.returncode:
+            raise SystemExit(f"error: --base {rev}: git archive failed: "
+                             f"{proc.stderr.decode().strip()}")
+        with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+            tar.extractall(tree, filter="data")
+    return tree
+
+
+def timed_run(tree, out, cfg):
+    """Run train_pretrain.py of `tree` into `out`: (wall seconds, CPU seconds of the process and
+    its workers, the zero-shot record of its log)."""
+    cmd = [sys.executable, "train_pretrain.py", "--out_dir", os.path.abspath(out)]
+    cmd += ["--max_steps", str(cfg.max_steps)] if cfg.max_steps else []
+    cmd += ["--threads", str(cfg.threads)] if cfg.threads else []
+    log("$ (cd " + tree + " && " + shlex.join(["python", *cmd[1:]]) + ")")
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+    proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
+    wall, after = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise SystemExit(f"error: the run in {tree} failed:\n{proc.stderr[-2000:]}")
+    with open(os.path.join(out, "log.jsonl")) as f:
+        zero_shot = [r for r in map(json.loads, f) if "zero_shot_retrieval" in r][-1]
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return wall, cpu, zero_shot
+
+
+def speed_main(argv):
+    cfg, _ = parse_config(SpeedConfig(), argv, SPEED_PRESETS, doc=SPEED_DOC)
+    if not cfg.base or cfg.reps < 1:
+        raise SystemExit("error: give --base (a git revision of this repository) and reps >= 1")
+    trees = {"base": revision_tree(cfg.base, cfg.out_dir), "this": ROOT}
+    results = {name: [] for name in trees}
+    for rep in range(cfg.reps):
+        for name in (list(trees) if rep % 2 == 0 else list(trees)[::-1]):
+            wall, cpu, z = timed_run(trees[name], os.path.join(cfg.out_dir, f"{name}{rep}"), cfg)
+            r_mean = z["zero_shot_retrieval"]["r_mean"]
+            results[name].append({"wall": wall, "cpu": cpu, "r_mean": r_mean,
+                                  "chance": z["chance"]["r_mean"]})
+            log(f"  {name}: {wall:.0f} s wall, {cpu:.0f} s CPU, R mean {r_mean:.2f}")
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+           for name, rs in results.items()}
+    ratio = med["this"]["wall"] / med["base"]["wall"]
+    table = "\n".join(
+        [f"default run, {cfg.reps} rep(s) each, medians: base = {cfg.base}, this = the working tree"]
+        + [f"{name:>5}: {m['wall']:.0f} s wall, {m['cpu']:.0f} s CPU, R mean {m['r_mean']:.2f} "
+           f"({m['r_mean'] / m['chance']:.1f}x chance)" for name, m in med.items()]
+        + [f"wall-clock ratio this / base: {ratio:.3f} ({1 - ratio:.0%} shorter)"])
+    write_summary(cfg.out_dir, {"config": asdict(cfg), "runs": results, "median": med,
+                                "wall_ratio": ratio}, table)
+
+
 TRANSFER_DOC = """python experiments.py transfer [--flag value ...]
 
 Each task of the embedded world fine-tuned (train_downstream.py with the task's preset) from the
@@ -324,10 +400,17 @@ pre-trained (train_pretrain.py --world_variant clutter) with each method at the 
 token budget, elip once per lam, and without pruning, once per seed; zero-shot retrieval on the
 clutter test split and, with analysis.py keep, the fractions of the named objects' patches that
 each trained model's pruning keeps. Prints mean ± sd, writes out_dir/summary.json."""
-COMMANDS = {"transfer": transfer_main, "guidance": guidance_main}
-USAGE = """usage: python experiments.py {transfer,guidance} [--flag value ...]
+SPEED_DOC = """python experiments.py speed --base REV [--flag value ...]
+
+The default run (python train_pretrain.py) of the working tree and of an older revision of this
+repository (extracted with git archive), one after the other on the same machine, alternating
+their order over --reps: wall-clock and CPU time, zero-shot R mean. Run it on an idle machine.
+Writes out_dir/summary.json."""
+COMMANDS = {"transfer": transfer_main, "guidance": guidance_main, "speed": speed_main}
+USAGE = """usage: python experiments.py {transfer,guidance,speed} [--flag value ...]
   transfer   every world task fine-tuned from the pre-training checkpoint and from scratch
   guidance   text guidance's test on the clutter world (elip, evit, random, none; lam)
+  speed      the default run of this code beside an older revision's (--base REV)
 python experiments.py COMMAND --help lists the command's flags"""
 
 

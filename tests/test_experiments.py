@@ -98,3 +98,27 @@ def test_guidance_end_to_end_and_rerun_skips_what_is_done(tmp_path):
     assert "random" in proc.stdout and "± " in proc.stdout
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done already") == 2
+
+
+def test_speed_alternates_the_order_and_reports_the_ratio(tmp_path, monkeypatch):
+    """The side-by-side harness: a revision's files come out of git as they were committed; the
+    runs alternate base / this; the summary holds the medians and their ratio."""
+    if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    tree = experiments.revision_tree("HEAD", str(tmp_path))
+    committed = subprocess.run(["git", "-C", ROOT, "show", "HEAD:pruning.py"],
+                               capture_output=True, text=True).stdout
+    assert open(os.path.join(tree, "pruning.py")).read() == committed
+    order = []
+
+    def fake_run(tree_dir, out, cfg):
+        order.append("this" if tree_dir == experiments.ROOT else "base")
+        wall = 60.0 if order[-1] == "this" else 100.0
+        return wall, 2 * wall, {"zero_shot_retrieval": {"r_mean": 20.0}, "chance": {"r_mean": 2.0}}
+
+    monkeypatch.setattr(experiments, "timed_run", fake_run)
+    experiments.main(["speed", "--base", "HEAD", "--reps", "3", "--out_dir", str(tmp_path)])
+    assert order == ["base", "this", "this", "base", "base", "this"]
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["wall_ratio"] == pytest.approx(0.6)
+    assert summary["median"]["base"]["cpu"] == 200.0
