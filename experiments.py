@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -333,15 +334,22 @@ SPEED_PRESETS = {"full": {}, "quick": dict(max_steps=3)}     # quick: checks the
 
 
 def revision_tree(rev, out_dir):
-    """The files of revision `rev` of this repository, extracted once to out_dir/tree-<rev>."""
-    tree = os.path.join(out_dir, f"tree-{rev}")
+    """The files of revision `rev` of this repository (resolved to its commit), extracted once to
+    out_dir/tree-<commit>: into a temporary folder first, so an interrupted extraction is redone."""
+    proc = subprocess.run(["git", "-C", ROOT, "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"error: --base {rev} is not a revision of this repository: "
+                         f"{proc.stderr.strip()}")
+    tree = os.path.join(out_dir, f"tree-{proc.stdout.strip()[:12]}")
     if not os.path.isdir(tree):
-        proc = subprocess.run(["git", "-C", ROOT, "archive", rev], capture_output=True)
-        if proc.returncode:
-            raise SystemExit(f"error: --base {rev}: git archive failed: "
-                             f"{proc.stderr.decode().strip()}")
-        with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
-            tar.extractall(tree, filter="data")
+        archive = subprocess.run(["git", "-C", ROOT, "archive", proc.stdout.strip()],
+                                 capture_output=True, check=True).stdout
+        partial_tree = tree + ".partial"
+        shutil.rmtree(partial_tree, ignore_errors=True)
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(partial_tree, filter="data")
+        os.replace(partial_tree, tree)
     return tree
 
 
@@ -358,9 +366,11 @@ def timed_run(tree, out, cfg):
     if proc.returncode:
         raise SystemExit(f"error: the run in {tree} failed:\n{proc.stderr[-2000:]}")
     with open(os.path.join(out, "log.jsonl")) as f:
-        zero_shot = [r for r in map(json.loads, f) if "zero_shot_retrieval" in r][-1]
+        zero_shot = [r for r in map(json.loads, f) if "zero_shot_retrieval" in r]
+    if not zero_shot:
+        raise SystemExit(f"error: the run in {tree} logged no zero-shot retrieval ({out})")
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return wall, cpu, zero_shot
+    return wall, cpu, zero_shot[-1]
 
 
 def speed_main(argv):
@@ -383,7 +393,8 @@ def speed_main(argv):
         [f"default run, {cfg.reps} rep(s) each, medians: base = {cfg.base}, this = the working tree"]
         + [f"{name:>5}: {m['wall']:.0f} s wall, {m['cpu']:.0f} s CPU, R mean {m['r_mean']:.2f} "
            f"({m['r_mean'] / m['chance']:.1f}x chance)" for name, m in med.items()]
-        + [f"wall-clock ratio this / base: {ratio:.3f} ({1 - ratio:.0%} shorter)"])
+        + [f"wall-clock ratio this / base: {ratio:.3f} ({abs(1 - ratio):.0%} "
+           f"{'shorter' if ratio <= 1 else 'longer'})"])
     write_summary(cfg.out_dir, {"config": asdict(cfg), "runs": results, "median": med,
                                 "wall_ratio": ratio}, table)
 

@@ -313,12 +313,12 @@ def load_pretrained(model, state):
         if key in state:
             return key
         module, _, rest = key.partition(".")
+        online = source(module[:-2] + "." + rest) if module.endswith("_m") else None
         if module in ("text_decoder", "text_decoder_m") and not has_decoder:
-            rest = re.sub(r"^encoder\.layer\.(\d+)\.",
-                          lambda m: f"encoder.layer.{int(m[1]) + offset}.", rest)
-            alt = module.replace("decoder", "encoder") + "." + rest
-            return alt if alt in state else None
-        return source(module[:-2] + "." + rest) if module.endswith("_m") else None
+            alt = module.replace("decoder", "encoder") + "." + re.sub(
+                r"^encoder\.layer\.(\d+)\.", lambda m: f"encoder.layer.{int(m[1]) + offset}.", rest)
+            return alt if alt in state else online
+        return online
 
     sources = {k: source(k) for k in ours}
     initialised = [k for k, s in sources.items() if s is None]

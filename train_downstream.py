@@ -55,8 +55,9 @@ from model import ModelConfig, MomentumStep
 from tasks import (build_data, build_model, downstream_model_config, evaluate_task,
                    scratch_model_config)
 from tokenizer import Tokenizer
-from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, gather_objects, load_checkpoint, log_json,
-                     resume_config, seed_everything, setup_distributed)
+from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, gather_objects,
+                     load_checkpoint, log_json, resume_config, seed_everything,
+                     setup_distributed)
 
 
 @dataclass
@@ -163,11 +164,12 @@ SAFE_ON_RESUME = ("test_file", "eval_k", "eval_batch_size", "beam", "max_length"
 
 def load_source(cfg):
     """The checkpoint given as --pretrained: (model config, tokenizer, state dict, VQA answer list
-    or None, whether it is a fine-tuned checkpoint of this script); for --pretrained none, the
-    default pre-training's architecture and vocabulary and no state dict."""
+    or None, the config of the run that wrote it if it is a fine-tuned checkpoint of this script,
+    else None); for --pretrained none, the default pre-training's architecture and vocabulary and
+    no state dict."""
     if cfg.pretrained == "none" and not cfg.evaluate:
         mc, tok = scratch_model_config()
-        return downstream_model_config(mc, cfg), tok, None, None, False
+        return downstream_model_config(mc, cfg), tok, None, None, None
     if not os.path.isfile(cfg.pretrained):
         raise SystemExit(f"error: --pretrained {cfg.pretrained} does not exist (make one with "
                          f"python train_pretrain.py)")
@@ -179,11 +181,12 @@ def load_source(cfg):
                              f"--evaluate true, or continue it with --resume")
         mc = config_from_dict(ModelConfig, source["model_config"])
         mc = dataclasses.replace(mc, img_size=cfg.img_size or mc.img_size)
-        return mc, Tokenizer(source["vocab"]), source["model"], source["answer_list"] or None, True
+        return (mc, Tokenizer(source["vocab"]), source["model"], source["answer_list"] or None,
+                source["config"])
     if not {"model", "config", "vocab"} <= source.keys():
         raise SystemExit(f"error: {cfg.pretrained} is not a checkpoint of train_pretrain.py")
     mc = downstream_model_config(config_from_dict(ModelConfig, source["config"]["model"]), cfg)
-    return mc, Tokenizer(source["vocab"]), source["model"], None, False
+    return mc, Tokenizer(source["vocab"]), source["model"], None, None
 
 
 def main(argv=None):
@@ -204,7 +207,13 @@ def main(argv=None):
     if ckpt is not None:
         mc, tok = config_from_dict(ModelConfig, ckpt["model_config"]), Tokenizer(ckpt["vocab"])
     else:
-        mc, tok, state, answers, fine_tuned = load_source(cfg)
+        mc, tok, state, answers, tuned = load_source(cfg)
+        fine_tuned = tuned is not None
+        if fine_tuned:
+            # the heads as the run that wrote the checkpoint built them (checkpoints older than
+            # the answer decoder hold a VQA classifier and no distillation)
+            cfg = dataclasses.replace(cfg, vqa_head=tuned.get("vqa_head", "classifier"),
+                                      distill=tuned.get("distill", False))
 
     # data: every entry is checked when the dataset is built, before any training step
     try:
@@ -227,8 +236,10 @@ def main(argv=None):
             weights = load_pretrained(model, state)
         except ValueError as e:
             raise SystemExit(f"error: {cfg.pretrained}: {e}")
-        if fine_tuned and weights["initialised"]:
-            raise SystemExit(f"error: {cfg.pretrained} lacks {weights['initialised'][:8]}")
+        if fine_tuned and (weights["initialised"] or weights["unused"]):
+            raise SystemExit(f"error: {cfg.pretrained} does not match the model it should hold: "
+                             f"lacks {weights['initialised'][:8]}, has unused "
+                             f"{weights['unused'][:8]}")
         del state
         log(f"loaded {len(weights['loaded'])} tensors from {cfg.pretrained}; newly initialised: "
             f"{weights['initialised']}; position embeddings interpolated to {mc.img_size} px: "
@@ -276,8 +287,9 @@ def main(argv=None):
                        "test_samples": len(test_set), "eval_seconds": time.time() - t0,
                        "unreadable_images": blank}
         if blank:
-            log(f"warning: {len(blank)} images of {name} could not be read and were scored as "
-                f"black images: {'; '.join(blank[:5])}" + (" ..." if len(blank) > 5 else ""))
+            log(f"warning: {len(blank)} samples of {name} read an image that could not be read "
+                f"and was scored as a black one: {'; '.join(blank[:5])}"
+                + (" ..." if len(blank) > 5 else ""))
         if preds is not None:
             predictions[name] = preds
         log(f"{cfg.task} {name}: {json.dumps({k: v for k, v in scores.items() if k != 'itc'})}"

@@ -316,7 +316,8 @@ class SkipUnreadable(Dataset):
         # depend on num_workers and a resumed run draws what the uninterrupted one would
         sample_seed = int(np.random.SeedSequence([*self.seed, i]).generate_state(1, np.uint64)[0])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            torch.default_generator.manual_seed(sample_seed)    # the CPU's alone: a GPU's
+                                                                # stream is the training's
             skipped = []
             for j in range(i, i + self.max_tries):
                 j %= len(self.dataset)
@@ -368,6 +369,8 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
                              f"per-rank random streams would not continue; resume with "
                              f"{ckpt['world_size']} processes")
         optimizer.load_state_dict(ckpt["optimizer"])
+        for g in optimizer.param_groups:     # a checkpoint of the unfused AdamW would unfuse it
+            g["fused"] = optimizer.defaults["fused"]
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
         skipped = dict(ckpt.get("skipped_images", []))
@@ -442,7 +445,7 @@ def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=
         order = list(sampler)[in_epoch * per_step:]
         # the loader's own draws (worker base seeds) leave the training stream alone
         generator = torch.Generator().manual_seed((run.seed + rank) * 100_003 + epoch)
-        samples = SkipUnreadable(train_set, skip_limit + 1, seed=(run.seed, rank, epoch))
+        samples = SkipUnreadable(train_set, skip_limit + 1, seed=(run.seed % 2**32, rank, epoch))
         loader = DataLoader(Subset(samples, order),
                             batch_size=run.batch_size, num_workers=run.num_workers,
                             collate_fn=partial(collate_skipping, collate=collate),

@@ -23,6 +23,9 @@ answer_scores ranks the answer list as the official code does: the k_test answer
 token is likeliest after bos, then each by its whole sequence, ALBEF's score log p(first) -
 seq_loss (the first token counted twice, as ALBEF/models/model_vqa.py:149-206 has it), BLIP's
 -seq_loss with its label smoothing (BLIP/models/blip_vqa.py:120-167); the argmax is the answer.
+One difference: ALBEF appends its eos, the text "[SEP]", to every answer before the tokenizer
+adds its own, so its answers end in two [SEP] tokens and ours in one; its scores carry the second
+[SEP]'s log-likelihood as well, near zero once the decoder has learnt to end an answer.
 """
 import torch
 import torch.nn.functional as F
@@ -151,4 +154,4 @@ class VQADecoderModel(FusionModel):
         score = -self.answer_nll(logits, ids, mask).view(B, k)                      # (B, k)
         if self.albef:
             score = score + top_p.log()
-        return torch.full((B, A), float("-inf"), device=score.device).scatter(1, top, score)
+        return score.new_full((B, A), float("-inf")).scatter(1, top, score)

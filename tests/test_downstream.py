@@ -587,6 +587,20 @@ def test_evaluate_gives_the_metrics_of_the_fine_tuning_run(tmp_path, pretrained,
         train_downstream.main(flags[:2] + flags[4:])
 
 
+def test_evaluate_builds_the_heads_the_checkpoint_holds(tmp_path, pretrained):
+    """A VQA classifier fine-tuned without distillation, evaluated with the default flags (the
+    answer decoder, distillation on): the checkpoint's heads are rebuilt, the metrics equal."""
+    out = run_task(tmp_path, pretrained, "vqa", "--vqa_head", "classifier", "--distill", "false")
+    test = str(tmp_path / "test.json")
+    trained = json.loads((out / "metrics.json").read_text())["test"][test]["metrics"]
+    train_downstream.main(["--task", "vqa", "--evaluate", "true", "--pretrained",
+                           str(out / "checkpoint.pt"), "--test_file", test, "--image_root",
+                           str(tmp_path / "images"), "--out_dir", str(tmp_path / "eval"),
+                           "--eval_batch_size", "3"])
+    rec = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert rec["config"]["vqa_head"] == "classifier" and rec["test"][test]["metrics"] == trained
+
+
 @pytest.mark.parametrize("task", ["retrieval", "vqa", "nlvr"])
 def test_an_unreadable_test_image_is_scored_black_and_named(tmp_path, pretrained, task, capsys):
     """Evaluation cannot skip a test sample: a corrupt image is read as a black one, named in
