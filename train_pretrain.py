@@ -81,7 +81,7 @@ class TrainConfig:
 
 
 TRAIN_PRESETS = {
-    "tiny": dict(num_workers=1),     # the world drawn in a worker while the model trains
+    "tiny": dict(),
     # ELIP's pre-training as its official code runs it, on 4 GPUs: ALBEF/configs/Pretrain.yaml
     # with ALBEF/Pretrain.py, BLIP/configs/pretrain.yaml with BLIP/pretrain.py (in full fp32)
     "albef": dict(crop_scale=(0.2, 1.0), randaug_n=2, randaug_m=7, swap_left_right=False,
