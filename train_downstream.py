@@ -55,9 +55,8 @@ from model import ModelConfig, MomentumStep
 from tasks import (build_data, build_model, downstream_model_config, evaluate_task,
                    scratch_model_config)
 from tokenizer import Tokenizer
-from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, gather_objects,
-                     load_checkpoint, log_json, resume_config, seed_everything,
-                     setup_distributed)
+from trainer import (RunConfig, alpha_at, distributed, fit, gather_objects, load_checkpoint,
+                     log_json, resume_config, seed_everything)
 
 
 @dataclass
@@ -189,13 +188,8 @@ def load_source(cfg):
     return mc, Tokenizer(source["vocab"]), source["model"], None, None
 
 
-def main(argv=None):
-    cfg, given = parse_config(DownstreamConfig(), sys.argv[1:] if argv is None else argv,
-                              TASK_PRESETS, key=("task", "preset"), doc=__doc__)
-    if cfg.evaluate and cfg.run.resume:
-        raise SystemExit("error: --evaluate true scores --pretrained; it does not resume")
-    cfg, ckpt = resume_config(cfg, given, safe=SAFE_ON_RESUME)
-    rank, world_size, device = setup_distributed(cfg.run.dist_timeout)
+def finetune(cfg, ckpt, rank: int, world_size: int, device: torch.device):
+    """Fine-tuning (or only the evaluation, --evaluate) on this process's rank."""
     master = rank == 0
     log = tqdm.write if master else (lambda msg: None)
     if cfg.run.threads and device.type == "cpu":
@@ -310,7 +304,16 @@ def main(argv=None):
         if predictions:
             with open(os.path.join(cfg.run.out_dir, "predictions.json"), "w") as f:
                 json.dump(predictions, f, indent=1)
-    cleanup_distributed(world_size)
+
+
+def main(argv=None):
+    cfg, given = parse_config(DownstreamConfig(), sys.argv[1:] if argv is None else argv,
+                              TASK_PRESETS, key=("task", "preset"), doc=__doc__)
+    if cfg.evaluate and cfg.run.resume:
+        raise SystemExit("error: --evaluate true scores --pretrained; it does not resume")
+    cfg, ckpt = resume_config(cfg, given, safe=SAFE_ON_RESUME)
+    with distributed(cfg.run.dist_timeout) as (rank, world_size, device):
+        finetune(cfg, ckpt, rank, world_size, device)
 
 
 if __name__ == "__main__":

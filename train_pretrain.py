@@ -31,9 +31,8 @@ from model import ELIPModel, ModelConfig, MomentumStep
 from pruning import token_counts
 from text_encoder import load_bert_weights
 from tokenizer import BLIP_TOKENS, Tokenizer
-from trainer import (RunConfig, alpha_at, cleanup_distributed, fit, gather_objects,
-                     load_checkpoint, log_json,
-                     resume_config, seed_everything, setup_distributed)
+from trainer import (RunConfig, alpha_at, distributed, fit, gather_objects, load_checkpoint,
+                     log_json, resume_config, seed_everything)
 from vit import load_vit_weights
 
 
@@ -122,11 +121,8 @@ def init_weights(model, init_vit, init_bert, log):
             f"unused: {report['unused']}; rows added for new tokens: {report['grown']}")
 
 
-def main(argv=None):
-    cfg, given = parse_config(TrainConfig(), sys.argv[1:] if argv is None else argv, PRESETS,
-                              doc=__doc__)
-    cfg, ckpt = resume_config(cfg, given, safe=("check_images",))
-    rank, world_size, device = setup_distributed(cfg.run.dist_timeout)
+def pretrain(cfg, ckpt, rank: int, world_size: int, device: torch.device):
+    """Pre-training on this process's rank, then the zero-shot evaluation of the embedded world."""
     master = rank == 0
     log = tqdm.write if master else (lambda msg: None)
     if cfg.run.threads and device.type == "cpu":
@@ -218,7 +214,14 @@ def main(argv=None):
             log(metrics.format_recall(scores["itc"], None, "ITC only", oracle))
             with open(os.path.join(cfg.run.out_dir, "zero_shot.json"), "w") as f:
                 json.dump(rec, f, indent=1)
-    cleanup_distributed(world_size)
+
+
+def main(argv=None):
+    cfg, given = parse_config(TrainConfig(), sys.argv[1:] if argv is None else argv, PRESETS,
+                              doc=__doc__)
+    cfg, ckpt = resume_config(cfg, given, safe=("check_images",))
+    with distributed(cfg.run.dist_timeout) as (rank, world_size, device):
+        pretrain(cfg, ckpt, rank, world_size, device)
 
 
 if __name__ == "__main__":

@@ -84,11 +84,17 @@ SAFE_ON_RESUME = ("run.resume", "run.max_steps", "run.threads", "run.num_workers
 
 
 # ---- distributed, seeds, precision ------------------------------------------------------
-def setup_distributed(timeout_minutes: int = 60):
+@contextlib.contextmanager
+def distributed(timeout_minutes: int = 60):
     """DDP when launched by torchrun (RANK in the environment), else a plain single process.
-    Returns (rank, world_size, device)."""
+    Yields (rank, world_size, device). The process group is torn down on the way out, also when
+    the run stops with an error: a process that exits with the group alive can abort in gloo's
+    C++ threads ("terminate called without an active exception", exit -6) instead of ending
+    with the error's message and code 1. A clean end waits for every rank first; an error does
+    not, since the other ranks may never arrive."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        yield 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -97,12 +103,10 @@ def setup_distributed(timeout_minutes: int = 60):
         device = torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(minutes=timeout_minutes))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def cleanup_distributed(world: int):
-    if world > 1:
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
         dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 

@@ -25,8 +25,7 @@ from config import config_from_dict
 from eval import evaluate_caption, evaluate_classifier, evaluate_vqa
 from model import ELIPModel, ModelConfig
 from tokenizer import Tokenizer
-from trainer import (RunConfig, cleanup_distributed, fit, load_checkpoint, seed_everything,
-                     setup_distributed)
+from trainer import RunConfig, distributed, fit, load_checkpoint, seed_everything
 
 SAMPLES = 32
 
@@ -80,25 +79,24 @@ def fit_run(out_dir, max_steps, rank, world_size, device, ckpt=None, fail=False)
 
 
 def fit_main(out):
-    rank, world_size, device = setup_distributed(1)
-    seed_everything(0, rank)
-    straight = fit_run(os.path.join(out, "straight"), 6, rank, world_size, device)
-    seed_everything(0, rank)
-    resumed = os.path.join(out, "resumed")
-    draws = fit_run(resumed, 3, rank, world_size, device)
-    torch.manual_seed(1234 + rank)            # a restarted process starts from other states
-    ckpt = load_checkpoint(os.path.join(resumed, "checkpoint.pt"))
-    draws.update(fit_run(resumed, 6, rank, world_size, device, ckpt))
-    for name, d in (("straight", straight), ("resumed", draws)):
-        with open(os.path.join(out, name, f"draws_{rank}.json"), "w") as f:
-            json.dump(d, f)
-    # rank 1's loader fails in step 3: every rank stops there with the message, none waits
-    try:
-        fit_run(os.path.join(out, "failing"), 6, rank, world_size, device, fail=rank == 1)
-    except SystemExit as e:
-        with open(os.path.join(out, "failing", f"stopped_{rank}.txt"), "w") as f:
-            f.write(str(e))
-    cleanup_distributed(world_size)
+    with distributed(1) as (rank, world_size, device):
+        seed_everything(0, rank)
+        straight = fit_run(os.path.join(out, "straight"), 6, rank, world_size, device)
+        seed_everything(0, rank)
+        resumed = os.path.join(out, "resumed")
+        draws = fit_run(resumed, 3, rank, world_size, device)
+        torch.manual_seed(1234 + rank)            # a restarted process starts from other states
+        ckpt = load_checkpoint(os.path.join(resumed, "checkpoint.pt"))
+        draws.update(fit_run(resumed, 6, rank, world_size, device, ckpt))
+        for name, d in (("straight", straight), ("resumed", draws)):
+            with open(os.path.join(out, name, f"draws_{rank}.json"), "w") as f:
+                json.dump(d, f)
+        # rank 1's loader fails in step 3: every rank stops there with the message, none waits
+        try:
+            fit_run(os.path.join(out, "failing"), 6, rank, world_size, device, fail=rank == 1)
+        except SystemExit as e:
+            with open(os.path.join(out, "failing", f"stopped_{rank}.txt"), "w") as f:
+                f.write(str(e))
 
 
 def retrieval_scores(ckpt_path, device, images=7, k=4, batch_size=3):
@@ -173,11 +171,10 @@ def loop_results():
 
 
 def eval_main(ckpt_path, out):
-    rank, world_size, device = setup_distributed(1)
-    results = {"retrieval": retrieval_scores(ckpt_path, device), "loops": loop_results()}
-    with open(f"{out}_{rank}.json", "w") as f:
-        json.dump(results, f)
-    cleanup_distributed(world_size)
+    with distributed(1) as (rank, world_size, device):
+        results = {"retrieval": retrieval_scores(ckpt_path, device), "loops": loop_results()}
+        with open(f"{out}_{rank}.json", "w") as f:
+            json.dump(results, f)
 
 
 if __name__ == "__main__":
