@@ -1,9 +1,11 @@
 """
 What the pruning keeps: the fractions of the named objects' patches each method keeps, and the
-picture of the kept patches (the paper's Fig. 4), on a pre-training checkpoint.
+picture of the kept patches (the paper's Fig. 4), on a pre-training checkpoint; and what the
+model reads from a caption: its retrieval per kind of caption, beside chance and the oracle.
 
     python analysis.py keep --checkpoint out/pretrain/checkpoint.pt      # out/analysis/keep.json
     python analysis.py picture --checkpoint out/pretrain/checkpoint.pt   # out/analysis/pruning.png
+    python analysis.py kinds --checkpoint out/pretrain/checkpoint.pt     # out/analysis/kinds.json
     python analysis.py keep --preset quick                               # a first look, seconds
     python analysis.py keep --help                                       # every flag
 
@@ -33,6 +35,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+import eval as evaluation
 import world
 from config import config_from_dict, parse_config, run_subcommand
 from model import ELIPModel, ModelConfig, build_vit
@@ -98,14 +101,35 @@ class PictureConfig:
             raise ValueError("images and scale must be >= 1")
 
 
+@dataclass
+class KindsConfig:
+    preset: str = "full"
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    scenes: int = 200                # the split's first scenes, each with its captions (the
+                                     # default run's zero-shot test)
+    out: str = "out/analysis/kinds.json"             # the report, as JSON
+
+    def __post_init__(self):
+        if self.scenes < 2:
+            raise ValueError("scenes must be >= 2")
+
+
 KEEP_PRESETS = {"full": dict(), "quick": dict(scenes=20, captions=2)}      # quick: seconds
 PICTURE_PRESETS = {"full": dict(), "quick": dict(images=2, scale=2)}
+KINDS_PRESETS = {"full": dict(), "quick": dict(scenes=20)}
 KEEP_DOC = """python analysis.py keep [--flag value ...]
 
 For each method (a text-guided one once per lam) and each cut of the checkpoint's schedule: the
 fraction of the patches of the objects a caption names, of the scene's other objects' and of all
 patches that enter the cut layer as tokens of their own, pooled over the (caption, image) pairs
 of the split's first scenes. Prints the table and writes the report as JSON to --out."""
+KINDS_DOC = """python analysis.py kinds [--flag value ...]
+
+Image retrieval by ITC similarity (the first stage of the zero-shot evaluation, before ITM
+re-ranking) over the split's first scenes, per caption template ("a {size} {colour} {shape}",
+"a {a} above a {b}", ...): how many images each caption is true of, how often the model's first
+image is one of them (against a random image), and R@1 of the caption's own image against the
+oracle's. Prints the table and writes the report as JSON to --out."""
 PICTURE_DOC = """python analysis.py picture [--flag value ...]
 
 For the split's first scenes, one caption each: the input, then per cut the patches the method
@@ -415,11 +439,76 @@ def picture_main(argv):
     print(f"wrote {cfg.out} ({canvas.width} x {canvas.height})")
 
 
-COMMANDS = {"keep": keep_main, "picture": picture_main}
+# ---- kinds: what the model reads from a caption ------------------------------------------
+@torch.no_grad()
+def run_kinds(cfg):
+    """The kinds report, a JSON-ready dict: per caption template, over the split's captions said
+    from it, the mean number of images each is true of, the share whose most similar image (ITC)
+    is one the caption is true of, its chance (a random image), and image retrieval R@1 (the
+    caption's own image first) beside the oracle's (metrics.oracle_recall: 1 / images true)."""
+    a = cfg.analysis
+    device = analysis_device(a)
+    model, tok, w = load_for_analysis(a.checkpoint)
+    model.to(device)
+    entries = world.world_entries("retrieval", a.split, cfg.scenes, w.seed, w.variant)
+    dataset = data.RetrievalEvalDataset(entries, None,
+                                        data.create_transform(model.cfg.img_size, train=False))
+    image_embeds, text_embeds, _, _ = evaluation.embed_retrieval_set(
+        model, dataset, tok, device, model.cfg.max_len, a.batch)
+    sim = (model.image_feat(image_embeds) @ model.text_feat(text_embeds).T).cpu()  # (N, T)
+    truth = torch.from_numpy(world.caption_truth([it["images"][0] for it in dataset.items],
+                                                 dataset.text))                     # (N, T)
+    own = torch.tensor(dataset.txt2img)                                             # (T,)
+    true_of = truth.sum(0).float()                                                  # (T,)
+    first_true = truth.gather(0, sim.argmax(0, keepdim=True))[0].float()            # (T,)
+    above_own = (sim > sim.gather(0, own[None])).sum(0)                             # (T,)
+    templates = [world.caption_template(t) for t in dataset.text]
+    rows = []
+    for template in sorted(set(templates), key=lambda t: (t is None, str(t))):
+        sel = torch.tensor([t == template for t in templates])                      # (T,)
+        rows.append(dict(template=template or "(no template)", captions=int(sel.sum()),
+                         images_true=float(true_of[sel].mean()),
+                         first_true=float(first_true[sel].mean()),
+                         first_true_chance=float((true_of[sel] / len(dataset)).mean()),
+                         r1=float((above_own[sel] == 0).float().mean()),
+                         r1_oracle=float((1 / true_of[sel]).mean())))
+    return dict(config=dataclasses.asdict(cfg), world_seed=w.seed, world_variant=w.variant,
+                images=len(dataset), captions=len(dataset.text), rows=rows)
+
+
+def format_kinds(report):
+    a = report["config"]["analysis"]
+    lines = [f"image retrieval by ITC per caption template: world {report['world_variant']} "
+             f"{report['world_seed']} {a['split']} split, {report['images']} images, "
+             f"{report['captions']} captions; {a['checkpoint']}",
+             "first true: the most similar image is one the caption is true of (chance: a random "
+             "image); R@1: the caption's own image first (oracle: 1 / images true)", "",
+             f"{'template':<34}{'captions':>9}{'true of':>9}{'first true':>12}{'chance':>8}"
+             f"{'R@1':>7}{'oracle':>8}"]
+    for r in report["rows"]:
+        lines.append(f"{r['template']:<34}{r['captions']:>9}{r['images_true']:>9.1f}"
+                     f"{r['first_true']:>12.3f}{r['first_true_chance']:>8.3f}{r['r1']:>7.3f}"
+                     f"{r['r1_oracle']:>8.3f}")
+    return "\n".join(lines)
+
+
+def kinds_main(argv):
+    """python analysis.py kinds [--flag value ...]: print the table, write the JSON report."""
+    cfg, _ = parse_config(KindsConfig(), argv, KINDS_PRESETS, doc=KINDS_DOC)
+    report = run_kinds(cfg)
+    print(format_kinds(report))
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    with open(cfg.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {cfg.out}")
+
+
+COMMANDS = {"keep": keep_main, "picture": picture_main, "kinds": kinds_main}
 USAGE = f"""usage: python analysis.py {{{','.join(COMMANDS)}}} [--flag value ...]
   keep     the fractions of the named objects' patches, the other objects' and all patches
            that each method keeps at each cut (table and JSON)
   picture  the kept patches of a few scenes, drawn (PNG)
+  kinds    image retrieval per caption template, beside chance and the oracle (table and JSON)
 python analysis.py COMMAND --help lists the command's flags"""
 
 

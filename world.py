@@ -484,6 +484,29 @@ def render_path(path):
     return world.render(world.scene(split, index), WORLD_RES)
 
 
+def _template_pattern(template):
+    """A regular expression that matches exactly the sentences _say makes from the template:
+    each slot one of its words, "a" also "an"."""
+    words = {"size": list(RADIUS), "colour": list(COLOURS), "shape": list(SHAPES),
+             "where": list(WHERE.values()), "n": list(NUMBERS), "shapes": list(PLURALS.values())}
+    words["a"] = words["b"] = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    parts = []
+    for token in template.split(" "):
+        slot = re.fullmatch(r"\{(\w+)\}", token)
+        parts.append("(?:" + "|".join(words[slot.group(1)]) + ")" if slot else
+                     "an?" if token == "a" else re.escape(token))
+    return re.compile(" ".join(parts))
+
+
+def caption_template(text):
+    """The template (a value of CAPTIONS, e.g. "a {size} {colour} {shape}") a caption of the world
+    was said from, or None for a sentence no template makes."""
+    for template in [*CAPTIONS["object"], *(v for k, v in CAPTIONS.items() if k != "object")]:
+        if _template_pattern(template).fullmatch(text):
+            return template
+    return None
+
+
 def caption_truth(images, texts):
     """(len(images), len(texts)) bool numpy: whether each text, a caption of the images' world
     (as said or cleaned by data.pre_caption, which leaves them as they are), is true of each

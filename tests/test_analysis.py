@@ -1,6 +1,6 @@
 """What the pruning keeps (analysis.py): the kept-patch masks against pruning.token_counts, the
-object-patch rule on hand-made masks, loading a checkpoint, and the `keep` and `picture`
-commands end to end on a tiny random checkpoint."""
+object-patch rule on hand-made masks, loading a checkpoint, and the `keep`, `picture` and
+`kinds` commands end to end on a tiny random checkpoint."""
 import dataclasses
 import json
 
@@ -10,6 +10,9 @@ import torch
 from PIL import Image
 
 import analysis
+import data
+import eval as evaluation
+import metrics
 import world
 from model import ELIPModel, ModelConfig
 from pruning import PruneConfig, token_counts
@@ -229,7 +232,36 @@ def test_picture_writes_a_png_of_the_expected_size(checkpoint, tmp_path):
         assert image.size == (pad + 4 * (cell + pad), head + 2 * (cell + line) + pad)
 
 
-@pytest.mark.parametrize("main", [analysis.keep_main, analysis.picture_main])
+def test_kinds_command_end_to_end(checkpoint, tmp_path, capsys):
+    out = tmp_path / "kinds.json"
+    analysis.kinds_main(["--checkpoint", checkpoint, "--scenes", "12", "--threads", "1",
+                         "--out", str(out)])
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["images"] == 12 and report["captions"] == 12 * world.CAPTIONS_PER_IMAGE
+    assert sum(r["captions"] for r in rows) == report["captions"]
+    assert {r["template"] for r in rows} <= set(world.CAPTIONS["object"]) | {
+        v for k, v in world.CAPTIONS.items() if k != "object"}
+    # pooled over the templates, R@1 is the evaluation's ITC image R@1, and the oracle's R@1
+    # is metrics.oracle_recall's
+    model, tok, w = analysis.load_for_analysis(checkpoint)
+    dataset = data.RetrievalEvalDataset(world.world_entries("retrieval", "test", 12, WORLD_SEED),
+                                        None, data.create_transform(32, train=False))
+    scores = evaluation.evaluate_retrieval(model, dataset, tok, torch.device("cpu"), k=2,
+                                           max_len=model.cfg.max_len)
+    truth = world.caption_truth([it["images"][0] for it in dataset.items], dataset.text)
+    oracle = metrics.oracle_recall(truth, dataset.img2txt)
+    pooled = {k: sum(r[k] * r["captions"] for r in rows) / report["captions"]
+              for k in ("r1", "r1_oracle", "images_true")}
+    assert 100 * pooled["r1"] == pytest.approx(scores["itc"]["img_r1"])
+    assert 100 * pooled["r1_oracle"] == pytest.approx(oracle["img_r1"])
+    assert pooled["images_true"] == pytest.approx(truth.sum(0).mean())
+    assert all(r["r1"] <= r["first_true"] <= 1.0 for r in rows)   # its own image is true of it
+    assert "there are {n} objects" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("main", [analysis.keep_main, analysis.picture_main,
+                                  analysis.kinds_main])
 def test_missing_checkpoint_names_the_path(main, tmp_path):
     missing = str(tmp_path / "nowhere" / "checkpoint.pt")
     with pytest.raises(SystemExit, match="nowhere/checkpoint.pt"):
@@ -240,7 +272,7 @@ def test_usage_and_help(capsys):
     with pytest.raises(SystemExit) as e:
         analysis.main([])
     assert e.value.code == 2
-    assert "usage: python analysis.py {keep,picture}" in capsys.readouterr().out
+    assert "usage: python analysis.py {keep,picture,kinds}" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown command 'draw'"):
         analysis.main(["draw"])
     for command, flag in [("keep", "--lams (float,..., default '0.8,0.6,1.0')"),

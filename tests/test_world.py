@@ -390,3 +390,26 @@ def test_clutter_variant():
     for bad in ("world:cluttered:0/val/7", "world:clutter/val/7"):
         with pytest.raises(ValueError):
             world.world_of_path(bad)
+
+
+def test_caption_template_names_the_template_of_every_caption():
+    templates = [*world.CAPTIONS["object"], *(v for k, v in world.CAPTIONS.items() if k != "object")]
+    for variant in world.VARIANTS:
+        w = world.World(0, variant)
+        seen = {world.caption_template(text) for i in range(40)
+                for text, _ in w.captions(w.scene("train", i), None)}
+        assert None not in seen and seen <= set(templates)
+        if variant == "default":
+            assert seen == set(templates)
+    for text, template in [("an orange star above a red ring", "a {a} above a {b}"),
+                           ("a white cross to the right of an orange ring",
+                            "a {a} to the right of a {b}"),
+                           ("a large red ring", "a {size} {colour} {shape}"),
+                           ("a red ring at the top left", "a {colour} {shape} {where}"),
+                           ("a small star in the center", "a {size} {shape} {where}"),
+                           ("there are two crosses", "there are {n} {shapes}"),
+                           ("there are two red objects", "there are {n} {colour} objects"),
+                           ("there are four objects", "there are {n} objects"),
+                           ("a red dog", None), ("a large red ring on the top", None),
+                           ("there are two cross", None)]:
+        assert world.caption_template(text) == template, text
