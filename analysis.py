@@ -1,7 +1,8 @@
 """
 What the pruning keeps: the fractions of the named objects' patches each method keeps, and the
 picture of the kept patches (the paper's Fig. 4), on a pre-training checkpoint; and what the
-model reads from a caption: its retrieval per kind of caption, beside chance and the oracle.
+model reads from a caption: its retrieval per kind of caption, beside chance and the oracle, and
+the shapes, colours and sizes its MLM head fills in.
 
     python analysis.py keep --checkpoint out/pretrain/checkpoint.pt      # out/analysis/keep.json
     python analysis.py picture --checkpoint out/pretrain/checkpoint.pt   # out/analysis/pruning.png
@@ -28,6 +29,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,7 +131,9 @@ Image retrieval by ITC similarity (the first stage of the zero-shot evaluation, 
 re-ranking) over the split's first scenes, per caption template ("a {size} {colour} {shape}",
 "a {a} above a {b}", ...): how many images each caption is true of, how often the model's first
 image is one of them (against a random image), and R@1 of the caption's own image against the
-oracle's. Prints the table and writes the report as JSON to --out."""
+oracle's. Then, for a model with ALBEF's MLM head, how often it fills in the masked shape, colour
+or size of each object of those scenes. Prints the tables and writes the report as JSON to
+--out."""
 PICTURE_DOC = """python analysis.py picture [--flag value ...]
 
 For the split's first scenes, one caption each: the input, then per cut the patches the method
@@ -472,8 +476,48 @@ def run_kinds(cfg):
                          first_true_chance=float((true_of[sel] / len(dataset)).mean()),
                          r1=float((above_own[sel] == 0).float().mean()),
                          r1_oracle=float((1 / true_of[sel]).mean())))
+    fill = fill_in(model, tok, w, a.split, cfg.scenes, device) if "mlm" in model.cfg.losses \
+        else {}
+    words = {attribute: dict(objects=len(pairs),
+                             right=sum(t == p for t, p in pairs) / len(pairs),
+                             most_frequent=max(Counter(t for t, _ in pairs).values()) / len(pairs))
+             for attribute, pairs in fill.items()}
     return dict(config=dataclasses.asdict(cfg), world_seed=w.seed, world_variant=w.variant,
-                images=len(dataset), captions=len(dataset.text), rows=rows)
+                images=len(dataset), captions=len(dataset.text), rows=rows, fill_in=words)
+
+
+# the object caption with one word masked; the size goes first so that the article ("a", never
+# "an" before small or large) does not give away a colour such as orange
+FILL_IN = {"shape": ("a {size} {colour} [MASK]", world.SHAPES),
+           "colour": ("a {size} [MASK] {shape}", tuple(world.COLOURS)),
+           "size": ("a [MASK] {colour} {shape}", tuple(world.RADIUS))}
+
+
+@torch.no_grad()
+def fill_in(model, tok, w, split, scenes, device):
+    """What the fused model knows of each object: for every object of the split's first scenes and
+    each attribute of FILL_IN, its caption with that word masked, read with the scene's image by
+    the MLM head (ALBEF's pre-training task); the pick is the candidate word (the world's shapes,
+    colours or sizes) with the largest logit at the mask. Returns {attribute: [(truth, pick)]}."""
+    transform = data.create_transform(model.cfg.img_size, train=False)
+    out = {attribute: [] for attribute in FILL_IN}
+    for i in range(scenes):
+        objects = w.scene(split, i).objects
+        image = transform(data.load_image(w.path(split, i)))[None].to(device)   # (1, 3, R, R)
+        image_embeds = model.encode_image(image)                                 # (1, L, D)
+        for attribute, (template, words) in FILL_IN.items():
+            ids, mask = tok([template.format(size=o.size, colour=o.colour, shape=o.shape)
+                             for o in objects], model.cfg.max_len)                # (O, T)
+            ids, mask = ids.to(device), mask.to(device)
+            embeds = image_embeds.expand(len(objects), -1, -1)                  # (O, L, D)
+            atts = embeds.new_ones(embeds.shape[:2], dtype=torch.long)
+            hidden = model.text_encoder(ids, mask, embeds, atts, mode="multimodal")
+            at_mask = hidden[ids == tok.mask_id]                                # (O, Dt)
+            candidates = torch.tensor([tok.token_to_id[x] for x in words], device=device)
+            picks = model.text_encoder.lm_logits(at_mask)[:, candidates].argmax(1)   # (O,)
+            out[attribute] += [(getattr(o, attribute), words[p])
+                               for o, p in zip(objects, picks.tolist())]
+    return out
 
 
 def format_kinds(report):
@@ -489,6 +533,13 @@ def format_kinds(report):
         lines.append(f"{r['template']:<34}{r['captions']:>9}{r['images_true']:>9.1f}"
                      f"{r['first_true']:>12.3f}{r['first_true_chance']:>8.3f}{r['r1']:>7.3f}"
                      f"{r['r1_oracle']:>8.3f}")
+    if report["fill_in"]:
+        lines += ["", "the MLM head fills in a masked word of 'a {size} {colour} {shape}' with the "
+                  "image (right: its pick among the world's words is the object's; most frequent: "
+                  "always answering the most frequent value)",
+                  f"{'word':<10}{'objects':>9}{'right':>8}{'most frequent':>15}"]
+        lines += [f"{k:<10}{v['objects']:>9}{v['right']:>8.3f}{v['most_frequent']:>15.3f}"
+                  for k, v in report["fill_in"].items()]
     return "\n".join(lines)
 
 
@@ -508,7 +559,8 @@ USAGE = f"""usage: python analysis.py {{{','.join(COMMANDS)}}} [--flag value ...
   keep     the fractions of the named objects' patches, the other objects' and all patches
            that each method keeps at each cut (table and JSON)
   picture  the kept patches of a few scenes, drawn (PNG)
-  kinds    image retrieval per caption template, beside chance and the oracle (table and JSON)
+  kinds    image retrieval per caption template, beside chance and the oracle, and the words
+           the MLM head fills in (tables and JSON)
 python analysis.py COMMAND --help lists the command's flags"""
 
 

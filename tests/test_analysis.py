@@ -257,7 +257,32 @@ def test_kinds_command_end_to_end(checkpoint, tmp_path, capsys):
     assert 100 * pooled["r1_oracle"] == pytest.approx(oracle["img_r1"])
     assert pooled["images_true"] == pytest.approx(truth.sum(0).mean())
     assert all(r["r1"] <= r["first_true"] <= 1.0 for r in rows)   # its own image is true of it
+    objects = [o for i in range(12) for o in w.scene("test", i).objects]
+    fill = report["fill_in"]
+    assert list(fill) == ["shape", "colour", "size"]
+    for attribute, v in fill.items():
+        values = [getattr(o, attribute) for o in objects]
+        assert v["objects"] == len(objects) and 0.0 <= v["right"] <= 1.0
+        assert v["most_frequent"] == max(values.count(x) for x in values) / len(objects)
     assert "there are {n} objects" in capsys.readouterr().out
+
+
+def test_fill_in_reads_the_masked_word_with_the_image(checkpoint):
+    model, tok, w = analysis.load_for_analysis(checkpoint)
+    picks = analysis.fill_in(model, tok, w, "test", 2, torch.device("cpu"))
+    objects = [o for i in range(2) for o in w.scene("test", i).objects]
+    assert [t for t, _ in picks["shape"]] == [o.shape for o in objects]
+    # by hand, another way through ALBEF's encoder: the text layers, then the fusion layers
+    image = data.create_transform(32, train=False)(data.load_image(w.path("test", 0)))[None]
+    o = objects[0]
+    with torch.no_grad():
+        image_embeds = model.encode_image(image)
+        for attribute, (template, words) in analysis.FILL_IN.items():
+            ids, mask = tok([template.format(size=o.size, colour=o.colour, shape=o.shape)], 32)
+            hidden = model.fuse(model.encode_text(ids, mask), mask, image_embeds, ids)
+            logits = model.text_encoder.lm_logits(hidden)[0, (ids[0] == tok.mask_id).nonzero()[0, 0]]
+            pick = words[int(logits[[tok.token_to_id[x] for x in words]].argmax())]
+            assert picks[attribute][0] == (getattr(o, attribute), pick)
 
 
 @pytest.mark.parametrize("main", [analysis.keep_main, analysis.picture_main,
