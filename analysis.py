@@ -334,15 +334,20 @@ def format_keep(report):
     return "\n".join(lines)
 
 
+def print_and_write(table, report, out):
+    """Print a command's table and write its report as JSON to `out`."""
+    print(table)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {out}")
+
+
 def keep_main(argv):
     """python analysis.py keep [--flag value ...]: print the table, write the JSON report."""
     cfg, _ = parse_config(KeepConfig(), argv, KEEP_PRESETS, doc=KEEP_DOC)
     report = run_keep(cfg)
-    print(format_keep(report))
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {cfg.out}")
+    print_and_write(format_keep(report), report, cfg.out)
 
 
 # ---- picture: the kept patches, drawn ------------------------------------------------------
@@ -547,11 +552,7 @@ def kinds_main(argv):
     """python analysis.py kinds [--flag value ...]: print the table, write the JSON report."""
     cfg, _ = parse_config(KindsConfig(), argv, KINDS_PRESETS, doc=KINDS_DOC)
     report = run_kinds(cfg)
-    print(format_kinds(report))
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {cfg.out}")
+    print_and_write(format_kinds(report), report, cfg.out)
 
 
 COMMANDS = {"keep": keep_main, "picture": picture_main, "kinds": kinds_main}
