@@ -57,6 +57,7 @@ CAPTIONS = {
     "count": "there are {n} objects", "count_shape": "there are {n} {shapes}",
     "count_colour": "there are {n} {colour} objects",
 }
+CAPTION_TEMPLATES = (*CAPTIONS["object"], *(v for k, v in CAPTIONS.items() if k != "object"))
 QUESTIONS = {
     "colour": "what color is the {shape}?", "shape": "what shape is the {colour} object?",
     "count": "how many objects are there?", "exists": "is there a {colour} {shape}?",
@@ -407,7 +408,7 @@ class World:
     def vocabulary():
         """Every word any generator can emit (captions, questions, answers, statements,
         hypotheses), sorted: a tokenizer built from it never meets an unknown world word."""
-        texts = [*CAPTIONS["object"], *(v for k, v in CAPTIONS.items() if k != "object"),
+        texts = [*CAPTION_TEMPLATES,
                  *QUESTIONS.values(), *(t for t, _ in STATEMENTS), *NEUTRAL, *SHAPES,
                  *PLURALS.values(), *COLOURS, *RADIUS, *NUMBERS, *WHERE.values(), *MATERIALS,
                  *QUALITIES, "yes no an"]
@@ -498,13 +499,13 @@ def _template_pattern(template):
     return re.compile(" ".join(parts))
 
 
+_TEMPLATE_PATTERNS = {template: _template_pattern(template) for template in CAPTION_TEMPLATES}
+
+
 def caption_template(text):
-    """The template (a value of CAPTIONS, e.g. "a {size} {colour} {shape}") a caption of the world
-    was said from, or None for a sentence no template makes."""
-    for template in [*CAPTIONS["object"], *(v for k, v in CAPTIONS.items() if k != "object")]:
-        if _template_pattern(template).fullmatch(text):
-            return template
-    return None
+    """The template (one of CAPTION_TEMPLATES, e.g. "a {size} {colour} {shape}") a caption of the
+    world was said from, or None for a sentence no template makes."""
+    return next((t for t, pattern in _TEMPLATE_PATTERNS.items() if pattern.fullmatch(text)), None)
 
 
 def caption_truth(images, texts):
