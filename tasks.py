@@ -79,7 +79,7 @@ def build_data(cfg, mc, tok, answers=None):
     if cfg.train_file and not cfg.test_file or cfg.test_file and not (cfg.train_file or cfg.evaluate):
         raise SystemExit("error: give both --train_file and --test_file (--test_file alone with "
                          "--evaluate true), or neither (the embedded world)")
-    task, root, words = cfg.task, cfg.image_root or None, mc.max_len
+    task, root = cfg.task, cfg.image_root or None
     train_tf = data.create_transform(mc.img_size, True, cfg.crop_scale, cfg.randaug_n,
                                      cfg.randaug_m)
     test_tf = data.create_transform(mc.img_size, False)
@@ -89,14 +89,14 @@ def build_data(cfg, mc, tok, answers=None):
     if cfg.train_file or not cfg.test_file:
         entries = list(cfg.train_file) or world.world_entries(task, "train", cfg.world_train,
                                                               cfg.world_seed)
-        train_set = task_dataset(cfg, entries, root, train_tf, True, answers, words)
+        train_set = task_dataset(cfg, entries, root, train_tf, True, answers, cfg.max_words)
         answers = train_set.answer_list if task == "vqa" else answers
     if task == "vqa" and not answers:
         raise SystemExit("error: VQA without training files needs --answer_list")
     tests = {f: [f] for f in cfg.test_file} or {
         "world": world.world_entries(task, "test", cfg.world_test, cfg.world_seed)}
-    test_sets = {name: task_dataset(cfg, entries, root, test_tf, False, answers, words)
-                 for name, entries in tests.items()}
+    test_sets = {name: task_dataset(cfg, entries, root, test_tf, False, answers,
+                                    cfg.eval_max_words) for name, entries in tests.items()}
     collate = data.make_collate(tok, mc.max_len)
     if task == "vqa":   # the list itself, where --answer_list named a file
         answers = next(iter(test_sets.values())).answer_list
@@ -109,11 +109,11 @@ def build_data(cfg, mc, tok, answers=None):
 # ---- model -------------------------------------------------------------------------------
 def downstream_model_config(mc, cfg):
     """The pre-trained architecture for fine-tuning: the resolution and text length asked for
-    (--img_size, --max_len; 0 keeps the pre-training's), ITM negatives from every rank if asked,
-    and the downstream pruning: none, as the paper fine-tunes and evaluates on all tokens, unless
-    --prune true, which keeps the pre-training schedule in fine-tuning and evaluation. Retrieval
-    evaluation embeds each image once for all captions, so no text can guide it there: a
-    text-guided method then prunes in fine-tuning only."""
+    (--img_size, --max_len; 0 keeps the pre-training's), the ViT's drop path (--drop_path), ITM
+    negatives from every rank if asked, and the downstream pruning: none, as the paper fine-tunes
+    and evaluates on all tokens, unless --prune true, which keeps the pre-training schedule in
+    fine-tuning and evaluation. Retrieval evaluation embeds each image once for all captions, so
+    no text can guide it there: a text-guided method then prunes in fine-tuning only."""
     if not cfg.prune:
         prune = PruneConfig(method="none")
     else:
@@ -122,7 +122,7 @@ def downstream_model_config(mc, cfg):
     # ("itc", "itm"): the retrieval objectives; for every task, a text encoder without MLM head
     return dataclasses.replace(mc, prune=prune, losses=("itc", "itm"),
                                img_size=cfg.img_size or mc.img_size,
-                               max_len=cfg.max_len or mc.max_len,
+                               max_len=cfg.max_len or mc.max_len, drop_path=cfg.drop_path,
                                negative_all_rank=cfg.negative_all_rank)
 
 

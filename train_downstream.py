@@ -28,8 +28,9 @@ Every field of DownstreamConfig (and of the nested RunConfig) is a flag, as in t
 --task with --preset sets that task's defaults (TASK_PRESETS): "world" (the default) for the
 embedded world, or the official fine-tuning of ALBEF (albef; retrieval: albef_coco,
 albef_flickr) or BLIP (blip; retrieval: blip_coco, blip_flickr) with resolution, batch, epochs,
-learning rate and schedule as their configurations. The pre-trained position embeddings are
-interpolated to --img_size on load. The training loop, DDP, AMP and checkpoints are trainer.py's.
+learning rate, schedule and text lengths as their configurations (BLIP's VQA, which ELIP did not
+release, as BLIP's own repository has it). The pre-trained position embeddings are interpolated
+to --img_size on load. The training loop, DDP, AMP and checkpoints are trainer.py's.
 
 --evaluate true skips training: it scores a fine-tuned checkpoint of this script (or a
 pre-trained one: the heads stay untrained) given as --pretrained, on every --test_file.
@@ -79,7 +80,14 @@ class DownstreamConfig:
     world_train: int = 1000          # scenes (image pairs for nlvr) in the world's train split
     world_test: int = 200            # and in its test split
     img_size: int = 0                # fine-tuning resolution (ALBEF, BLIP: 384); 0 = pre-training's
-    max_len: int = 0                 # text tokens (BLIP captioning: 40); 0 = pre-training's
+    max_len: int = 0                 # text tokens, a longer text is cut (ALBEF: retrieval 30, VQA
+                                     # 25, SNLI-VE and NLVR2 512, i.e. uncut; BLIP: retrieval and
+                                     # VQA 35, captioning 40); 0 = pre-training's
+    max_words: int = 30              # a training text keeps its first max_words words, before
+                                     # the tokenizer (ALBEF, BLIP: 30; BLIP's VQA: 50)
+    eval_max_words: int = 30         # and a test text (ALBEF's and BLIP's VQA: 50)
+    drop_path: float = 0.0           # the ViT's stochastic depth in fine-tuning, rising to this
+                                     # in the last block (BLIP's VQA: 0.1; ALBEF, BLIP: 0)
     crop_scale: tuple[float, ...] = (0.8, 1.0)   # random-crop area (ALBEF: 0.5,1.0)
     randaug_n: int = 0               # RandAugment operations per training image (ALBEF, BLIP: 2)
     randaug_m: int = 7               # and their strength, of 10 (ALBEF 7, BLIP 5)
@@ -110,6 +118,9 @@ class DownstreamConfig:
             raise ValueError(f"retrieval_score {self.retrieval_score!r} is not itm or itm_itc")
         if self.vqa_head not in ("decoder", "classifier"):
             raise ValueError(f"vqa_head {self.vqa_head!r} is not decoder or classifier")
+        if min(self.max_words, self.eval_max_words) < 1:
+            raise ValueError(f"max_words {self.max_words} and eval_max_words "
+                             f"{self.eval_max_words} must be >= 1")
 
 
 # The official fine-tuning of each backbone (ELIP's ALBEF/configs/*.yaml and BLIP/configs/*.yaml;
@@ -133,18 +144,25 @@ TASK_PRESETS = {
                           alpha_ramp_epochs=0.0),
     ("caption", "world"): dict(out_dir="out/caption", world_train=900, epochs=2, lr=3e-4),
     # per GPU: batch_size (train), eval_batch_size (test)
+    # ALBEF's retrieval evaluation cuts a caption at 30 tokens; its training tokenizer call names
+    # max_length 30 without truncation, which cuts nothing: here both cut at 30
     ("retrieval", "albef_coco"): {**ALBEF, "out_dir": "out/retrieval_albef_coco", "lr": 1e-5,
                                   "batch_size": 16, "eval_batch_size": 64, "epochs": 5,
-                                  "eval_k": 256},
+                                  "eval_k": 256, "max_len": 30},
     ("retrieval", "albef_flickr"): {**ALBEF, "out_dir": "out/retrieval_albef_flickr", "lr": 1e-5,
                                     "batch_size": 16, "eval_batch_size": 64, "epochs": 5,
-                                    "eval_k": 128},
+                                    "eval_k": 128, "max_len": 30},
+    # ALBEF cuts a training question at 25 tokens and keeps a test question (<= 50 words) whole:
+    # here both are cut at 25
     ("vqa", "albef"): {**ALBEF, "out_dir": "out/vqa_albef", "lr": 2e-5, "warmup_steps": 400,
-                       "batch_size": 16, "eval_batch_size": 16, "epochs": 8},
+                       "batch_size": 16, "eval_batch_size": 16, "epochs": 8, "max_len": 25,
+                       "eval_max_words": 50},
+    # ALBEF's SNLI-VE and NLVR2 tokenize without truncation: 512 (BERT's positions) cuts nothing
     ("ve", "albef"): {**ALBEF, "out_dir": "out/ve_albef", "lr": 2e-5, "batch_size": 16,
-                      "eval_batch_size": 32, "epochs": 3, "alpha_ramp_epochs": 0.0},
+                      "eval_batch_size": 32, "epochs": 3, "alpha_ramp_epochs": 0.0,
+                      "max_len": 512},
     ("nlvr", "albef"): {**ALBEF, "out_dir": "out/nlvr_albef", "lr": 2e-5, "batch_size": 8,
-                        "eval_batch_size": 8, "epochs": 10},
+                        "eval_batch_size": 8, "epochs": 10, "max_len": 512},
     ("retrieval", "blip_coco"): {**BLIP, "out_dir": "out/retrieval_blip_coco", "batch_size": 16,
                                  "eval_batch_size": 32, "epochs": 3, "eval_k": 256,
                                  "negative_all_rank": True, "retrieval_score": "itm_itc",
@@ -155,10 +173,18 @@ TASK_PRESETS = {
     ("caption", "blip"): {**BLIP, "out_dir": "out/caption_blip", "batch_size": 16,
                           "eval_batch_size": 32, "epochs": 6, "max_len": 40, "beam": 3,
                           "max_length": 20, "min_length": 5, "repetition_penalty": 1.0},
+    # ELIP released no BLIP VQA: these are BLIP's own (its configs/vqa.yaml, train_vqa.py,
+    # models/blip_vqa.py, data/vqa_dataset.py): 480 px, drop path 0.1 in the ViT, a Visual
+    # Genome answer weighs 0.2, questions of <= 50 words cut at 35 tokens, no distillation
+    ("vqa", "blip"): {**BLIP, "out_dir": "out/vqa_blip", "img_size": 480, "lr": 2e-5,
+                      "batch_size": 16, "eval_batch_size": 32, "epochs": 10, "drop_path": 0.1,
+                      "vg_weight": 0.2, "max_len": 35, "max_words": 50, "eval_max_words": 50,
+                      "vqa_k": 128, "distill": False},
 }
 # evaluation settings may change when a fine-tuning run resumes
-SAFE_ON_RESUME = ("test_file", "eval_k", "eval_batch_size", "beam", "max_length", "min_length",
-                  "length_penalty", "repetition_penalty", "retrieval_score", "vqa_k")
+SAFE_ON_RESUME = ("test_file", "eval_k", "eval_batch_size", "eval_max_words", "beam",
+                  "max_length", "min_length", "length_penalty", "repetition_penalty",
+                  "retrieval_score", "vqa_k")
 
 
 def load_source(cfg):
