@@ -225,7 +225,7 @@ def world_pairs(w, split, scenes, captions, mc, cover):
         masks = torch.from_numpy(w.masks(scene, mc.img_size))                   # (O, R, R)
         owned = object_patches(masks, mc.patch_size, cover)                     # (O, M)
         for text, idx in w.captions(scene, captions):
-            texts.append(data.pre_caption(text, mc.max_len))
+            texts.append(data.pre_caption(text))
             scene_of.append(i)
             named.append(owned[list(idx)].any(0))
             objects.append(owned.any(0))
