@@ -79,6 +79,16 @@ def pre_question(question, max_words=30):
     return question
 
 
+def pre_question_blip(question, max_words=50):
+    """BLIP's question cleaning: lower case, drop .!"()*#:;~ (commas, apostrophes, '?', '-' and
+    '/' stay), strip trailing spaces, keep the first max_words words."""
+    question = re.sub(r"([.!\"()*#:;~])", "", question.lower()).rstrip(" ")
+    words = question.split(" ")
+    if len(words) > max_words:
+        question = " ".join(words[:max_words])
+    return question
+
+
 def swap_left_right(text):
     """Exchange the words 'left' and 'right'. A horizontally flipped image makes 'a cat to the
     left of a dog' false; swapping the words makes it true again (real data says left/right too)."""
@@ -369,8 +379,8 @@ class RetrievalTrainDataset(PretrainDataset):
     """{"image", "caption", "image_id"} -> (image, caption, index of image_id), as ALBEF."""
 
     def __init__(self, source, image_root=None, transform=None, max_words=30, flip=True,
-                 check_images=True):
-        super().__init__(source, image_root, transform, max_words, flip, check_images)
+                 check_images=True, clean=pre_caption):
+        super().__init__(source, image_root, transform, max_words, flip, check_images, clean)
         ids = {}
         for item in self.items:
             ids.setdefault(item["image_id"], len(ids))
@@ -389,8 +399,9 @@ class RetrievalEvalDataset(PretrainDataset):
     """{"image", "caption": [str, ...]} one entry per image -> (image, index). All captions are
     in .text; .img2txt[i] lists the captions of image i, .txt2img[t] the image of caption t."""
 
-    def __init__(self, source, image_root=None, transform=None, max_words=30, check_images=True):
-        super().__init__(source, image_root, transform, max_words, False, check_images)
+    def __init__(self, source, image_root=None, transform=None, max_words=30, check_images=True,
+                 clean=pre_caption):
+        super().__init__(source, image_root, transform, max_words, False, check_images, clean)
         self.text, self.img2txt, self.txt2img = [], [], []
         for i, item in enumerate(self.items):
             self.img2txt.append(list(range(len(self.text), len(self.text) + len(item["captions"]))))
@@ -408,8 +419,8 @@ class CaptionDataset(PretrainDataset):
     as the file has them in .raw_references[i] (the COCO evaluation cleans them its own way)."""
 
     def __init__(self, source, image_root=None, transform=None, train=True, max_words=30,
-                 check_images=True):
-        super().__init__(source, image_root, transform, max_words, train, check_images)
+                 check_images=True, clean=pre_caption):
+        super().__init__(source, image_root, transform, max_words, train, check_images, clean)
         self.train = train
         self.references = [item["captions"] for item in self.items]
         self.raw_references = [item["raw"] for item in self.items]
@@ -432,14 +443,16 @@ class VQADataset(JSONDataset):
     train -> (image, question, answers, weights): each distinct answer once, with its weight:
     weighting "score", the VQA soft score min(1, count / 3) (a classifier's target), or "share",
     count / number of answers (ALBEF's and BLIP's decoder); a VG answer weighs vg_weight (ALBEF
-    0.5, BLIP 0.2). eval -> (image, question, index); answers optional.
+    0.5, BLIP 0.2). eval -> (image, question, index); answers optional. clean: the question
+    cleaning (pre_question as ALBEF, pre_question_blip as BLIP).
     .answer_list: the candidate answers (a list, a JSON file of one, or all answers seen)."""
 
     def __init__(self, source, image_root=None, transform=None, train=True, answer_list=None,
-                 max_words=30, check_images=True, weighting="score", vg_weight=0.5):
+                 max_words=30, check_images=True, weighting="score", vg_weight=0.5,
+                 clean=pre_question):
         if weighting not in ("score", "share"):
             raise ValueError(f"weighting must be 'score' or 'share', got {weighting!r}")
-        self.train, self.max_words = train, max_words
+        self.train, self.max_words, self.clean = train, max_words, clean
         self.weighting, self.vg_weight = weighting, vg_weight
         super().__init__(source, image_root, transform, train, check_images)
         if isinstance(answer_list, (str, os.PathLike)):
@@ -461,7 +474,7 @@ class VQADataset(JSONDataset):
             raise ValueError("'answer' must be a non-empty list of strings")
         return {"images": [_field(entry, "image", str, "a string")],
                 "question_id": _field(entry, "question_id", (str, int), "a string or an int"),
-                "question": _texts(entry, "question", pre_question, self.max_words)[0],
+                "question": _texts(entry, "question", self.clean, self.max_words)[0],
                 "answers": answers, "dataset": dataset}
 
     def __getitem__(self, i):

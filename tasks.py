@@ -55,6 +55,9 @@ def task_dataset(cfg, entries, root, transform, train, answers, max_words):
 
 def train_or_test_dataset(cfg, entries, root, transform, train, answers, max_words):
     task, kw = cfg.task, dict(max_words=max_words)
+    blip = cfg.caption_style == "blip"
+    if task in ("retrieval", "caption"):
+        kw["clean"] = data.pre_caption_blip if blip else data.pre_caption
     if task == "retrieval":
         return (data.RetrievalTrainDataset(entries, root, transform, **kw) if train
                 else data.RetrievalEvalDataset(entries, root, transform, **kw))
@@ -63,7 +66,8 @@ def train_or_test_dataset(cfg, entries, root, transform, train, answers, max_wor
         # ALBEF's dataset does
         weighting = "share" if cfg.vqa_head == "decoder" else "score"
         return data.VQADataset(entries, root, transform, train, answers, **kw,
-                               weighting=weighting, vg_weight=cfg.vg_weight)
+                               weighting=weighting, vg_weight=cfg.vg_weight,
+                               clean=data.pre_question_blip if blip else data.pre_question)
     if task == "nlvr":
         return data.NLVRDataset(entries, root, transform, **kw)
     if task == "ve":

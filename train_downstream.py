@@ -86,6 +86,9 @@ class DownstreamConfig:
     max_words: int = 30              # a training text keeps its first max_words words, before
                                      # the tokenizer (ALBEF, BLIP: 30; BLIP's VQA: 50)
     eval_max_words: int = 30         # and a test text (ALBEF's and BLIP's VQA: 50)
+    caption_style: str = "albef"     # text cleaning of captions and questions: albef
+                                     # (data.pre_caption, pre_question) | blip (pre_caption_blip,
+                                     # pre_question_blip: commas, apostrophes, '?' and '-' stay)
     drop_path: float = 0.0           # the ViT's stochastic depth in fine-tuning, rising to this
                                      # in the last block (BLIP's VQA: 0.1; ALBEF, BLIP: 0)
     crop_scale: tuple[float, ...] = (0.8, 1.0)   # random-crop area (ALBEF: 0.5,1.0)
@@ -118,6 +121,8 @@ class DownstreamConfig:
             raise ValueError(f"retrieval_score {self.retrieval_score!r} is not itm or itm_itc")
         if self.vqa_head not in ("decoder", "classifier"):
             raise ValueError(f"vqa_head {self.vqa_head!r} is not decoder or classifier")
+        if self.caption_style not in ("albef", "blip"):
+            raise ValueError(f"caption_style {self.caption_style!r} is not one of albef, blip")
         if min(self.max_words, self.eval_max_words) < 1:
             raise ValueError(f"max_words {self.max_words} and eval_max_words "
                              f"{self.eval_max_words} must be >= 1")
@@ -127,13 +132,14 @@ class DownstreamConfig:
 # ALBEF's VQA.yaml and VE.yaml as salesforce/ALBEF has them): 384 px, random crops of 50-100% of
 # the area, RandAugment; ALBEF: AdamW wd 0.02 (its optim_factory rule), timm's cosine stepped per
 # epoch after warmup_epochs x 100 steps from warmup_lr; BLIP: AdamW wd 0.05 on every parameter,
-# cosine per epoch from lr to 0. alpha ramps up over epoch 0 (SNLI-VE: warm_up False).
+# cosine per epoch from lr to 0, its own text cleaning (BLIP/data/utils.py). alpha ramps up over
+# epoch 0 (SNLI-VE: warm_up False).
 ALBEF = dict(img_size=384, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=7, weight_decay=0.02,
              decay="albef", schedule="albef", warmup_lr=1e-5, warmup_steps=100, min_lr=1e-6,
              alpha=0.4, alpha_ramp_epochs=1.0, num_workers=4)
 BLIP = dict(img_size=384, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=5, weight_decay=0.05,
             decay="all", schedule="epoch_cosine", lr=1e-5, min_lr=0.0, alpha=0.4,
-            alpha_ramp_epochs=1.0, num_workers=4)
+            alpha_ramp_epochs=1.0, num_workers=4, caption_style="blip")
 TASK_PRESETS = {
     # the embedded world: each task fine-tunes and evaluates in a few minutes on a 2-core CPU
     # from the tiny pre-training checkpoint. Explicit flags override them.

@@ -13,7 +13,8 @@ import data
 import world
 from data import (CaptionDataset, NLVRDataset, PretrainDataset, RetrievalEvalDataset,
                   RetrievalTrainDataset, VEDataset, VQADataset, create_transform, load_image,
-                  make_collate, pre_caption, pre_caption_blip, pre_question, swap_left_right)
+                  make_collate, pre_caption, pre_caption_blip, pre_question, pre_question_blip,
+                  swap_left_right)
 from tokenizer import Tokenizer
 from world import World, render_path, world_answer_list, world_entries
 
@@ -42,6 +43,15 @@ def test_pre_caption_as_blip():
         "a man's dog running -on the beach fun, ok?"
     assert pre_caption_blip(" ".join(str(i) for i in range(50))).split() == \
         [str(i) for i in range(30)]
+
+
+def test_pre_question_as_blip():
+    # BLIP/data/utils.py pre_question: .!"()*#:;~ are dropped (not spaced), the right end
+    # stripped, inner runs of spaces kept, the first max_ques_words (50) words kept
+    assert pre_question_blip("What  COLOR is the cat's tail-end, (roughly)? ") == \
+        "what  color is the cat's tail-end, roughly?"
+    assert pre_question_blip(" ".join(str(i) for i in range(60))).split() == \
+        [str(i) for i in range(50)]
 
 
 def test_swap_left_right_whole_words_only():

@@ -325,6 +325,7 @@ ALBEF_FT = {
     "eval_max_words": 30,
     "drop_path": 0.0,                   # ALBEF/models/model_retrieval.py:21-23: ViT default 0
     "prune": False,                     # ALBEF/models/model_retrieval.py:21-23: no prune_state
+    "caption_style": "albef",           # ALBEF/dataset/utils.py pre_caption, pre_question
 }
 ALBEF_DISTILL = {
     "distill": True,                    # ALBEF/configs/{VQA,VE,NLVR}.yaml distill: True
@@ -344,6 +345,7 @@ BLIP_FT = {
     "eval_max_words": 30,
     "drop_path": 0.0,                   # BLIP/models/blip_retrieval.py:30 create_vit(.., 0)
     "prune": False,                     # BLIP/models/blip_retrieval.py:30: no prune_state
+    "caption_style": "blip",            # BLIP/data/utils.py pre_caption, pre_question
 }
 OFFICIAL_DOWNSTREAM = {
     ("retrieval", "albef_coco"): {
@@ -521,5 +523,20 @@ def test_vqa_presets_reach_the_model_and_the_data(tmp_path):
         train_set, test_sets, _, _ = tasks.build_data(cfg, mc, tok)
         assert train_set[0][3] == [1.0] and train_set[1][3] == [vg]     # VQA 10/10; VG
         assert len(train_set.items[0]["question"].split()) == train_words
+        assert train_set.clean is (data.pre_question_blip if blip else data.pre_question)
         (test_set,) = test_sets.values()
         assert len(test_set.items[0]["question"].split()) == test_words
+
+
+@pytest.mark.parametrize("task,preset,clean", [("retrieval", "albef_coco", "pre_caption"),
+                                               ("retrieval", "blip_coco", "pre_caption_blip"),
+                                               ("caption", "blip", "pre_caption_blip")])
+def test_caption_cleaning_follows_the_backbone(tmp_path, task, preset, clean):
+    """ALBEF's presets clean captions as ALBEF, BLIP's as BLIP (commas, apostrophes stay)."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.jpg")
+    cfg = resolved_downstream(task, preset)
+    entries = [{"image": "0.jpg", "caption": "A dog's ball, red.", "image_id": 0}]
+    for train in (True, False):
+        dataset = tasks.train_or_test_dataset(cfg, entries, str(tmp_path), None, train, None, 30)
+        assert dataset.clean is getattr(data, clean)
+    assert dataset.items[0]["captions"] == [getattr(data, clean)("A dog's ball, red.")]
