@@ -42,6 +42,12 @@ import world
 # Text cleaning, exactly as ALBEF (so that numbers on real data are comparable)
 
 
+def _first_words(text, max_words):
+    """The first max_words words, split on single spaces as ALBEF and BLIP split them (runs of
+    spaces, where kept, count as empty words)."""
+    return " ".join(text.split(" ")[:max_words])
+
+
 def pre_caption(caption, max_words=30):
     """ALBEF's caption cleaning: lower case, drop ,.'!?"()*#:;~, '-' and '/' to spaces,
     '<person>' (SBU/CC placeholders) to 'person', collapse runs of spaces, strip, keep the first
@@ -50,10 +56,7 @@ def pre_caption(caption, max_words=30):
     caption = caption.replace("-", " ").replace("/", " ").replace("<person>", "person")
     caption = re.sub(r"\s{2,}", " ", caption)
     caption = caption.rstrip("\n").strip(" ")
-    words = caption.split(" ")
-    if len(words) > max_words:
-        caption = " ".join(words[:max_words])
-    return caption
+    return _first_words(caption, max_words)
 
 
 def pre_caption_blip(caption, max_words=30):
@@ -62,10 +65,7 @@ def pre_caption_blip(caption, max_words=30):
     caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
     caption = re.sub(r"\s{2,}", " ", caption)
     caption = caption.rstrip("\n").strip(" ")
-    words = caption.split(" ")
-    if len(words) > max_words:
-        caption = " ".join(words[:max_words])
-    return caption
+    return _first_words(caption, max_words)
 
 
 def pre_question(question, max_words=30):
@@ -73,20 +73,14 @@ def pre_question(question, max_words=30):
     not collapse inner runs of spaces (kept as ALBEF has it)."""
     question = re.sub(r"([,.'!?\"()*#:;~])", "", question.lower())
     question = question.replace("-", " ").replace("/", " ").rstrip(" ")
-    words = question.split(" ")
-    if len(words) > max_words:
-        question = " ".join(words[:max_words])
-    return question
+    return _first_words(question, max_words)
 
 
 def pre_question_blip(question, max_words=50):
     """BLIP's question cleaning: lower case, drop .!"()*#:;~ (commas, apostrophes, '?', '-' and
     '/' stay), strip trailing spaces, keep the first max_words words."""
     question = re.sub(r"([.!\"()*#:;~])", "", question.lower()).rstrip(" ")
-    words = question.split(" ")
-    if len(words) > max_words:
-        question = " ".join(words[:max_words])
-    return question
+    return _first_words(question, max_words)
 
 
 def swap_left_right(text):
