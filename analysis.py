@@ -1,8 +1,9 @@
 """
 What the pruning keeps: the fractions of the named objects' patches each method keeps, and the
 picture of the kept patches (the paper's Fig. 4), on a pre-training checkpoint; and what the
-model reads from a caption: its retrieval per kind of caption, beside chance and the oracle, and
-the shapes, colours and sizes its MLM head fills in.
+model reads from a caption: its retrieval per kind of caption, beside chance and the oracle, the
+shapes, colours and sizes its MLM head fills in, and whether its text features and patch tokens
+hold them.
 
     python analysis.py keep --checkpoint out/pretrain/checkpoint.pt      # out/analysis/keep.json
     python analysis.py picture --checkpoint out/pretrain/checkpoint.pt   # out/analysis/pruning.png
@@ -38,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import eval as evaluation
+import probes
 import world
 from config import config_from_dict, parse_config, run_subcommand
 from model import ELIPModel, ModelConfig, build_vit
@@ -109,16 +111,17 @@ class KindsConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     scenes: int = 200                # the split's first scenes, each with its captions (the
                                      # default run's zero-shot test)
+    probe_scenes: int = 400          # train-split scenes whose objects train the linear probes
     out: str = "out/analysis/kinds.json"             # the report, as JSON
 
     def __post_init__(self):
-        if self.scenes < 2:
-            raise ValueError("scenes must be >= 2")
+        if self.scenes < 2 or self.probe_scenes < 2:
+            raise ValueError("scenes and probe_scenes must be >= 2")
 
 
 KEEP_PRESETS = {"full": dict(), "quick": dict(scenes=20, captions=2)}      # quick: seconds
 PICTURE_PRESETS = {"full": dict(), "quick": dict(images=2, scale=2)}
-KINDS_PRESETS = {"full": dict(), "quick": dict(scenes=20)}
+KINDS_PRESETS = {"full": dict(), "quick": dict(scenes=20, probe_scenes=40)}
 KEEP_DOC = """python analysis.py keep [--flag value ...]
 
 For each method (a text-guided one once per lam) and each cut of the checkpoint's schedule: the
@@ -132,8 +135,11 @@ re-ranking) over the split's first scenes, per caption template ("a {size} {colo
 "a {a} above a {b}", ...): how many images each caption is true of, how often the model's first
 image is one of them (against a random image), and R@1 of the caption's own image against the
 oracle's. Then, for a model with ALBEF's MLM head, how often it fills in the masked shape, colour
-or size of each object of those scenes. Prints the tables and writes the report as JSON to
---out."""
+or size of each object of those scenes. Last, where an attribute is lost: whether the text
+side tells its values apart (the cosine between the ITC features of two captions that differ in
+it), and how well a linear probe names it from an object's patch tokens, for the checkpoint's
+ViT, an untrained one and the raw pixels (probes trained on the objects of the train split's
+first --probe_scenes scenes). Prints the tables and writes the report as JSON to --out."""
 PICTURE_DOC = """python analysis.py picture [--flag value ...]
 
 For the split's first scenes, one caption each: the input, then per cut the patches the method
@@ -481,48 +487,17 @@ def run_kinds(cfg):
                          first_true_chance=float((true_of[sel] / len(dataset)).mean()),
                          r1=float((above_own[sel] == 0).float().mean()),
                          r1_oracle=float((1 / true_of[sel]).mean())))
-    fill = fill_in(model, tok, w, a.split, cfg.scenes, device) if "mlm" in model.cfg.losses \
+    fill = probes.fill_in(model, tok, w, a.split, cfg.scenes, device) if "mlm" in model.cfg.losses \
         else {}
     words = {attribute: dict(objects=len(pairs),
                              right=sum(t == p for t, p in pairs) / len(pairs),
                              most_frequent=max(Counter(t for t, _ in pairs).values()) / len(pairs))
              for attribute, pairs in fill.items()}
     return dict(config=dataclasses.asdict(cfg), world_seed=w.seed, world_variant=w.variant,
-                images=len(dataset), captions=len(dataset.text), rows=rows, fill_in=words)
-
-
-# the object caption with one word masked; the size goes first so that the article ("a", never
-# "an" before small or large) does not give away a colour such as orange
-FILL_IN = {"shape": ("a {size} {colour} [MASK]", world.SHAPES),
-           "colour": ("a {size} [MASK] {shape}", tuple(world.COLOURS)),
-           "size": ("a [MASK] {colour} {shape}", tuple(world.RADIUS))}
-
-
-@torch.no_grad()
-def fill_in(model, tok, w, split, scenes, device):
-    """What the fused model knows of each object: for every object of the split's first scenes and
-    each attribute of FILL_IN, its caption with that word masked, read with the scene's image by
-    the MLM head (ALBEF's pre-training task); the pick is the candidate word (the world's shapes,
-    colours or sizes) with the largest logit at the mask. Returns {attribute: [(truth, pick)]}."""
-    transform = data.create_transform(model.cfg.img_size, train=False)
-    out = {attribute: [] for attribute in FILL_IN}
-    for i in range(scenes):
-        objects = w.scene(split, i).objects
-        image = transform(data.load_image(w.path(split, i)))[None].to(device)   # (1, 3, R, R)
-        image_embeds = model.encode_image(image)                                 # (1, L, D)
-        for attribute, (template, words) in FILL_IN.items():
-            ids, mask = tok([template.format(size=o.size, colour=o.colour, shape=o.shape)
-                             for o in objects], model.cfg.max_len)                # (O, T)
-            ids, mask = ids.to(device), mask.to(device)
-            embeds = image_embeds.expand(len(objects), -1, -1)                  # (O, L, D)
-            atts = embeds.new_ones(embeds.shape[:2], dtype=torch.long)
-            hidden = model.text_encoder(ids, mask, embeds, atts, mode="multimodal")
-            at_mask = hidden[ids == tok.mask_id]                                # (O, Dt)
-            candidates = torch.tensor([tok.token_to_id[x] for x in words], device=device)
-            picks = model.text_encoder.lm_logits(at_mask)[:, candidates].argmax(1)   # (O,)
-            out[attribute] += [(getattr(o, attribute), words[p])
-                               for o, p in zip(objects, picks.tolist())]
-    return out
+                images=len(dataset), captions=len(dataset.text), rows=rows, fill_in=words,
+                text_cosine=probes.text_contrast(model, tok, device),
+                probe=probes.probe_objects(model, w, a.split, cfg.scenes, cfg.probe_scenes,
+                                           a.seed, device))
 
 
 def format_kinds(report):
@@ -545,6 +520,17 @@ def format_kinds(report):
                   f"{'word':<10}{'objects':>9}{'right':>8}{'most frequent':>15}"]
         lines += [f"{k:<10}{v['objects']:>9}{v['right']:>8.3f}{v['most_frequent']:>15.3f}"
                   for k, v in report["fill_in"].items()]
+    cos, probe = report["text_cosine"], report["probe"]
+    objects = probe["shape"]["objects"]
+    lines += ["", "where an attribute is lost: the cosine between the ITC text features of two "
+              "captions 'a {size} {colour} {shape}' that differ in it (1: the text side cannot "
+              "tell them apart), and the test accuracy of a linear probe naming it from the "
+              f"object's patch tokens ({objects[0]} train-split objects, {objects[1]} test), "
+              "of this ViT, an untrained one and the raw pixels",
+              f"{'word':<10}{'text cosine':>12}{'trained':>9}{'untrained':>11}{'pixels':>8}"
+              f"{'most frequent':>15}"]
+    lines += [f"{k:<10}{cos[k]:>12.3f}{v['trained']:>9.3f}{v['untrained']:>11.3f}"
+              f"{v['pixels']:>8.3f}{v['most_frequent']:>15.3f}" for k, v in probe.items()]
     return "\n".join(lines)
 
 
@@ -560,8 +546,8 @@ USAGE = f"""usage: python analysis.py {{{','.join(COMMANDS)}}} [--flag value ...
   keep     the fractions of the named objects' patches, the other objects' and all patches
            that each method keeps at each cut (table and JSON)
   picture  the kept patches of a few scenes, drawn (PNG)
-  kinds    image retrieval per caption template, beside chance and the oracle, and the words
-           the MLM head fills in (tables and JSON)
+  kinds    image retrieval per caption template, beside chance and the oracle, the words
+           the MLM head fills in, and where an attribute is lost (tables and JSON)
 python analysis.py COMMAND --help lists the command's flags"""
 
 

@@ -1,6 +1,6 @@
 """What the pruning keeps (analysis.py): the kept-patch masks against pruning.token_counts, the
 object-patch rule on hand-made masks, loading a checkpoint, and the `keep`, `picture` and
-`kinds` commands end to end on a tiny random checkpoint."""
+`kinds` commands end to end on a tiny random checkpoint, and the probes of probes.py."""
 import dataclasses
 import json
 
@@ -13,6 +13,7 @@ import analysis
 import data
 import eval as evaluation
 import metrics
+import probes
 import world
 from model import ELIPModel, ModelConfig
 from pruning import PruneConfig, token_counts
@@ -264,11 +265,77 @@ def test_kinds_command_end_to_end(checkpoint, tmp_path, capsys):
         assert v["objects"] == len(objects) and 0.0 <= v["right"] <= 1.0
         assert v["most_frequent"] == max(values.count(x) for x in values) / len(objects)
     assert "there are {n} objects" in capsys.readouterr().out
+    # where an attribute is lost: cosines of distinct captions, probe accuracies, object counts
+    assert set(report["text_cosine"]) == set(probes.ATTRIBUTES)
+    assert all(-1.0 <= c < 1.0 - 1e-6 for c in report["text_cosine"].values())
+    probe = report["probe"]
+    assert set(probe) == set(probes.ATTRIBUTES)
+    n_train = sum(len(w.scene("train", i).objects) for i in range(analysis.KindsConfig.probe_scenes))
+    for attribute, v in probe.items():
+        assert v["objects"] == [n_train, len(objects)]
+        assert all(0.0 <= v[k] <= 1.0 for k in ("trained", "untrained", "pixels", "most_frequent"))
+
+
+def test_text_contrast_averages_the_pairs_that_differ_in_one_word(checkpoint):
+    model, tok, _ = analysis.load_for_analysis(checkpoint)
+    got = probes.text_contrast(model, tok, torch.device("cpu"))
+    shapes, colours, sizes = probes.ATTRIBUTES.values()
+
+    def feat(shape, colour, size):
+        ids, mask = tok([f"a {size} {colour} {shape}"], model.cfg.max_len)
+        with torch.no_grad():
+            return model.text_feat(model.encode_text(ids, mask))[0]
+
+    feats = {(s, c, z): feat(s, c, z) for s in shapes for c in colours for z in sizes}
+    for a, name in enumerate(probes.ATTRIBUTES):
+        cos = [float(feats[k] @ feats[j]) for k in feats for j in feats
+               if k[a] != j[a] and all(k[b] == j[b] for b in range(3) if b != a)]
+        assert got[name] == pytest.approx(sum(cos) / len(cos), abs=1e-5)
+
+
+def test_object_tokens_weigh_each_patch_by_the_object_share(checkpoint):
+    model, _, w = analysis.load_for_analysis(checkpoint)
+    p, res = model.cfg.patch_size, model.cfg.img_size
+    feats, objects = probes.object_tokens(None, w, "test", 2, res, p, torch.device("cpu"))
+    assert len(objects) == len(feats) == sum(len(w.scene("test", i).objects) for i in range(2))
+    # by hand for the first scene: loop over the patches in the ViT's row-major order
+    image = data.create_transform(res, train=False)(data.load_image(w.path("test", 0)))
+    masks = w.masks(w.scene("test", 0), res)
+    for k, mask in enumerate(masks):
+        total, weight = torch.zeros(3 * p * p), 0.0
+        for r in range(res // p):
+            for c in range(res // p):
+                share = float(mask[r * p:(r + 1) * p, c * p:(c + 1) * p].mean())
+                total += share * image[:, r * p:(r + 1) * p, c * p:(c + 1) * p].reshape(-1)
+                weight += share
+        assert torch.allclose(feats[k], total / weight, atol=1e-5)
+    # a ViT's tokens take the same weights: one that returns its input's patches after a [CLS]
+    def patches_vit(x):
+        patches = torch.nn.functional.unfold(x, p, stride=p).transpose(1, 2)     # (1, M, 3p^2)
+        return torch.cat([torch.full_like(patches[:, :1], 1e3), patches], 1)     # (1, 1+M, 3p^2)
+
+    via_vit, _ = probes.object_tokens(patches_vit, w, "test", 2, res, p, torch.device("cpu"))
+    assert torch.allclose(via_vit, feats, atol=1e-5)
+
+
+def test_linear_probe_reads_an_object_colour_from_its_pixels():
+    # flat colours: linear in the pixels, so a probe that reads the right patches names them
+    w = world.World(WORLD_SEED)
+    args = (32, 4, torch.device("cpu"))
+    x_train, o_train = probes.object_tokens(None, w, "train", 150, *args)
+    x_test, o_test = probes.object_tokens(None, w, "test", 20, *args)
+    colours = probes.ATTRIBUTES["colour"]
+    y_train = torch.tensor([colours.index(o.colour) for o in o_train])
+    y_test = torch.tensor([colours.index(o.colour) for o in o_test])
+    assert probes.linear_probe(x_train, y_train, x_test, y_test, len(colours)) >= 0.9
+    # and no better than chance when the labels are shuffled
+    y_shuffled = y_train[torch.randperm(len(y_train), generator=torch.Generator().manual_seed(0))]
+    assert probes.linear_probe(x_train, y_shuffled, x_test, y_test, len(colours)) < 0.5
 
 
 def test_fill_in_reads_the_masked_word_with_the_image(checkpoint):
     model, tok, w = analysis.load_for_analysis(checkpoint)
-    picks = analysis.fill_in(model, tok, w, "test", 2, torch.device("cpu"))
+    picks = probes.fill_in(model, tok, w, "test", 2, torch.device("cpu"))
     objects = [o for i in range(2) for o in w.scene("test", i).objects]
     assert [t for t, _ in picks["shape"]] == [o.shape for o in objects]
     # by hand, another way through ALBEF's encoder: the text layers, then the fusion layers
@@ -276,7 +343,7 @@ def test_fill_in_reads_the_masked_word_with_the_image(checkpoint):
     o = objects[0]
     with torch.no_grad():
         image_embeds = model.encode_image(image)
-        for attribute, (template, words) in analysis.FILL_IN.items():
+        for attribute, (template, words) in probes.FILL_IN.items():
             ids, mask = tok([template.format(size=o.size, colour=o.colour, shape=o.shape)], 32)
             hidden = model.fuse(model.encode_text(ids, mask), mask, image_embeds, ids)
             logits = model.text_encoder.lm_logits(hidden)[0, (ids[0] == tok.mask_id).nonzero()[0, 0]]
