@@ -270,7 +270,8 @@ def test_kinds_command_end_to_end(checkpoint, tmp_path, capsys):
     assert all(-1.0 <= c < 1.0 - 1e-6 for c in report["text_cosine"].values())
     probe = report["probe"]
     assert set(probe) == set(probes.ATTRIBUTES)
-    n_train = sum(len(w.scene("train", i).objects) for i in range(analysis.KindsConfig.probe_scenes))
+    probe_scenes = analysis.KindsConfig.probe_scenes
+    n_train = sum(len(w.scene("train", i).objects) for i in range(probe_scenes))
     for attribute, v in probe.items():
         assert v["objects"] == [n_train, len(objects)]
         assert all(0.0 <= v[k] <= 1.0 for k in ("trained", "untrained", "pixels", "most_frequent"))
