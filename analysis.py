@@ -186,10 +186,7 @@ def kept_patches(vit, images, text_cls=None, layers=None):
 def object_patches(masks, patch_size, cover=0.5):
     """Pixel masks (..., H, W) bool -> (..., M) bool, patches in the ViT's row-major order: the
     patches whose pixels the mask covers for at least `cover` of them."""
-    *lead, H, W = masks.shape
-    p = patch_size
-    frac = masks.reshape(*lead, H // p, p, W // p, p).float().mean((-3, -1))   # (..., H/p, W/p)
-    return (frac >= cover).flatten(-2)                                          # (..., M)
+    return probes.patch_share(masks, patch_size) >= cover                       # (..., M)
 
 
 # ---- the model, the world ----------------------------------------------------------------

@@ -71,6 +71,15 @@ def text_contrast(model, tok, device):
     return out
 
 
+def patch_share(masks, patch_size):
+    """Pixel masks (..., H, W) -> (..., M) float: the share of each patch's pixels the mask
+    covers, patches in the ViT's row-major order."""
+    *lead, H, W = masks.shape
+    p = patch_size
+    share = masks.reshape(*lead, H // p, p, W // p, p).float().mean((-3, -1))  # (..., H/p, W/p)
+    return share.flatten(-2)                                                    # (..., M)
+
+
 @torch.no_grad()
 def object_tokens(vit, w, split, scenes, img_size, patch_size, device):
     """For every object of the split's first scenes: the mean of the ViT's final patch tokens
@@ -87,8 +96,7 @@ def object_tokens(vit, w, split, scenes, img_size, patch_size, device):
             tokens = tokens.reshape(g * g, 3 * p * p)                              # (M, 3p^2)
         else:
             tokens = vit(image)[0, 1:]                                             # (M, D)
-        masks = torch.from_numpy(w.masks(scene, img_size)).float()                # (O, R, R)
-        share = masks.reshape(-1, g, p, g, p).mean((2, 4)).flatten(1)              # (O, M)
+        share = patch_share(torch.from_numpy(w.masks(scene, img_size)), p)         # (O, M)
         feats.append((share / share.sum(1, keepdim=True)) @ tokens.cpu())          # (O, D)
         objects += scene.objects
     return torch.cat(feats), objects
