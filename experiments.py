@@ -1,7 +1,8 @@
 """
 Experiments of several runs, each one command; every run is a subprocess of train_downstream.py,
 train_pretrain.py or analysis.py in its own folder under --out_dir, and a run whose result file
-exists is not run again, so a command that stopped continues where it was.
+exists is not run again, so a command that stopped continues where it was. One check trains in
+this process instead (pooled, a few minutes).
 
     python experiments.py transfer     # each world task fine-tuned from the pre-training
                                        # checkpoint and from scratch, 3 seeds each
@@ -9,6 +10,8 @@ exists is not run again, so a command that stopped continues where it was.
                                        # 0.6, 1.0), evit, random, none; 3 seeds each
     python experiments.py speed --base REV   # the default run of this code and of an older
                                        # revision (git), side by side: time and R mean
+    python experiments.py pooled       # what the tiny ViT learns from scratch when told
+                                       # directly which shapes, colours, places a scene holds
     python experiments.py transfer --help                # every flag
 
 Figures are printed as the mean and the sample standard deviation over the seeds (mean ± sd),
@@ -27,8 +30,16 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass
 
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import probes
 import world
 from config import parse_config, run_subcommand
+from model import ModelConfig, build_vit
+from pruning import PruneConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -399,6 +410,82 @@ def speed_main(argv):
                                 "wall_ratio": ratio}, table)
 
 
+# ---- pooled: what the tiny ViT learns from scratch when told directly ---------------------
+@dataclass
+class PooledConfig:
+    preset: str = "full"
+    steps: int = 600
+    eval_every: int = 100
+    batch_size: int = 32
+    lr: float = 5e-4                 # AdamW, constant; the default run's peak
+    weight_decay: float = 0.02
+    depth: int = 12                  # the ViT's layers (the tiny preset's 12)
+    init_std: float = 0.1            # the tiny preset's
+    pool: str = "cls"                # what the labels are read from: cls (the [CLS] token, as ITC
+                                     # reads an image) | mean (of the patch tokens)
+    world_train: int = 6000          # scenes of the default world to train on
+    world_test: int = 400            # and to test on (the test split)
+    seed: int = 0
+    threads: int = 0                 # torch.set_num_threads (0: torch's default)
+    out_dir: str = "out/pooled"
+
+
+POOLED_PRESETS = {"full": {}, "quick": dict(steps=30, eval_every=10, depth=2, world_train=200,
+                                            world_test=100)}
+
+
+def world_labels(w, split, n, transform):
+    """The split's first n scenes: (n, 3, R, R) images as the evaluation sees them, (n, K)
+    probes.scene_labels."""
+    images = torch.stack([transform(data.load_image(w.path(split, i))) for i in range(n)])
+    return images, torch.stack([probes.scene_labels(w.scene(split, i)) for i in range(n)])
+
+
+def pooled_main(argv):
+    cfg, _ = parse_config(PooledConfig(), argv, POOLED_PRESETS, doc=POOLED_DOC)
+    if cfg.pool not in ("cls", "mean") or min(cfg.steps, cfg.eval_every, cfg.batch_size) < 1:
+        raise SystemExit(f"error: --pool {cfg.pool!r} is not cls or mean, or steps, eval_every, "
+                         f"batch_size are not all >= 1")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    mc = ModelConfig(vision_depth=cfg.depth, init_std=cfg.init_std,
+                     prune=PruneConfig(method="none"))
+    w, transform = world.World(0), data.create_transform(mc.img_size, train=False)
+    x_train, y_train = world_labels(w, "train", cfg.world_train, transform)
+    x_test, y_test = world_labels(w, "test", cfg.world_test, transform)
+    vit = build_vit(mc, mc.prune)
+    head = torch.nn.Linear(mc.vision_width, y_train.shape[1])
+    opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+
+    def predict(images):
+        tokens = vit(images)                                                    # (B, 1+M, D)
+        return head(tokens[:, 0] if cfg.pool == "cls" else tokens[:, 1:].mean(1))   # (B, K)
+
+    gen, history = torch.Generator().manual_seed(cfg.seed), []
+    for step in tqdm(range(1, cfg.steps + 1), desc="pooled"):
+        idx = torch.randint(len(x_train), (cfg.batch_size,), generator=gen)
+        loss = F.binary_cross_entropy_with_logits(predict(x_train[idx]), y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            vit.eval()
+            with torch.no_grad():
+                logits = torch.cat([predict(x) for x in x_test.split(100)])        # (N, K)
+            vit.train()
+            history.append({"step": step, "loss": loss.item(),
+                            **probes.balanced_accuracy(logits, y_test)})
+    table = "\n".join(
+        [f"balanced accuracy on {cfg.world_test} test scenes (0.5: chance or a constant answer), "
+         f"the labels read from {cfg.pool} of a {cfg.depth}-layer ViT trained from scratch",
+         f"{'step':>6}{'loss':>8}" + "".join(f"{g:>13}" for g in probes.LABELS)]
+        + [f"{h['step']:>6}{h['loss']:>8.3f}" + "".join(f"{h[g]:>13.3f}" for g in probes.LABELS)
+           for h in history])
+    write_summary(cfg.out_dir, {"config": asdict(cfg), "history": history}, table)
+
+
 TRANSFER_DOC = """python experiments.py transfer [--flag value ...]
 
 Each task of the embedded world fine-tuned (train_downstream.py with the task's preset) from the
@@ -417,11 +504,21 @@ The default run (python train_pretrain.py) of the working tree and of an older r
 repository (extracted with git archive), one after the other on the same machine, alternating
 their order over --reps: wall-clock and CPU time, zero-shot R mean. Run it on an idle machine.
 Writes out_dir/summary.json."""
-COMMANDS = {"transfer": transfer_main, "guidance": guidance_main, "speed": speed_main}
-USAGE = """usage: python experiments.py {transfer,guidance,speed} [--flag value ...]
+POOLED_DOC = """python experiments.py pooled [--flag value ...]
+
+The tiny preset's ViT (64 px, patch 8, width 128), from random weights, trained with a linear
+head on one pooled vector to say what a scene of the default world holds: which shapes, which
+colours, which cells of the 3x3 grid are occupied, which colour at which cell (binary labels,
+BCE, AdamW). Every --eval_every steps, the balanced accuracy of each group on the test split.
+It asks whether the encoder can learn a property within the default run's ~900 steps when told
+it directly, which pre-training's captions only hint at. Writes out_dir/summary.json."""
+COMMANDS = {"transfer": transfer_main, "guidance": guidance_main, "speed": speed_main,
+            "pooled": pooled_main}
+USAGE = """usage: python experiments.py {transfer,guidance,speed,pooled} [--flag value ...]
   transfer   every world task fine-tuned from the pre-training checkpoint and from scratch
   guidance   text guidance's test on the clutter world (elip, evit, random, none; lam)
   speed      the default run of this code beside an older revision's (--base REV)
+  pooled     what the tiny ViT learns from scratch when told what a scene holds
 python experiments.py COMMAND --help lists the command's flags"""
 
 

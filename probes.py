@@ -3,7 +3,8 @@ What a pre-training checkpoint's encoders know of the embedded world's objects, 
 `python analysis.py kinds`: the words its MLM head fills in with the image (fill_in), whether
 its text features tell an attribute's values apart (text_contrast), and how well a linear probe
 reads an attribute from an object's patch tokens (probe_objects), beside an untrained ViT and
-the raw pixels.
+the raw pixels. And the labels of `python experiments.py pooled`, which asks what the tiny ViT
+learns from scratch when told directly what a scene holds (scene_labels, balanced_accuracy).
 """
 import torch
 import torch.nn.functional as F
@@ -143,3 +144,33 @@ def probe_objects(model, w, split, scenes, probe_scenes, seed, device):
             out[name]["most_frequent"] = float(y_test.bincount().max() / len(y_test))
             out[name]["objects"] = [len(o_train), len(o_test)]
     return out
+
+
+# what a scene of the default world holds, as labels read from one pooled vector (the way ITC
+# reads an image): which shapes, colours, cells of the 3x3 grid, and which colour at which cell
+LABELS = {"shape": len(world.SHAPES), "colour": len(world.COLOURS), "cell": 9,
+          "colour@cell": 9 * len(world.COLOURS)}
+
+
+def scene_labels(scene):
+    """(sum of LABELS' sizes,) float, 1 where the scene holds that shape, colour, occupied cell
+    or colour at a cell (groups in LABELS' order)."""
+    offsets = torch.tensor([0, *LABELS.values()]).cumsum(0)[:-1]                # (4,)
+    y = torch.zeros(sum(LABELS.values()))
+    for o in scene.objects:
+        shape, colour = world.SHAPES.index(o.shape), list(world.COLOURS).index(o.colour)
+        cell = o.cell[0] * 3 + o.cell[1]
+        y[offsets + torch.tensor([shape, colour, cell, colour * 9 + cell])] = 1
+    return y
+
+
+def balanced_accuracy(logits, labels):
+    """{group of LABELS: the mean over its labels of (true-positive rate + true-negative rate) / 2}
+    for the predictions logits > 0; logits, labels (N, sum of LABELS' sizes). Any constant answer
+    scores 0.5, so the groups' figures compare although their labels are rare to different
+    degrees (a colour at a cell: 3 scenes in 63)."""
+    pred, pos = logits > 0, labels > 0
+    tpr = (pred & pos).sum(0) / pos.sum(0).clamp(min=1)                         # (K,)
+    tnr = (~pred & ~pos).sum(0) / (~pos).sum(0).clamp(min=1)                    # (K,)
+    per_label = ((tpr + tnr) / 2).split(list(LABELS.values()))
+    return {group: float(part.mean()) for group, part in zip(LABELS, per_label)}

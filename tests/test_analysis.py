@@ -377,3 +377,36 @@ def test_usage_and_help(capsys):
         assert "a checkpoint of train_pretrain.py" in out                 # the field's comment
     with pytest.raises(SystemExit, match="split"):
         analysis.main(["keep", "--split", "dev"])
+
+
+def test_scene_labels_name_each_objects_shape_colour_cell_and_colour_at_cell():
+    w = world.World(0)
+    colours = list(world.COLOURS)
+    for i in range(20):
+        scene = w.scene("test", i)
+        groups = dict(zip(probes.LABELS, probes.scene_labels(scene).split(
+            list(probes.LABELS.values()))))
+        cells = {3 * o.cell[0] + o.cell[1] for o in scene.objects}
+        assert set(groups["shape"].nonzero().flatten().tolist()) == {
+            world.SHAPES.index(o.shape) for o in scene.objects}
+        assert set(groups["colour"].nonzero().flatten().tolist()) == {
+            colours.index(o.colour) for o in scene.objects}
+        assert set(groups["cell"].nonzero().flatten().tolist()) == cells
+        at = groups["colour@cell"].reshape(len(colours), 9)                    # (colour, cell)
+        assert {(c, k) for c, k in at.nonzero().tolist()} == {
+            (colours.index(o.colour), 3 * o.cell[0] + o.cell[1]) for o in scene.objects}
+
+
+def test_balanced_accuracy_is_half_for_constant_answers_and_per_group():
+    gen = torch.Generator().manual_seed(0)
+    labels = (torch.rand(50, sum(probes.LABELS.values()), generator=gen) < 0.2).float()
+    for constant in (-1.0, 1.0):
+        acc = probes.balanced_accuracy(torch.full_like(labels, constant), labels)
+        assert all(v == pytest.approx(0.5) for v in acc.values())
+    assert all(v == 1.0 for v in probes.balanced_accuracy(labels - 0.5, labels).values())
+    assert all(v == 0.0 for v in probes.balanced_accuracy(0.5 - labels, labels).values())
+    # one group right, the rest wrong: only that group scores 1
+    logits = 0.5 - labels
+    logits[:, :len(world.SHAPES)] *= -1
+    acc = probes.balanced_accuracy(logits, labels)
+    assert acc["shape"] == 1.0 and acc["colour"] == acc["cell"] == acc["colour@cell"] == 0.0

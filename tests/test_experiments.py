@@ -122,3 +122,14 @@ def test_speed_alternates_the_order_and_reports_the_ratio(tmp_path, monkeypatch)
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["wall_ratio"] == pytest.approx(0.6)
     assert summary["median"]["base"]["cpu"] == 200.0
+
+
+def test_pooled_check_learns_the_colours_a_scene_holds(tmp_path):
+    """experiments.py pooled: a 2-layer ViT told which colours a scene holds learns them within 80
+    steps (colour is in every pixel); the table reports each group at each evaluation."""
+    experiments.main(["pooled", "--preset", "quick", "--steps", "80", "--eval_every", "40",
+                      "--lr", "2e-3", "--out_dir", str(tmp_path)])
+    history = json.load(open(tmp_path / "summary.json"))["history"]
+    assert [h["step"] for h in history] == [40, 80]
+    assert history[-1]["colour"] > 0.75 and history[-1]["loss"] < history[0]["loss"]
+    assert 0.3 < history[-1]["colour@cell"] < 0.7          # binding: not within 80 steps
