@@ -18,7 +18,6 @@ an entry, names it in its log, and stops past a limit.
 
 import bisect
 import json
-import math
 import os
 import pickle
 import re
@@ -37,6 +36,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 import world
+from randaug import RandomAugment
 
 # -----------------------------------------------------------------------------
 # Text cleaning, exactly as ALBEF (so that numbers on real data are comparable)
@@ -112,63 +112,6 @@ def load_image(path, image_root=None):
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-# RandAugment as ALBEF and BLIP pre-train with it (their RandomAugment, dataset/randaugment.py):
-# n operations drawn with replacement from these ten, each then applied with probability 0.5 at
-# strength m of 10, the geometric ones with a random sign, bilinear, the uncovered area grey.
-RANDAUG_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX",
-               "ShearY", "TranslateX", "TranslateY", "Rotate")
-
-
-def randaug_op(image, op, m, sign):
-    """One RandAugment operation at strength m (of 10) on a uint8 image (3, H, W); sign (1 or -1)
-    turns the geometric ones around. Magnitudes and geometry are those of the official cv2
-    matrices: enhance factor 0.1 + 1.8 m / 10; shear 0.3 m / 10 about the top-left pixel;
-    translation by m pixels; rotation by 3 m degrees about pixel (W / 2, H / 2)."""
-    H, W = image.shape[-2:]
-    bilinear, grey = InterpolationMode.BILINEAR, [128.0, 128.0, 128.0]
-    if op == "AutoContrast":
-        return TF.autocontrast(image)
-    if op == "Equalize":
-        return TF.equalize(image)
-    if op == "Brightness":
-        return TF.adjust_brightness(image, m / 10 * 1.8 + 0.1)
-    if op == "Sharpness":
-        return TF.adjust_sharpness(image, m / 10 * 1.8 + 0.1)
-    if op in ("ShearX", "ShearY"):
-        # cv2's x' = x + s y is torchvision's shear by -atan(s) about pixel (0, 0), whose
-        # centre sits at (0.5, 0.5)
-        angle = -math.degrees(math.atan(sign * m / 10 * 0.3))
-        return TF.affine(image, angle=0.0, translate=[0, 0], scale=1.0,
-                         shear=[angle, 0.0] if op == "ShearX" else [0.0, angle],
-                         interpolation=bilinear, fill=grey, center=[0.5, 0.5])
-    if op in ("TranslateX", "TranslateY"):
-        # cv2's x' = x - offset, offset = m / 10 * 10 pixels
-        shift = -sign * m
-        return TF.affine(image, angle=0.0, translate=[shift, 0] if op == "TranslateX" else
-                         [0, shift], scale=1.0, shear=[0.0, 0.0], interpolation=bilinear,
-                         fill=grey)
-    if op == "Rotate":
-        return TF.rotate(image, sign * m / 10 * 30, interpolation=bilinear,
-                         center=[W / 2 + 0.5, H / 2 + 0.5], fill=grey)
-    return image
-
-
-class RandomAugment:
-    """ALBEF/BLIP's RandAugment on a uint8 image (3, H, W). Draws with torch's generator, which
-    DataLoader seeds in every worker."""
-
-    def __init__(self, n, m):
-        self.n, self.m = n, m
-
-    def __call__(self, image):
-        for k in torch.randint(len(RANDAUG_OPS), (self.n,)).tolist():
-            if torch.rand(()) > 0.5:
-                continue
-            sign = 1 if torch.rand(()) < 0.5 else -1
-            image = randaug_op(image, RANDAUG_OPS[k], self.m, sign)
-        return image
 
 
 def create_transform(res, train, crop_scale=(0.2, 1.0), randaug_n=0, randaug_m=0):
@@ -353,20 +296,50 @@ def for_evaluation(dataset: JSONDataset) -> JSONDataset:
 
 class PretrainDataset(JSONDataset):
     """{"image", "caption": str or [str]} -> (image, caption), one caption drawn at random.
-    clean: the caption cleaning (pre_caption as ALBEF, pre_caption_blip as BLIP)."""
+    clean: the caption cleaning (pre_caption as ALBEF, pre_caption_blip as BLIP).
+    all_captions: also every caption of the image, a list (for ITC over all of them).
+    objects (a patch size; 0: off): world images only, each also with World.object_targets
+    (cover, labels) under the same crop and mirror as its image."""
 
     def __init__(self, source, image_root=None, transform=None, max_words=30, flip=True,
-                 check_images=True, clean=pre_caption, swap_words=True):
+                 check_images=True, clean=pre_caption, swap_words=True, all_captions=False,
+                 objects=0):
         self.max_words, self.clean, self.swap_words = max_words, clean, swap_words
+        self.all_captions, self.objects = all_captions, objects
         super().__init__(source, image_root, transform, flip, check_images)
+        if objects and not isinstance(getattr(transform, "transforms", [None])[0],
+                                      transforms.RandomResizedCrop):
+            raise ValueError("objects needs a transform that starts with a RandomResizedCrop")
 
     def parse(self, entry):
+        if self.objects and not str(entry.get("image")).startswith("world:"):
+            raise ValueError(f"the objects loss needs world images, got {entry.get('image')!r}")
         return {"images": [_field(entry, "image", str, "a string")],
                 "captions": _texts(entry, "caption", self.clean, self.max_words)}
 
     def __getitem__(self, i):
-        (image,), (caption,) = self.load(i, self.random_choice(self.items[i]["captions"]))
-        return image, caption
+        captions = self.items[i]["captions"]
+        texts = [self.random_choice(captions), *(captions if self.all_captions else [])]
+        if self.objects:
+            image, texts, objects = self.with_objects(i, texts)
+        else:
+            (image,), texts = self.load(i, *texts)
+            objects = ()
+        return (image, texts[0], *([texts[1:]] if self.all_captions else []), *objects)
+
+    def with_objects(self, i, texts):
+        w, split, index = world.world_of_path(self.items[i]["images"][0])
+        scene, flip = w.scene(split, index), self.flip and bool(torch.rand(()) < 0.5)
+        image = w.render(scene, world.WORLD_RES)
+        image = ImageOps.mirror(image) if flip else image
+        texts = [swap_left_right(t) for t in texts] if flip and self.swap_words else texts
+        # the transform's crop, drawn here so that the object masks get the same box
+        crop, rest = self.transform.transforms[0], transforms.Compose(self.transform.transforms[1:])
+        top, left, h, w_ = crop.get_params(image, crop.scale, crop.ratio)
+        image = rest(TF.resized_crop(image, top, left, h, w_, crop.size, crop.interpolation))
+        cover, labels = w.object_targets(scene, (left, top, left + w_, top + h), crop.size[0],
+                                         self.objects, mirrored=flip)
+        return image, texts, (torch.from_numpy(cover), torch.from_numpy(labels))
 
 
 class RetrievalTrainDataset(PretrainDataset):

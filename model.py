@@ -35,6 +35,9 @@ class ModelConfig:
     drop_path: float = 0.0
     init_std: float = 0.02           # std of random initial weights, both encoders (timm, BERT);
                                      # see PRESETS["tiny"] for why it is larger there
+    conv_stem: bool = False          # convolutions instead of one linear map per patch (vit.py)
+    sincos_pos: float = 0.0          # > 0: position embeddings start as 2-D sine-cosine ones of
+                                     # this amplitude (MAE's), still learnt; 0: random (timm)
     # text: ALBEF splits one BERT into text_layers text-only and fusion_layers cross-attention
     # layers; BLIP (fusion_layers = 0 here) gives every layer cross-attention, used or skipped
     vocab_size: int = 0              # these six are set from the tokenizer
@@ -57,7 +60,10 @@ class ModelConfig:
     tie_decoder: bool = False        # BLIP: the decoder shares the text encoder's embeddings,
                                      # cross-attention and feed-forward (own self-attention, LM head)
     # objectives
-    losses: tuple[str, ...] = ("itc", "itm", "mlm")    # ALBEF: itc, itm, mlm; BLIP: itc, itm, lm
+    losses: tuple[str, ...] = ("itc", "itm", "mlm")    # ALBEF: itc, itm, mlm; BLIP: itc, itm, lm;
+                                     # objects: the world's object labels (object_loss)
+    object_classes: tuple[int, ...] = (2, 7, 6, 9)   # the labels' classes: world.OBJECT_CLASSES
+    object_weight: float = 3.0       # of the objects loss
     embed_dim: int = 64              # joint ITC space
     queue_size: int = 1024
     momentum: float = 0.995
@@ -66,6 +72,8 @@ class ModelConfig:
     distill: bool = True             # momentum distillation of ITC and MLM targets (ALBEF)
     itc_online_batch: bool = False   # ITC's in-batch candidates from the online encoders (CLIP),
                                      # not the momentum ones (ALBEF); see itc_loss
+    itc_all_captions: bool = False   # ITC reads every caption of an image at once, all of them
+                                     # its positives (itc_all_loss); online batch, no queue
     itm_hard_negatives: bool = True  # ITM negatives drawn by ITC similarity (ALBEF), or uniformly
     negative_all_rank: bool = False  # ITM negatives drawn from every DDP rank's batch (BLIP's
                                      # COCO retrieval fine-tuning), not the local batch only
@@ -76,14 +84,18 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.prune, dict):
             self.prune = PruneConfig(**self.prune)
-        self.losses = tuple(self.losses)
+        self.losses, self.object_classes = tuple(self.losses), tuple(self.object_classes)
         self.prune.check(self.vision_depth)
-        bad = set(self.losses) - {"itc", "itm", "mlm", "lm"}
+        bad = set(self.losses) - {"itc", "itm", "mlm", "lm", "objects"}
         if bad or not self.losses:
-            raise ValueError(f"losses {self.losses}: choose from itc, itm, mlm, lm")
+            raise ValueError(f"losses {self.losses}: choose from itc, itm, mlm, lm, objects")
         if (self.blip_tokens or self.tie_decoder) and self.fusion_layers > 0:
             raise ValueError("blip_tokens and tie_decoder are BLIP's: they need fusion_layers 0 "
                              "(cross-attention in every layer of the text encoder)")
+        if self.itc_all_captions and not (self.itc_online_batch and self.queue_size == 0
+                                          and not self.distill):
+            raise ValueError("itc_all_captions needs itc_online_batch, queue_size 0 and no "
+                             "distill (ITC over the batch's online features only)")
         if self.text_width != self.vision_width and self.prune.method in ("elip", "elip_inline"):
             raise ValueError(f"text_width {self.text_width} differs from vision_width "
                              f"{self.vision_width}: ELIP fuses the two [CLS] tokens (Eq. 1)")
@@ -122,7 +134,8 @@ def build_vit(cfg, prune):
     return VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size,
                              embed_dim=cfg.vision_width, depth=cfg.vision_depth,
                              num_heads=cfg.vision_heads, drop_path_rate=cfg.drop_path, prune=prune,
-                             init_std=cfg.init_std)
+                             init_std=cfg.init_std, conv_stem=cfg.conv_stem,
+                             sincos_pos=cfg.sincos_pos)
 
 
 def build_text(cfg, decoder=False):
@@ -195,6 +208,8 @@ class ELIPModel(nn.Module):
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
         self.itm_head = nn.Linear(cfg.text_width, 2)
+        self.object_head = (nn.Linear(cfg.vision_width, sum(cfg.object_classes))
+                            if "objects" in cfg.losses else None)
         self.text_decoder = build_text(cfg, decoder=True) if "lm" in cfg.losses else None
         if self.text_decoder is not None and cfg.tie_decoder:
             tie_to_encoder(self.text_decoder, self.text_encoder)
@@ -303,15 +318,18 @@ class ELIPModel(nn.Module):
         return self.itm_head(self.fuse(text_embeds, attention_mask, image_embeds, input_ids)[:, 0])
 
     # ---- the pre-training step -------------------------------------------------------------
-    def forward(self, images, input_ids, attention_mask, alpha=0.4, idx=None):
+    def forward(self, images, input_ids, attention_mask, alpha=0.4, idx=None, captions=None,
+                objects=None):
         """Returns a dict of the active losses (scalars) and `loss`, their sum; with a queue,
         also "queue": this batch's momentum features and ids, which MomentumStep writes to the
-        queues once per optimizer step (the forward changes no state of the model)."""
+        queues once per optimizer step (the forward changes no state of the model).
+        captions: (ids, mask, counts) of every caption of each image, for itc_all_captions;
+        objects: (cover, labels) of World.object_targets, batched, for the objects loss."""
         cfg = self.cfg
         text_embeds = self.encode_text(input_ids, attention_mask)               # (B, T, Dt)
         # ELIP: the text [CLS], unprojected, guides the ViT's pruning (Eq. 1); the ViT scores
         # tokens without gradient, so nothing flows back to the text through this path
-        image_embeds = self.encode_image(images, text_embeds[:, 0])             # (B, L', Dv)
+        image_embeds, sources = self.visual_encoder.forward_features(images, text_embeds[:, 0])
         image_feat, text_feat = self.image_feat(image_embeds), self.text_feat(text_embeds)
         out, image_embeds_m, image_feat_m, text_feat_m = {}, None, None, None
         if self.reads_momentum:
@@ -320,7 +338,11 @@ class ELIPModel(nn.Module):
                 text_embeds_m = self.encode_text(input_ids, attention_mask, momentum=True)
                 image_feat_m = self.image_feat(image_embeds_m, momentum=True)
                 text_feat_m = self.text_feat(text_embeds_m, momentum=True)
-        if "itc" in cfg.losses:
+        if "itc" in cfg.losses and cfg.itc_all_captions:
+            if captions is None:
+                raise ValueError("itc_all_captions needs every caption of each image (captions)")
+            out["itc"] = self.itc_all_loss(image_feat, *captions)
+        elif "itc" in cfg.losses:
             out["itc"] = self.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx)
         if "itm" in cfg.losses:
             with torch.no_grad():
@@ -340,11 +362,41 @@ class ELIPModel(nn.Module):
             out["mlm"] = self.mlm_loss(input_ids, attention_mask, image_embeds, image_embeds_m, alpha)
         if "lm" in cfg.losses:
             out["lm"] = self.lm_loss(input_ids, attention_mask, image_embeds)
+        if "objects" in cfg.losses:
+            if objects is None:
+                raise ValueError("the objects loss needs each image's World.object_targets")
+            out["objects"] = cfg.object_weight * self.object_loss(image_embeds, sources, *objects)
         out["loss"] = sum(out.values())
         if "itc" in cfg.losses and cfg.queue_size > 0:
             ids = torch.full_like(input_ids[:, 0], -1) if idx is None else idx      # (B,)
             out["queue"] = (image_feat_m, text_feat_m, ids)
         return out
+
+    def object_loss(self, image_embeds, sources, cover, labels):
+        """Not ELIP's: for a tiny model trained from random weights on the world, the labels an
+        ImageNet-like pre-training would give each object, in place of the paper's pretrained
+        DeiT. An object's region feature is the mean of the final tokens the pruning kept, each
+        weighted by the share of its patch that the object covers (merged tokens left out); a
+        linear head names the object's size, colour, shape and cell from it: the sum of the four
+        cross-entropies over the objects with at least half a patch left."""
+        B, K, M = cover.shape                                        # (B, K, M), labels (B, K, 4)
+        if M != self.visual_encoder.num_patches:
+            raise ValueError(f"object cover over {M} patches, the ViT has "
+                             f"{self.visual_encoder.num_patches}")
+        # the patch each final token came from (sources' last entry), -1 for a merged token
+        src = (sources[max(sources)] if sources else
+               torch.arange(M, device=cover.device).expand(B, -1))                # (B, L'-1)
+        w = cover.gather(2, src.clamp(min=0)[:, None, :].expand(-1, K, -1))       # (B, K, L'-1)
+        w = w * (src >= 0)[:, None, :]
+        share = w.sum(-1)                                                        # (B, K)
+        region = (w @ image_embeds[:, 1:]) / share.clamp(min=1e-6)[..., None]     # (B, K, Dv)
+        keep = (share >= 0.5) & (labels[..., 0] >= 0)                            # (B, K)
+        logits = self.object_head(region[keep])                                  # (N, sum C)
+        if not keep.any():   # a zero that still reaches the head, as DDP expects
+            return logits.sum()
+        targets = labels[keep]                                                   # (N, 4)
+        return sum(F.cross_entropy(z, targets[:, j]) for j, z in
+                   enumerate(logits.split(list(self.cfg.object_classes), dim=1)))
 
     def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx=None):
         """Image-text contrastive loss over the batch and the queues, with soft targets
@@ -383,6 +435,19 @@ class ELIPModel(nn.Module):
         loss_i2t = -(sim_i2t.log_softmax(1) * t_i2t).masked_fill(empty, 0).sum(1).mean()
         loss_t2i = -(sim_t2i.log_softmax(1) * t_t2i).masked_fill(empty, 0).sum(1).mean()
         return (loss_i2t + loss_t2i) / 2
+
+    def itc_all_loss(self, image_feat, ids, mask, counts):
+        """ITC over every caption of each image (the world gives five, each a different fact):
+        each image against all N captions of the batch, its own ones the positives (the mean of
+        their log-probabilities), and each caption against the B images, as CLIP's loss."""
+        text_feat = self.text_feat(self.encode_text(ids, mask))                   # (N, E)
+        B = image_feat.shape[0]
+        owner = torch.repeat_interleave(torch.arange(B, device=ids.device), counts)   # (N,)
+        own = (owner[None, :] == torch.arange(B, device=ids.device)[:, None]).float()  # (B, N)
+        temp = self.temp.clamp(0.001, 0.5)
+        loss_i2t = -((image_feat @ text_feat.T / temp).log_softmax(1) * own).sum(1) / counts
+        loss_t2i = F.cross_entropy(text_feat @ image_feat.T / temp, owner)
+        return (loss_i2t.mean() + loss_t2i) / 2
 
     def itm_weights(self, sim_i2t, sim_t2i, same):
         """Weights of drawing each candidate as ITM negative, (w_i2t, w_t2i), (B, N) each: row i

@@ -136,6 +136,7 @@ def pretrain(cfg, ckpt, rank: int, world_size: int, device: torch.device):
         make_tokenizer(cfg.vocab, cfg.world_seed, mc.blip_tokens)
     mc.vocab_size, mc.pad_id, mc.cls_id, mc.mask_id, mc.enc_id, mc.dec_id = (
         tok.vocab_size, tok.pad_id, tok.cls_id, tok.mask_id, tok.enc_id, tok.dec_id)
+    mc.object_classes = world.OBJECT_CLASSES
     source = list(cfg.train_files) or world.world_entries("pretrain", "train", cfg.world_train,
                                                           cfg.world_seed, cfg.world_variant)
     try:
@@ -144,7 +145,9 @@ def pretrain(cfg, ckpt, rank: int, world_size: int, device: torch.device):
         clean = data.pre_caption_blip if cfg.caption_style == "blip" else data.pre_caption
         train_set = data.PretrainDataset(source, cfg.image_root or None, transform,
                                          max_words=cfg.max_words, clean=clean,
-                                         swap_words=cfg.swap_left_right, check_images=False)
+                                         swap_words=cfg.swap_left_right, check_images=False,
+                                         all_captions=mc.itc_all_captions,
+                                         objects=mc.patch_size if "objects" in mc.losses else 0)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     if cfg.check_images:
@@ -178,9 +181,12 @@ def pretrain(cfg, ckpt, rank: int, world_size: int, device: torch.device):
     momentum = MomentumStep(model)
 
     def loss_fn(m, batch, step, steps_per_epoch):
-        images, ids, mask = batch
+        images, ids, mask, *rest = batch    # then every caption (ids, mask, counts), objects
+        captions = rest[:3] if mc.itc_all_captions else None
+        objects = rest[-2:] if "objects" in mc.losses else None          # (cover, labels)
         alpha = alpha_at(step, steps_per_epoch, cfg.run)
-        return momentum.take(m(images, ids, mask, alpha=alpha))
+        return momentum.take(m(images, ids, mask, alpha=alpha, captions=captions,
+                               objects=objects))
 
     # train
     collate = data.make_collate(tok, mc.max_len, cfg.pad_to_max_len)

@@ -74,6 +74,9 @@ VARIANTS = {
     "default": dict(grid=3, count=(2, 4), sizes=("small", "large"), counts=True, objects=(0, 1, 2)),
     "clutter": dict(grid=4, count=(5, 7), sizes=("small",), counts=False, objects=(1,)),
 }
+MAX_OBJECTS = max(v["count"][1] for v in VARIANTS.values())
+# the classes of the object labels (object_targets): size, colour, shape, cell of the 3x3 grid
+OBJECT_CLASSES = (len(RADIUS), len(COLOURS), len(SHAPES), len(WHERE))
 
 
 def _say(template, **slots):
@@ -284,6 +287,26 @@ class World:
         for o, m in zip(scene.objects, self.masks(scene, res)):
             image[m] = COLOURS[o.colour]
         return Image.fromarray(image)
+
+    def object_targets(self, scene, box, size, patch, mirrored=False):
+        """For the pre-training objects loss: (MAX_OBJECTS, (size/patch)^2) float, the share of
+        each patch that each object covers once the WORLD_RES image is mirrored (if mirrored),
+        then cut to box (left, top, right, bottom) and resized to size x size, as the image;
+        (MAX_OBJECTS, 4) int64, each object's size, colour, shape and cell (row * 3 + column of
+        the caption grid, mirrored with the image), -1 past the last object."""
+        g = size // patch
+        cover = np.zeros((MAX_OBJECTS, g * g), np.float32)
+        labels = np.full((MAX_OBJECTS, 4), -1, np.int64)
+        for k, (o, m) in enumerate(zip(scene.objects, self.masks(scene, WORLD_RES))):
+            mask = Image.fromarray(m.astype(np.float32))                    # mode "F"
+            if mirrored:
+                mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            mask = np.asarray(mask.resize((size, size), Image.Resampling.BILINEAR, box=box))
+            cover[k] = mask.reshape(g, patch, g, patch).mean((1, 3)).reshape(-1)   # (g*g,)
+            row, col = o.cell
+            labels[k] = (list(RADIUS).index(o.size), list(COLOURS).index(o.colour),
+                         SHAPES.index(o.shape), 3 * row + (2 - col if mirrored else col))
+        return cover, labels
 
     # --- text
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import data
+import randaug
 import world
 from data import (CaptionDataset, NLVRDataset, PretrainDataset, RetrievalEvalDataset,
                   RetrievalTrainDataset, VEDataset, VQADataset, create_transform, load_image,
@@ -381,7 +382,7 @@ def official_matrix(op, m, sign, H, W):
 def test_randaug_geometry_is_the_official_cv2_warp(op, sign):
     g = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, 40, 52), dtype=torch.uint8, generator=g)
-    ours = data.randaug_op(image, op, 7, sign).numpy().astype(np.float64)
+    ours = randaug.randaug_op(image, op, 7, sign).numpy().astype(np.float64)
     ref, clean = warp_reference(image.numpy(), official_matrix(op, 7, sign, 40, 52))
     # on noise, a half-pixel error would leave tens of levels everywhere; along the edge of
     # the grey fill torchvision blends image and fill its own way (a one-pixel band)
@@ -396,18 +397,18 @@ def test_randaug_colour_ops_are_the_official_formulas():
     f = 7 / 10 * 1.8 + 0.1                                            # enhance_level_to_args
     # brightness_func: (arange(256) * factor).clip(0, 255).astype(uint8)
     bright = np.clip(np.arange(256, dtype=np.float32) * np.float32(f), 0, 255).astype(np.uint8)
-    assert np.array_equal(data.randaug_op(image, "Brightness", 7, 1).numpy(),
+    assert np.array_equal(randaug.randaug_op(image, "Brightness", 7, 1).numpy(),
                           bright[image.numpy()])
     # autocontrast_func: each channel stretched from [min, max] to [0, 255], truncated
     lo, hi = x.min(axis=(1, 2), keepdims=True), x.max(axis=(1, 2), keepdims=True)
     stretched = np.clip(np.floor((x - lo) * 255 / (hi - lo)), 0, 255)
-    assert np.abs(data.randaug_op(image, "AutoContrast", 7, 1).numpy() - stretched).max() <= 1
+    assert np.abs(randaug.randaug_op(image, "AutoContrast", 7, 1).numpy() - stretched).max() <= 1
     # sharpness_func: blend with the 3x3 [[1,1,1],[1,5,1],[1,1,1]] / 13 blur inside the border
     kernel = np.ones((3, 3)) / 13
     kernel[1, 1] = 5 / 13
     blur = np.round(sum(kernel[i, j] * x[:, i:i + 22, j:j + 22] for i in range(3) for j in range(3)))
     sharp = np.floor(blur + f * (x[:, 1:-1, 1:-1] - blur))
-    out = data.randaug_op(image, "Sharpness", 7, 1).numpy()
+    out = randaug.randaug_op(image, "Sharpness", 7, 1).numpy()
     assert np.abs(out[:, 1:-1, 1:-1] - sharp).max() <= 1 and np.array_equal(out[:, 0], image[:, 0])
     # equalize_func (PIL's equalize): per channel lut = cumsum(step // 2, hist[:-1]) // step
     lut_out = []
@@ -416,17 +417,17 @@ def test_randaug_colour_ops_are_the_official_formulas():
         step = hist[hist > 0][:-1].sum() // 255
         lut = np.clip((np.concatenate([[step // 2], hist[:-1]]).cumsum()) // step, 0, 255)
         lut_out.append(lut[ch])
-    assert np.array_equal(data.randaug_op(image, "Equalize", 7, 1).numpy(), np.stack(lut_out))
+    assert np.array_equal(randaug.randaug_op(image, "Equalize", 7, 1).numpy(), np.stack(lut_out))
     # BLIP's strength 5 makes both enhance factors 1: no change
     for op in ("Brightness", "Sharpness", "Identity"):
-        assert torch.equal(data.randaug_op(image, op, 5, 1), image)
+        assert torch.equal(randaug.randaug_op(image, op, 5, 1), image)
 
 
 def test_randaugment_draws_n_ops_with_replacement_each_applied_half_the_time(monkeypatch):
     calls = []
-    monkeypatch.setattr(data, "randaug_op", lambda image, op, m, sign: calls.append(
+    monkeypatch.setattr(randaug, "randaug_op", lambda image, op, m, sign: calls.append(
         (len(seen), op, m, sign)) or image)
-    aug, seen = data.RandomAugment(2, 7), []
+    aug, seen = randaug.RandomAugment(2, 7), []
     torch.manual_seed(0)
     for _ in range(4000):
         seen.append(aug(torch.zeros(3, 2, 2, dtype=torch.uint8)))
@@ -434,8 +435,8 @@ def test_randaugment_draws_n_ops_with_replacement_each_applied_half_the_time(mon
     assert abs(per_call.mean() - 1.0) < 0.05                           # 2 ops x p 0.5
     assert abs((per_call == 2).mean() - 0.25) < 0.03                    # independently
     ops = [c[1] for c in calls]
-    assert set(ops) == set(data.RANDAUG_OPS)
-    assert all(abs(ops.count(o) / len(ops) - 0.1) < 0.02 for o in data.RANDAUG_OPS)
+    assert set(ops) == set(randaug.RANDAUG_OPS)
+    assert all(abs(ops.count(o) / len(ops) - 0.1) < 0.02 for o in randaug.RANDAUG_OPS)
     twice = [i for i in range(4000) if per_call[i] == 2]
     same = sum(calls[k][1] == calls[k + 1][1] for k in range(len(calls) - 1)
                if calls[k][0] == calls[k + 1][0])
@@ -501,3 +502,84 @@ def test_unreadable_images_raise_oserror_naming_the_file(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(OSError, match="cannot read image .*bad.jpg"):
         load_image(str(path))
+
+
+# -----------------------------------------------------------------------------
+# the objects loss's targets: the same crop and mirror as the image
+
+def test_object_targets_follow_the_crop_and_the_mirror():
+    entries = world_entries("pretrain", "train", 40)
+    tf = create_transform(64, train=True, crop_scale=(0.4, 1.0))
+    plain = PretrainDataset(entries, transform=tf, check_images=False)
+    with_objects = PretrainDataset(entries, transform=tf, check_images=False, objects=8)
+    mean, std = torch.tensor(data.CLIP_MEAN)[:, None], torch.tensor(data.CLIP_STD)[:, None]
+    mirrored_seen, checked = set(), 0
+    for i in range(40):
+        torch.manual_seed(i)
+        image, caption = plain[i]
+        torch.manual_seed(i)
+        image2, caption2, cover, labels = with_objects[i]
+        # the same random draws as the plain dataset: the box of the masks is the image's
+        assert torch.equal(image, image2) and caption == caption2
+        assert cover.shape == (world.MAX_OBJECTS, 64) and labels.shape == (world.MAX_OBJECTS, 4)
+        scene = WORLD.scene("train", i)
+        n = len(scene.objects)
+        assert (labels[n:] == -1).all() and cover[n:].sum() == 0
+        # patches (8x8 pixels, row-major) an object covers wholly have the object's colour
+        pixels = 255 * (image2.reshape(3, 8, 8, 8, 8).permute(1, 3, 0, 2, 4).reshape(64, 3, 64)
+                        * std + mean).mean(-1)                                        # (64, 3)
+        for k, o in enumerate(scene.objects):
+            assert labels[k, :3].tolist() == [list(world.RADIUS).index(o.size),
+                                              list(world.COLOURS).index(o.colour),
+                                              world.SHAPES.index(o.shape)]
+            for p in torch.nonzero(cover[k] > 0.97).flatten():
+                assert (pixels[p] - torch.tensor(world.COLOURS[o.colour])).abs().max() < 30
+                checked += 1
+        # the cell label is mirrored exactly when the pixels are: the objects' order from left
+        # to right in the cover follows their centres, reversed in a mirrored image
+        row_col = [divmod(int(c), 3) for c in labels[:n, 3]]
+        mirrored = any(col != o.cell[1] for (_, col), o in zip(row_col, scene.objects))
+        assert all(row == o.cell[0] for (row, _), o in zip(row_col, scene.objects))
+        xs = (cover[:n].reshape(n, 8, 8).sum(1) * torch.arange(8)).sum(1) / \
+            cover[:n].reshape(n, 8, 8).sum((1, 2)).clamp(min=1e-6)                  # (n,)
+        for a in range(n):
+            for b in range(n):
+                if scene.objects[b].cx - scene.objects[a].cx > 0.3 and cover[a].sum() > 0.5 \
+                        and cover[b].sum() > 0.5:
+                    assert (xs[b] > xs[a]) != mirrored, (i, a, b)
+        mirrored_seen.add(mirrored)
+    assert mirrored_seen == {True, False} and checked > 20
+
+
+def test_object_targets_need_world_images_and_a_random_crop():
+    with pytest.raises(ValueError, match="entry 0: the objects loss needs world images"):
+        PretrainDataset([{"image": "a.jpg", "caption": "a dog"}], transform=None,
+                        check_images=False, objects=8)
+    with pytest.raises(ValueError, match="RandomResizedCrop"):
+        PretrainDataset(world_entries("pretrain", "train", 2), check_images=False, objects=8,
+                        transform=create_transform(64, train=False))
+
+
+@pytest.mark.parametrize("objects", [0, 8])
+def test_all_captions_come_with_the_image_and_its_mirror(objects):
+    entries = world_entries("pretrain", "train", 30)
+    tf = create_transform(64, train=True, crop_scale=(0.8, 1.0))
+    plain = PretrainDataset(entries, transform=tf, check_images=False, objects=objects)
+    every = PretrainDataset(entries, transform=tf, check_images=False, objects=objects,
+                            all_captions=True)
+    swapped = 0
+    for i in range(30):
+        torch.manual_seed(i)
+        first = plain[i]
+        torch.manual_seed(i)
+        image, caption, captions, *rest = every[i]
+        assert len(rest) == (2 if objects else 0) and len(first) == 2 + len(rest)
+        assert torch.equal(image, first[0]) and caption == first[1]
+        assert all(torch.equal(a, b) for a, b in zip(rest, first[2:]))
+        own = [pre_caption(c) for c in entries[i]["caption"]]
+        mirrored = [swap_left_right(c) for c in own]
+        assert captions in (own, mirrored) and caption in captions
+        swapped += captions != own
+    assert swapped > 0
+    batch = make_collate(WordTokenizer(World.vocabulary()), 30)([every[0], every[1]])
+    assert len(batch) == 6 + (2 if objects else 0) and batch[5].tolist() == [5, 5]

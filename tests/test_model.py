@@ -632,3 +632,72 @@ def test_full_width_preset_trains_and_counts_as_the_official_model(name):
     print(f"{'trained':<10}{sum(ours.values()) - ours['momentum']:>14,}"
           f"{sum(official.values()) - official['momentum']:>14,}")
     assert ours == official
+
+
+# -----------------------------------------------------------------------------
+# the objects loss (the embedded world's object labels on each object's own tokens)
+
+@pytest.mark.parametrize("method", ["none", "elip"])
+def test_objects_loss_against_a_loop_over_objects(method):
+    m = tiny(("itc", "objects"), prune=PruneConfig(method=method), object_classes=(2, 3),
+             object_weight=2.0).train()
+    g = torch.Generator().manual_seed(2)
+    images, ids = torch.randn(4, 3, 32, 32, generator=g), torch.randint(5, 40, (4, 8), generator=g)
+    ids[:, 0], mask = 2, torch.ones(4, 8, dtype=torch.long)
+    cover = torch.rand(4, 3, 16, generator=g) * (torch.rand(4, 3, 16, generator=g) < 0.4)
+    cover[0, 1] = 0.02                                      # a third of a patch: skipped
+    labels = torch.stack([torch.randint(2, (4, 3), generator=g),
+                          torch.randint(3, (4, 3), generator=g)], dim=-1)         # (B, K, 2)
+    labels[3, 2], cover[3, 2] = -1, 0                       # no third object in image 3
+    torch.manual_seed(5)
+    out = m(images, ids, mask, objects=(cover, labels))
+    torch.manual_seed(5)                                    # the same forward, read token by token
+    x, sources = m.visual_encoder.forward_features(images, m.encode_text(ids, mask)[:, 0])
+    assert (method == "elip") == bool(sources)
+    logits, targets = [], []
+    for b in range(4):
+        src = sources[max(sources)][b].tolist() if sources else list(range(16))
+        assert method == "none" or -1 in src                # ELIP's merged token
+        for k in range(3):
+            w = [float(cover[b, k, s]) if s >= 0 else 0.0 for s in src]
+            if sum(w) < 0.5 or labels[b, k, 0] < 0:
+                continue
+            region = sum(wt * x[b, 1 + t] for t, wt in enumerate(w)) / sum(w)
+            logits.append(m.object_head(region))
+            targets.append(labels[b, k])
+    logits, targets = torch.stack(logits), torch.stack(targets)
+    assert 4 <= len(targets) < 11
+    want = F.cross_entropy(logits[:, :2], targets[:, 0]) + \
+        F.cross_entropy(logits[:, 2:], targets[:, 1])
+    assert torch.allclose(out["objects"], 2.0 * want, atol=1e-5)
+    out["loss"].backward()
+    assert m.object_head.weight.grad.abs().sum() > 0
+    assert m.visual_encoder.blocks[11].mlp.fc2.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="object_targets"):
+        m(images, ids, mask)
+
+
+def test_itc_over_all_captions_against_a_loop():
+    kw = dict(queue_size=0, distill=False, itc_online_batch=True, text_dropout=0.0)
+    m = tiny(("itc",), prune=PruneConfig(method="none"), itc_all_captions=True, **kw).train()
+    g = torch.Generator().manual_seed(3)
+    images, ids = torch.randn(3, 3, 32, 32, generator=g), torch.randint(5, 40, (3, 6), generator=g)
+    counts = torch.tensor([2, 3, 1])                        # every caption of each image
+    all_ids = torch.randint(5, 40, (6, 7), generator=g)
+    ids[:, 0], all_ids[:, 0] = 2, 2
+    all_mask = torch.ones_like(all_ids)
+    all_mask[4, 5:] = 0
+    all_ids[all_mask == 0] = 0
+    out = m(images, ids, torch.ones_like(ids), captions=(all_ids, all_mask, counts))
+    image_feat = m.image_feat(m.encode_image(images))
+    text_feat = m.text_feat(m.encode_text(all_ids, all_mask))
+    temp, owner = m.temp.clamp(0.001, 0.5), [0, 0, 1, 1, 1, 2]
+    i2t = [-torch.stack([(image_feat[b] @ text_feat.T / temp).log_softmax(0)[j]
+                         for j in range(6) if owner[j] == b]).mean() for b in range(3)]
+    t2i = [-(text_feat[j] @ image_feat.T / temp).log_softmax(0)[owner[j]] for j in range(6)]
+    want = (torch.stack(i2t).mean() + torch.stack(t2i).mean()) / 2
+    assert torch.allclose(out["itc"], want, atol=1e-5)
+    with pytest.raises(ValueError, match="every caption"):
+        m(images, ids, torch.ones_like(ids))
+    with pytest.raises(ValueError, match="itc_all_captions needs"):
+        ModelConfig(vocab_size=40, itc_all_captions=True)              # ALBEF's queue

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import randaug
 import tasks
 from config import parse_config
 from model import ELIPModel, ModelConfig
@@ -170,7 +171,7 @@ def test_randaugment_is_the_official_one(preset, ops):
                                cfg.randaug_m)
     aug = [t for t in tf.transforms if isinstance(t, data.RandomAugment)]
     assert len(aug) == 1 and (aug[0].n, aug[0].m) == (2, OFFICIAL[preset]["randaug_m"])
-    assert sorted(data.RANDAUG_OPS) == sorted(ops) and len(set(ops)) == 10
+    assert sorted(randaug.RANDAUG_OPS) == sorted(ops) and len(set(ops)) == 10
 
 
 # ---- the learning rate, replaying the official loops -------------------------------------

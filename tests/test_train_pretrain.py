@@ -57,9 +57,14 @@ def final_model(out_dir):
 
 BLIP_MODEL = ["--text_layers", "3", "--fusion_layers", "0", "--losses", "itc,itm,lm",
               "--blip_tokens", "true", "--tie_decoder", "true", "--token_types", "false"]
+# the world's helpers: labels on each object's tokens, ITC over all captions, the conv stem and
+# sine-cosine position embeddings
+WORLD_MODEL = ["--losses", "itc,itm,mlm,objects", "--itc_all_captions", "true", "--queue_size",
+               "0", "--distill", "false", "--itc_online_batch", "true", "--conv_stem", "true",
+               "--sincos_pos", "0.3"]
 
 
-@pytest.mark.parametrize("model", [[], BLIP_MODEL], ids=["albef", "blip_tied"])
+@pytest.mark.parametrize("model", [[], BLIP_MODEL, WORLD_MODEL], ids=["albef", "blip_tied", "world"])
 def test_resume_gives_the_same_parameters(tmp_path, model):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     three_per_epoch = SMALL + model + ["--world_train", "12"]             # 12 samples / batch 4
@@ -105,7 +110,7 @@ def test_paper_presets_train_at_small_width(tmp_path, preset, lrs):
     assert [r["lr"] for r in recs] == pytest.approx(lrs, rel=1e-12)
 
 
-@pytest.mark.parametrize("model", [[], BLIP_MODEL], ids=["albef", "blip_tied"])
+@pytest.mark.parametrize("model", [[], BLIP_MODEL, WORLD_MODEL], ids=["albef", "blip_tied", "world"])
 def test_ddp_two_ranks_stay_identical(tmp_path, model):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
