@@ -156,6 +156,8 @@ def transfer_runs(cfg):
                                    f"seed{seed}")
                 cmd = ["train_downstream.py", "--task", task, "--pretrained", source,
                        "--seed", str(seed), "--threads", str(cfg.threads), "--out_dir", out]
+                # from scratch: the pre-trained checkpoint's architecture, untrained
+                cmd += ["--scratch_like", cfg.pretrained] if source == "none" else []
                 for flag in ("epochs", "max_steps", "world_train", "world_test"):
                     if getattr(cfg, flag):
                         cmd += [f"--{flag}", str(getattr(cfg, flag))]
@@ -489,7 +491,8 @@ def pooled_main(argv):
 TRANSFER_DOC = """python experiments.py transfer [--flag value ...]
 
 Each task of the embedded world fine-tuned (train_downstream.py with the task's preset) from the
-pre-training checkpoint and from scratch (--pretrained none: the same architecture, untrained),
+pre-training checkpoint and from scratch (--pretrained none --scratch_like <the checkpoint>:
+its architecture and vocabulary, untrained),
 once per seed; VQA also by question kind. Prints mean ± sd, writes out_dir/summary.json."""
 GUIDANCE_DOC = """python experiments.py guidance [--flag value ...]
 

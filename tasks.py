@@ -123,8 +123,9 @@ def downstream_model_config(mc, cfg):
     else:
         text_free_eval = cfg.task == "retrieval" and mc.prune.method in TEXT_GUIDED
         prune = dataclasses.replace(mc.prune, in_eval=not text_free_eval)
-    # ("itc", "itm"): the retrieval objectives; for every task, a text encoder without MLM head
-    return dataclasses.replace(mc, prune=prune, losses=("itc", "itm"),
+    # ("itc", "itm"): the retrieval objectives (one caption per sample); for every task, a text
+    # encoder without MLM head
+    return dataclasses.replace(mc, prune=prune, losses=("itc", "itm"), itc_all_captions=False,
                                img_size=cfg.img_size or mc.img_size,
                                max_len=cfg.max_len or mc.max_len, drop_path=cfg.drop_path,
                                negative_all_rank=cfg.negative_all_rank)

@@ -68,6 +68,8 @@ class DownstreamConfig:
     pretrained: str = "out/pretrain/checkpoint.pt"   # a checkpoint of train_pretrain.py (or, with
                                      # --evaluate true, a fine-tuned one of this script); none:
                                      # the tiny preset's architecture from random weights
+    scratch_like: str = ""           # with --pretrained none: a train_pretrain.py checkpoint whose
+                                     # architecture and vocabulary (not weights) to start from
     evaluate: bool = False           # no training: evaluate --pretrained on every test file
     # data: ALBEF/BLIP JSON files (several: comma-separated; test files are scored one by one);
     # none given = the embedded world
@@ -200,6 +202,12 @@ def load_source(cfg):
     no state dict."""
     if cfg.pretrained == "none" and not cfg.evaluate:
         mc, tok = scratch_model_config()
+        if cfg.scratch_like:
+            if not os.path.isfile(cfg.scratch_like):
+                raise SystemExit(f"error: --scratch_like {cfg.scratch_like} does not exist")
+            like = load_checkpoint(cfg.scratch_like)
+            mc = config_from_dict(ModelConfig, like["config"]["model"])
+            tok = Tokenizer(like["vocab"])
         return downstream_model_config(mc, cfg), tok, None, None, None
     if not os.path.isfile(cfg.pretrained):
         raise SystemExit(f"error: --pretrained {cfg.pretrained} does not exist (make one with "

@@ -647,3 +647,30 @@ def test_from_scratch_is_the_default_pretraining_architecture_untrained(tmp_path
     # the same seed, yet different encoders: one started from the checkpoint
     key = "visual_encoder.patch_embed.proj.weight"
     assert not torch.equal(new_state[key], pre_state[key])
+
+
+def test_from_scratch_like_a_checkpoint_takes_its_architecture_not_its_weights(tmp_path):
+    """--pretrained none --scratch_like ck: the checkpoint's architecture (here the world's
+    helpers: conv stem, sine-cosine position embeddings, ITC over all captions, which a
+    fine-tuning with one caption per sample must switch off) and vocabulary, random weights."""
+    pre = tmp_path / "pre"
+    train_pretrain.main(["--out_dir", str(pre), "--world_train", "8", "--world_test", "0",
+                         "--batch_size", "4", "--max_steps", "1", "--conv_stem", "true",
+                         "--sincos_pos", "0.3", "--itc_all_captions", "true"])
+    ck = str(pre / "checkpoint.pt")
+    for task in ("retrieval", "vqa"):
+        out = tmp_path / task
+        train_downstream.main(["--task", task, "--pretrained", "none", "--scratch_like", ck,
+                               "--out_dir", str(out), "--world_train", "4", "--world_test", "2",
+                               "--batch_size", "4", "--max_steps", "1", "--warmup_steps", "1",
+                               "--eval_batch_size", "8"])
+        saved = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert saved["model_config"]["conv_stem"] and saved["model_config"]["sincos_pos"] == 0.3
+        assert not saved["model_config"]["itc_all_captions"]
+    pre_state = torch.load(ck, weights_only=True)["model"]
+    key = "visual_encoder.patch_embed.proj.0.weight"                # the stem's first convolution
+    assert saved["model"][key].shape == pre_state[key].shape
+    assert not torch.equal(saved["model"][key], pre_state[key])
+    with pytest.raises(SystemExit, match="--scratch_like nowhere.pt does not exist"):
+        train_downstream.main(["--task", "vqa", "--pretrained", "none", "--scratch_like",
+                               "nowhere.pt", "--out_dir", str(tmp_path / "x")])

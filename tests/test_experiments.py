@@ -23,6 +23,8 @@ def test_transfer_runs_pair_each_seed_with_and_without_pre_training():
         flags = dict(zip(cmd[1::2], cmd[2::2]))
         assert cmd[0] == "train_downstream.py" and flags["--task"] == task
         assert flags["--pretrained"] == ("ck.pt" if row == "pre-trained" else "none")
+        # from scratch: the checkpoint's architecture and vocabulary, untrained
+        assert flags.get("--scratch_like") == (None if row == "pre-trained" else "ck.pt")
         assert flags["--seed"] == str(seed) and flags["--out_dir"] == out
         assert flags["--max_steps"] == "5" and flags["--epochs"] == "1"
         assert "--world_train" not in flags                                  # 0: the preset's
