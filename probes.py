@@ -73,12 +73,8 @@ def text_contrast(model, tok, device):
 
 
 def patch_share(masks, patch_size):
-    """Pixel masks (..., H, W) -> (..., M) float: the share of each patch's pixels the mask
-    covers, patches in the ViT's row-major order."""
-    *lead, H, W = masks.shape
-    p = patch_size
-    share = masks.reshape(*lead, H // p, p, W // p, p).float().mean((-3, -1))  # (..., H/p, W/p)
-    return share.flatten(-2)                                                    # (..., M)
+    """Pixel masks (..., H, W), bool or float tensors -> (..., M) float: world.patch_share."""
+    return world.patch_share(masks.float(), patch_size)
 
 
 @torch.no_grad()

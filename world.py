@@ -302,7 +302,7 @@ class World:
             if mirrored:
                 mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             mask = np.asarray(mask.resize((size, size), Image.Resampling.BILINEAR, box=box))
-            cover[k] = mask.reshape(g, patch, g, patch).mean((1, 3)).reshape(-1)   # (g*g,)
+            cover[k] = patch_share(mask, patch)                                    # (g*g,)
             row, col = o.cell
             labels[k] = (list(RADIUS).index(o.size), list(COLOURS).index(o.colour),
                          SHAPES.index(o.shape), 3 * row + (2 - col if mirrored else col))
@@ -474,6 +474,14 @@ def world_entries(task, split, n, seed=0, variant="default"):
             entries += [{"image": path, "sentence": s, "label": label}
                         for s, label in world.hypotheses(scene)]
     return entries
+
+
+def patch_share(masks, patch_size):
+    """Float pixel masks (..., H, W), numpy or torch -> (..., M): the share of each patch's
+    pixels the mask covers, patches in the ViT's row-major order."""
+    *lead, H, W = masks.shape
+    p = patch_size
+    return masks.reshape(*lead, H // p, p, W // p, p).mean((-3, -1)).reshape(*lead, -1)
 
 
 # -----------------------------------------------------------------------------
