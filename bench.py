@@ -93,14 +93,17 @@ def log(msg):
 
 def bench_model_config(cfg, prune):
     """The ModelConfig of the arch with the bench's image size, text length, vocabulary and
-    queue; the arch's prune fields give way to `prune`."""
+    queue; the arch's prune fields give way to `prune`. ELIP's objectives only: the tiny preset's
+    aids for the world (object labels, ITC over all captions) need the world's data."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     arch = {k: v for k, v in MODEL_PRESETS[cfg.arch].items() if k in names and k != "prune"}
     mc = ModelConfig(**arch, prune=prune)
     return dataclasses.replace(mc, img_size=cfg.img_size or mc.img_size, max_len=cfg.text_len,
                                vocab_size=cfg.whole_vocab, enc_id=cfg.whole_vocab - 1,
                                dec_id=cfg.whole_vocab - 2,
-                               queue_size=min(cfg.whole_queue, mc.queue_size))
+                               queue_size=min(cfg.whole_queue, mc.queue_size),
+                               losses=tuple(x for x in mc.losses if x != "objects"),
+                               itc_all_captions=False)
 
 
 # ---- the measuring instruments ---------------------------------------------------------

@@ -41,6 +41,21 @@ def meta_inputs(with_idx=False):
     return (images, ids, mask) + ((torch.arange(B, device=META) // 2,) if with_idx else ())
 
 
+def world_inputs(cfg):
+    """What the tiny preset's aids read besides (images, ids, mask): every caption of each image
+    (two here) for ITC over all captions, the objects' patch cover and labels (-1: no object)."""
+    extra = {}
+    if cfg.itc_all_captions:
+        extra["captions"] = (torch.randint(5, VOCAB, (2 * B, T), device=META),
+                             torch.ones(2 * B, T, dtype=torch.long, device=META),
+                             torch.full((B,), 2, device=META))
+    if "objects" in cfg.losses:
+        M = (cfg.img_size // cfg.patch_size) ** 2
+        extra["objects"] = (torch.rand(B, 3, M, device=META),
+                            torch.zeros(B, 3, 4, dtype=torch.long, device=META))
+    return extra
+
+
 def on_meta(model):
     """Built on the CPU (initialisers read values), then moved: every later tensor must follow."""
     return model.to(META).train()
@@ -62,7 +77,8 @@ def train_step(model, loss_fn):
 def test_pretraining_step_stays_on_the_device(preset):
     model = on_meta(ELIPModel(shrunk(preset)))
     momentum = MomentumStep(model)
-    out = train_step(model, lambda: momentum.take(model(*meta_inputs(), alpha=0.4)))
+    out = train_step(model, lambda: momentum.take(model(*meta_inputs(), alpha=0.4,
+                                                        **world_inputs(model.cfg))))
     momentum.after_step()
     assert set(out) == set(model.cfg.losses) | {"loss"}
     assert all(b.device == META for b in model.buffers())
@@ -72,12 +88,12 @@ def test_pretraining_step_stays_on_the_device(preset):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_pruning_method_stays_on_the_device(method):
     model = on_meta(ELIPModel(shrunk("tiny", prune=dict(method=method))))
-    train_step(model, lambda: model(*meta_inputs()))
+    train_step(model, lambda: model(*meta_inputs(), **world_inputs(model.cfg)))
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_retrieval_finetuning_stays_on_the_device(preset):
-    cfg = dataclasses.replace(shrunk(preset), losses=("itc", "itm"))
+    cfg = dataclasses.replace(shrunk(preset), losses=("itc", "itm"), itc_all_captions=False)
     model = on_meta(ELIPModel(cfg))
     momentum = MomentumStep(model)
     images, ids, mask, idx = meta_inputs(with_idx=True)
@@ -87,7 +103,7 @@ def test_retrieval_finetuning_stays_on_the_device(preset):
 
 @pytest.mark.parametrize("preset", ["albef", "blip"])      # fusion layers, or BLIP's layout
 def test_downstream_heads_stay_on_the_device(preset):
-    cfg = dataclasses.replace(shrunk(preset), losses=("itc", "itm"))
+    cfg = dataclasses.replace(shrunk(preset), losses=("itc", "itm"), itc_all_captions=False)
     images, ids, mask = meta_inputs()
     answer_ids = torch.randint(5, VOCAB, (6, 4), device=META)          # 2, 1, 2 and 1 answers
     answer_mask, counts = torch.ones_like(answer_ids), torch.tensor([2, 1, 2, 1], device=META)

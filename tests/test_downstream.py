@@ -364,7 +364,7 @@ def captioner(pretrained):
     mc, ckpt = model_config(pretrained, "caption")
     mc = dataclasses.replace(mc, init_std=0.02)   # BERT's init, for which these margins were measured
     tok = Tokenizer(ckpt["vocab"])
-    torch.manual_seed(0)
+    torch.manual_seed(1)   # a seed where some captions end before max_length and some do not
     model = CaptionModel(mc, tok.encode("a picture of")[:-1], tok.sep_id)
     with torch.no_grad():
         model.text_decoder.embeddings.word_embeddings.weight.normal_(0, 1)
@@ -645,7 +645,7 @@ def test_from_scratch_is_the_default_pretraining_architecture_untrained(tmp_path
     # the answer decoder starts from the fusion layers: every weight loads from a checkpoint
     assert new_w["initialised"] == list(new_state) and pre_w["initialised"] == []
     # the same seed, yet different encoders: one started from the checkpoint
-    key = "visual_encoder.patch_embed.proj.weight"
+    key = "visual_encoder.blocks.0.attn.qkv.weight"
     assert not torch.equal(new_state[key], pre_state[key])
 
 
