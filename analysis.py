@@ -492,6 +492,7 @@ def run_kinds(cfg):
              for attribute, pairs in fill.items()}
     return dict(config=dataclasses.asdict(cfg), world_seed=w.seed, world_variant=w.variant,
                 images=len(dataset), captions=len(dataset.text), rows=rows, fill_in=words,
+                minimal_pairs=probes.minimal_pairs(model, tok, w, a.split, cfg.scenes, device),
                 text_cosine=probes.text_contrast(model, tok, device),
                 probe=probes.probe_objects(model, w, a.split, cfg.scenes, cfg.probe_scenes,
                                            a.seed, device))
@@ -517,6 +518,10 @@ def format_kinds(report):
                   f"{'word':<10}{'objects':>9}{'right':>8}{'most frequent':>15}"]
         lines += [f"{k:<10}{v['objects']:>9}{v['right']:>8.3f}{v['most_frequent']:>15.3f}"
                   for k, v in report["fill_in"].items()]
+    pairs = report["minimal_pairs"]
+    lines += ["", f"a true caption against its minimal-pair twin (SNLI-VE's entailment and "
+              f"contradiction) on the same image, {pairs['pairs']} scenes: the true one scores "
+              f"higher {pairs['itc']:.3f} of the time by ITC, {pairs['itm']:.3f} by ITM"]
     cos, probe = report["text_cosine"], report["probe"]
     objects = probe["shape"]["objects"]
     lines += ["", "where an attribute is lost: the cosine between the ITC text features of two "

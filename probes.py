@@ -1,7 +1,8 @@
 """
 What a pre-training checkpoint's encoders know of the embedded world's objects, for
 `python analysis.py kinds`: the words its MLM head fills in with the image (fill_in), whether
-its text features tell an attribute's values apart (text_contrast), and how well a linear probe
+it tells a true caption from its minimal-pair twin (minimal_pairs), whether its text features
+tell an attribute's values apart (text_contrast), and how well a linear probe
 reads an attribute from an object's patch tokens (probe_objects), beside an untrained ViT and
 the raw pixels. And the labels of `python experiments.py pooled`, which asks what the tiny ViT
 learns from scratch when told directly what a scene holds (scene_labels, balanced_accuracy).
@@ -46,6 +47,30 @@ def fill_in(model, tok, w, split, scenes, device):
             out[attribute] += [(getattr(o, attribute), words[p])
                                for o, p in zip(objects, picks.tolist())]
     return out
+
+
+@torch.no_grad()
+def minimal_pairs(model, tok, w, split, scenes, device):
+    """Whether the model tells a true caption from its minimal-pair twin on the same image, as
+    SNLI-VE of the world asks (World.hypotheses: the same template with one attribute, the count
+    or a relation made false): for the split's first scenes, the share of pairs where the true
+    caption scores higher, by the ITC cosine and by ITM's match probability. Returns {"itc",
+    "itm", "pairs"}."""
+    transform = data.create_transform(model.cfg.img_size, train=False)
+    images = torch.stack([transform(data.load_image(w.path(split, i))) for i in range(scenes)])
+    hyps = [dict((label, text) for text, label in w.hypotheses(w.scene(split, i)))
+            for i in range(scenes)]
+    image_embeds = model.encode_image(images.to(device))                          # (S, L, D)
+    image_feat = model.image_feat(image_embeds)                                   # (S, E)
+    itc, itm = [], []
+    for label in ("entailment", "contradiction"):
+        ids, mask = tok([h[label] for h in hyps], model.cfg.max_len)               # (S, T)
+        ids, mask = ids.to(device), mask.to(device)
+        text_embeds = model.encode_text(ids, mask)                                # (S, T, D)
+        itc.append((image_feat * model.text_feat(text_embeds)).sum(-1))           # (S,)
+        itm.append(model.itm_logits(text_embeds, mask, image_embeds, ids).softmax(-1)[:, 1])
+    return dict(itc=float((itc[0] > itc[1]).float().mean()),
+                itm=float((itm[0] > itm[1]).float().mean()), pairs=scenes)
 
 
 # where an attribute is lost: the text side, or the patch tokens

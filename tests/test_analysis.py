@@ -294,6 +294,33 @@ def test_text_contrast_averages_the_pairs_that_differ_in_one_word(checkpoint):
         assert got[name] == pytest.approx(sum(cos) / len(cos), abs=1e-5)
 
 
+def test_minimal_pairs_compare_each_true_caption_with_its_twin(checkpoint):
+    """Against one (image, caption) at a time: the true hypothesis of each scene against the
+    false one, by the ITC cosine and by ITM's match probability."""
+    model, tok, w = analysis.load_for_analysis(checkpoint)
+    got = probes.minimal_pairs(model, tok, w, "test", 6, torch.device("cpu"))
+    image_of = data.create_transform(model.cfg.img_size, train=False)
+
+    def scores(i, text):
+        image = image_of(data.load_image(w.path("test", i)))[None]
+        ids, mask = tok([text], model.cfg.max_len)
+        with torch.no_grad():
+            image_embeds, text_embeds = model.encode_image(image), model.encode_text(ids, mask)
+            itc = float(model.image_feat(image_embeds)[0] @ model.text_feat(text_embeds)[0])
+            itm = float(model.itm_logits(text_embeds, mask, image_embeds, ids).softmax(-1)[0, 1])
+        return itc, itm
+
+    wins = []
+    for i in range(6):
+        hyp = {label: text for text, label in w.hypotheses(w.scene("test", i))}
+        true, false = scores(i, hyp["entailment"]), scores(i, hyp["contradiction"])
+        wins.append((true[0] > false[0], true[1] > false[1]))
+    assert got["pairs"] == 6
+    assert got["itc"] == pytest.approx(sum(a for a, _ in wins) / 6)
+    assert got["itm"] == pytest.approx(sum(b for _, b in wins) / 6)
+    assert 0 < got["itc"] < 1 or 0 < got["itm"] < 1        # the pairs are not all alike
+
+
 def test_object_tokens_weigh_each_patch_by_the_object_share(checkpoint):
     model, _, w = analysis.load_for_analysis(checkpoint)
     p, res = model.cfg.patch_size, model.cfg.img_size
