@@ -20,6 +20,7 @@ and written with each seed's value to out_dir/summary.json.
 import io
 import json
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -140,6 +141,31 @@ def vqa_by_kind(run_dir, rec):
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
+# NLVR2 statement kinds: the world.STATEMENTS template a statement was said from, each slot
+# matching only its own words ("a {colour} {shape}" must not match "a red object")
+SLOT_WORDS = {"colour": world.COLOURS, "shape": world.SHAPES, "side": ("left", "right"),
+              "n": world.NUMBERS, "k": world.NUMBERS, "m": world.NUMBERS}
+
+
+def statement_kind(sentence):
+    for template, _ in world.STATEMENTS:
+        # (the templates are words and slots only: nothing to escape)
+        pattern = re.sub(r"\{(\w+)\}", lambda s: f"({'|'.join(SLOT_WORDS[s[1]])})", template)
+        if re.fullmatch(re.sub(r"\ba (?=\()", "an? ", pattern), sentence):
+            return template
+    raise ValueError(f"not a statement of the world: {sentence!r}")
+
+
+def nlvr_by_kind(run_dir):
+    """{statement template: accuracy} of an NLVR2 run on the world, from its predictions.json."""
+    with open(os.path.join(run_dir, "predictions.json")) as f:
+        preds = json.load(f)["world"]
+    hits = {}
+    for p in preds:
+        hits.setdefault(statement_kind(p["sentence"]), []).append(p["prediction"] == p["label"])
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
 def lookup(metrics, key):
     for part in key.split("."):
         metrics = metrics[part]
@@ -176,12 +202,16 @@ def summarise_transfer(cfg, runs):
         if task == "vqa":
             figures.update({f"VQA {k} questions, accuracy": v
                             for k, v in vqa_by_kind(out, rec).items()})
+        if task == "nlvr":
+            figures.update({f"NLVR2 '{k}'": v for k, v in nlvr_by_kind(out).items()})
         for name, value in figures.items():
             results.setdefault(task, {}).setdefault(name, {}).setdefault(row, []).append(value)
     digits = {name: d for figures in HEADLINE.values() for name, _, d in figures}
+    w = max(len(name) for figures in results.values() for name in figures) + 2     # the column
     lines = [f"fine-tuning from {cfg.pretrained} and from scratch (--pretrained none), seeds "
              f"{', '.join(map(str, cfg.seeds))}: mean ± sd",
-             f"{'task':<10}{'figure':<34}{'pre-trained':>18}{'from scratch':>18}{'difference':>12}"]
+             f"{'task':<10}{'figure':<{w}}{'pre-trained':>18}{'from scratch':>18}"
+             f"{'difference':>12}"]
     summary = {"config": asdict(cfg), "tasks": {}}
     for task, figures in results.items():
         for name, rows in figures.items():
@@ -189,7 +219,7 @@ def summarise_transfer(cfg, runs):
             summary["tasks"].setdefault(task, {})[name] = s
             d = digits.get(name, 3)
             diff = s["pre-trained"]["mean"] - s["from scratch"]["mean"]
-            lines.append(f"{task:<10}{name:<34}{fmt(s['pre-trained'], d):>18}"
+            lines.append(f"{task:<10}{name:<{w}}{fmt(s['pre-trained'], d):>18}"
                          f"{fmt(s['from scratch'], d):>18}{diff:>+12.{d}f}")
     return summary, "\n".join(lines)
 
@@ -492,8 +522,8 @@ TRANSFER_DOC = """python experiments.py transfer [--flag value ...]
 
 Each task of the embedded world fine-tuned (train_downstream.py with the task's preset) from the
 pre-training checkpoint and from scratch (--pretrained none --scratch_like <the checkpoint>:
-its architecture and vocabulary, untrained),
-once per seed; VQA also by question kind. Prints mean ± sd, writes out_dir/summary.json."""
+its architecture and vocabulary, untrained), once per seed; VQA also by question kind, NLVR2 by
+statement template. Prints mean ± sd, writes out_dir/summary.json."""
 GUIDANCE_DOC = """python experiments.py guidance [--flag value ...]
 
 Text guidance's test: the clutter world (5-7 small objects, captions naming one or two),

@@ -181,13 +181,15 @@ def evaluate_task(cfg, model, train_set, test_set, collate, tok, device, log):
         baseline = {"vqa_score": metrics.vqa_accuracy([majority] * len(truth), truth)}
         return scores, baseline, f"majority answer of the training set ({majority!r})", results
     if task in ("nlvr", "ve"):
-        scores, _ = evaluation.evaluate_classifier(model, test_set, collate, device, bs)
+        scores, preds = evaluation.evaluate_classifier(model, test_set, collate, device, bs)
+        predictions = [{"sentence": it["sentence"], "label": it["label"], "prediction": p}
+                       for it, p in zip(test_set.items, preds.tolist())]
         if train_set is None:
-            return scores, {}, "none", None
+            return scores, {}, "none", predictions
         majority = Counter(it["label"] for it in train_set.items).most_common(1)[0][0]
         labels = [it["label"] for it in test_set.items]
         baseline = {"accuracy": metrics.accuracy([majority] * len(labels), labels)}
-        return scores, baseline, f"majority label of the training set ({majority})", None
+        return scores, baseline, f"majority label of the training set ({majority})", predictions
     scores, captions = evaluation.evaluate_caption(
         model, test_set, tok, device, cfg.beam, cfg.max_length, cfg.min_length, bs,
         cfg.length_penalty, cfg.repetition_penalty)

@@ -95,23 +95,28 @@ def _has(objects, colour=None, shape=None):
     return any(colour in (None, o.colour) and shape in (None, o.shape) for o in objects)
 
 
-# NLVR2-style statements about a pair (a, b) of object lists; "n" is a total count. Each has
-# slots, so one template can be said true and false of the same pair (World.statements)
+# NLVR2-style statements about a pair of object lists: x is the image the statement names (the
+# {side} slot, else the left one), y the other; n is the total count, k the count of objects and
+# m of {colour} objects in one image. Each has slots, so one template can be said true and false
+# of the same pair (World.statements)
 STATEMENTS = (
     ("there is a {colour} {shape} in exactly one image",
-     lambda a, b, c, s, n: _has(a, c, s) != _has(b, c, s)),
+     lambda x, y, c, s, n, k, m: _has(x, c, s) != _has(y, c, s)),
     ("both images contain a {colour} {shape}",
-     lambda a, b, c, s, n: _has(a, c, s) and _has(b, c, s)),
-    ("both images contain a {shape}", lambda a, b, c, s, n: _has(a, None, s) and _has(b, None, s)),
+     lambda x, y, c, s, n, k, m: _has(x, c, s) and _has(y, c, s)),
+    ("both images contain a {shape}",
+     lambda x, y, c, s, n, k, m: _has(x, None, s) and _has(y, None, s)),
     ("both images contain a {colour} object",
-     lambda a, b, c, s, n: _has(a, c, None) and _has(b, c, None)),
+     lambda x, y, c, s, n, k, m: _has(x, c, None) and _has(y, c, None)),
     ("neither image contains a {colour} {shape}",
-     lambda a, b, c, s, n: not _has(a, c, s) and not _has(b, c, s)),
+     lambda x, y, c, s, n, k, m: not _has(x, c, s) and not _has(y, c, s)),
     ("at least one image contains a {colour} {shape}",
-     lambda a, b, c, s, n: _has(a, c, s) or _has(b, c, s)),
-    ("the left image contains a {colour} {shape}", lambda a, b, c, s, n: _has(a, c, s)),
-    ("the right image contains a {colour} {shape}", lambda a, b, c, s, n: _has(b, c, s)),
-    ("there are {n} objects in total", lambda a, b, c, s, n: len(a) + len(b) == n),
+     lambda x, y, c, s, n, k, m: _has(x, c, s) or _has(y, c, s)),
+    ("the {side} image contains a {colour} {shape}", lambda x, y, c, s, n, k, m: _has(x, c, s)),
+    ("there are {n} objects in total", lambda x, y, c, s, n, k, m: len(x) + len(y) == n),
+    ("the {side} image contains {k} objects", lambda x, y, c, s, n, k, m: len(x) == k),
+    ("the {side} image contains {m} {colour} objects",
+     lambda x, y, c, s, n, k, m: sum(o.colour == c for o in x) == m),
 )
 # SNLI-VE neutral hypotheses: properties no picture of the world can show or deny
 NEUTRAL = ("the {a} is made of {material}", "the {a} is {quality}")
@@ -389,8 +394,15 @@ class World:
                 c = o.colour if rng.random() < 0.7 else _pick(rng, list(COLOURS))
                 s = o.shape if rng.random() < 0.7 else _pick(rng, SHAPES)
                 n = len(a) + len(b) if rng.random() < 0.5 else int(rng.integers(4, 9))
-                found.setdefault(truth(a, b, c, s, n), _say(template, colour=c, shape=s,
-                                                            n=NUMBERS[n]))
+                # the counts of an image drawn at random: a count is then as likely to be said
+                # of the other image (false) as of its own (true), and no number gives it away
+                z = _pick(rng, (a, b))
+                k, m = len(z), sum(p.colour == c for p in z)
+                side = _pick(rng, ("left", "right"))
+                x, y = (a, b) if side == "left" else (b, a)
+                found.setdefault(truth(x, y, c, s, n, k, m),
+                                 _say(template, colour=c, shape=s, side=side, n=NUMBERS[n],
+                                      k=NUMBERS[k], m=NUMBERS[m]))
                 if len(found) == 2:
                     return [(found[True], True), (found[False], False)]
 

@@ -36,11 +36,27 @@ def test_question_kinds_cover_every_question_template():
         assert experiments.question_kind(template.format(**slots)) == kind
 
 
+def test_statement_kinds_name_the_template_of_every_statement():
+    """Each statement maps to the template it was said from, a slot matching only its own words
+    ("both images contain an orange object" is not "a {colour} {shape}")."""
+    slots = dict(colour="orange", shape="star", side="right", n="six", k="three", m="zero")
+    for template, _ in world.STATEMENTS:
+        assert experiments.statement_kind(world._say(template, **slots)) == template
+    assert (experiments.statement_kind("both images contain an orange object")
+            == "both images contain a {colour} object")
+    entries = world.world_entries("nlvr", "test", 150)
+    said = {experiments.statement_kind(e["sentence"]) for e in entries}
+    assert said == {template for template, _ in world.STATEMENTS}      # the world says them all
+    with pytest.raises(ValueError, match="not a statement"):
+        experiments.statement_kind("both images contain an orange object twice")
+
+
 def test_transfer_summary_mean_and_sample_sd(tmp_path):
     cfg = experiments.TransferConfig(pretrained="ck.pt", tasks=("vqa", "nlvr"), seeds=(0, 1),
                                      out_dir=str(tmp_path))
     runs = experiments.transfer_runs(cfg)
     entries = world.world_entries("vqa", "test", 3)
+    statements = world.world_entries("nlvr", "test", 3)
     scores = {"pre-trained": (0.8, 0.6), "from scratch": (0.5, 0.5)}
     for task, row, seed, out, _ in runs:
         os.makedirs(out)
@@ -54,6 +70,12 @@ def test_transfer_summary_mean_and_sample_sd(tmp_path):
                       "answer": e["answer"][0] if row == "pre-trained" else "yes"} for e in entries]
             with open(os.path.join(out, "predictions.json"), "w") as f:
                 json.dump({"world": preds}, f)
+        if task == "nlvr":    # pre-trained right on every statement, from scratch always "true"
+            preds = [{"sentence": e["sentence"], "label": int(e["label"]),
+                      "prediction": int(e["label"]) if row == "pre-trained" else 1}
+                     for e in statements]
+            with open(os.path.join(out, "predictions.json"), "w") as f:
+                json.dump({"world": preds}, f)
     summary, table = experiments.summarise_transfer(cfg, runs)
     vqa = summary["tasks"]["vqa"]["VQA score"]
     assert vqa["pre-trained"]["mean"] == pytest.approx(0.7)
@@ -62,6 +84,14 @@ def test_transfer_summary_mean_and_sample_sd(tmp_path):
     kinds = {k for k in summary["tasks"]["vqa"] if k.endswith("questions, accuracy")}
     assert kinds and all(summary["tasks"]["vqa"][k]["pre-trained"]["mean"] == 1.0 for k in kinds)
     assert summary["tasks"]["nlvr"]["accuracy"]["pre-trained"]["values"] == [0.8, 0.6]
+    nlvr = {k: v for k, v in summary["tasks"]["nlvr"].items() if k.startswith("NLVR2 '")}
+    said = {f"NLVR2 '{experiments.statement_kind(e['sentence'])}'" for e in statements}
+    assert set(nlvr) == said
+    for name, rows in nlvr.items():
+        truths = [e["label"] for e in statements
+                  if name == f"NLVR2 '{experiments.statement_kind(e['sentence'])}'"]
+        assert rows["pre-trained"]["mean"] == 1.0
+        assert rows["from scratch"]["mean"] == pytest.approx(sum(truths) / len(truths))
     assert "0.700 ± 0.141" in table and "+0.200" in table
 
 

@@ -288,6 +288,10 @@ def nlvr_truth(sentence, a, b):
         return has(a if m[1] == "left" else b, m[2], m[3])
     if m := re.fullmatch(r"there are (\w+) objects in total", sentence):
         return len(a) + len(b) == NUM[m[1]]
+    if m := re.fullmatch(f"the (left|right) image contains (\\w+) (?:({COLOURS}) )?objects",
+                         sentence):
+        objs = a if m[1] == "left" else b
+        return sum(m[3] in (None, o.colour) for o in objs) == NUM[m[2]]
     raise AssertionError(f"unknown statement {sentence!r}")
 
 
@@ -298,6 +302,11 @@ def test_nlvr_labels_correct_and_balanced():
         scenes = [WORLD.scene(*parse_world_path(p)[1:]) for p in e["images"]]
         assert nlvr_truth(e["sentence"], scenes[0].objects, scenes[1].objects) == e["label"], e
     assert len({e["sentence"].split()[1] for e in entries}) >= 5     # varied statements
+    # counts said of the left or the right image, of all objects or of one colour
+    counts = [e["sentence"] for e in entries if re.search(r"image contains \w+ (\w+ )?objects",
+                                                          e["sentence"])]
+    assert {s.split()[1] for s in counts} == {"left", "right"} and len(counts) >= 10
+    assert any(s.split()[5] in COLOURS.split("|") for s in counts)
 
 
 def test_ve_labels_correct_and_balanced():
