@@ -393,13 +393,18 @@ class World:
                 o = _pick(rng, a + b)                   # mostly talk about what is there
                 c = o.colour if rng.random() < 0.7 else _pick(rng, list(COLOURS))
                 s = o.shape if rng.random() < 0.7 else _pick(rng, SHAPES)
-                n = len(a) + len(b) if rng.random() < 0.5 else int(rng.integers(4, 9))
-                # the counts of an image drawn at random: a count is then as likely to be said
-                # of the other image (false) as of its own (true), and no number gives it away
+                # numbers that never give the label away: k and m count an image drawn at
+                # random, said of it (true) or of the other image (false) as often; n, the total,
+                # is that image's count plus a count drawn as a scene draws its own, so every
+                # total is true a third of the time (of the draws), whatever the number
                 z = _pick(rng, (a, b))
                 k, m = len(z), sum(p.colour == c for p in z)
+                low, high = self.spec["count"]
+                n = len(z) + int(rng.integers(low, high + 1))
                 side = _pick(rng, ("left", "right"))
                 x, y = (a, b) if side == "left" else (b, a)
+                if "{m}" in template and sum(p.colour == c for p in a + b) == 2 * m:
+                    continue    # as many of colour c in both images: true of either side
                 found.setdefault(truth(x, y, c, s, n, k, m),
                                  _say(template, colour=c, shape=s, side=side, n=NUMBERS[n],
                                       k=NUMBERS[k], m=NUMBERS[m]))

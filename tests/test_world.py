@@ -309,6 +309,27 @@ def test_nlvr_labels_correct_and_balanced():
     assert any(s.split()[5] in COLOURS.split("|") for s in counts)
 
 
+def test_nlvr_numbers_give_no_label_away():
+    """Each statement with its colour, shape and side words blanked but its number kept is true as
+    often as false: a reader of the text alone learns nothing from the numbers (false totals drawn
+    uniformly from 4-8 made "there are six objects in total" true 65% of the time)."""
+    scenes = [WORLD.scene("train", i) for i in range(10000)]
+    said = {}
+    for a, b in zip(scenes[::2], scenes[1::2]):
+        for sentence, label in WORLD.statements(a, b):
+            if re.fullmatch(r"the \w+ image contains \w+ (\w+ )?objects", sentence):
+                # a count is true of exactly one image: said of the other, it flips
+                other = re.sub("left|right", lambda s: {"left": "right", "right": "left"}[s[0]],
+                               sentence, count=1)
+                assert nlvr_truth(other, a.objects, b.objects) != label, sentence
+            for words, blank in ((COLOURS, "C"), (SHAPES, "S"), ("left|right", "L")):
+                sentence = re.sub(rf"\b({words})\b", blank, sentence)
+            said.setdefault(sentence, []).append(label)
+    rates = {k: np.mean(v) for k, v in said.items() if len(v) >= 150}
+    assert sum(any(w in k.split() for w in NUM) for k in rates) >= 8     # numbers, often said
+    assert all(abs(r - 0.5) < 0.07 for r in rates.values()), rates
+
+
 def test_ve_labels_correct_and_balanced():
     entries = world_entries("ve", "test", 100)
     labels = [e["label"] for e in entries]
