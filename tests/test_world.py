@@ -312,7 +312,7 @@ def test_nlvr_labels_correct_and_balanced():
 def test_nlvr_numbers_give_no_label_away():
     """Each statement with its colour, shape and side words blanked but its number kept is true as
     often as false: a reader of the text alone learns nothing from the numbers (false totals drawn
-    uniformly from 4-8 made "there are six objects in total" true 65% of the time)."""
+    uniformly from 4-8 made "there are six objects in total" true 67% of the time)."""
     scenes = [WORLD.scene("train", i) for i in range(10000)]
     said = {}
     for a, b in zip(scenes[::2], scenes[1::2]):
