@@ -386,6 +386,7 @@ class World:
         followed from the template, which is what the models had learnt)."""
         a, b = scene_a.objects, scene_b.objects
         rng = _rng(scene_a.seed, scene_a.split, scene_a.index, scene_b.index, "nlvr")
+        low, high = self.spec["count"]                   # how many objects a scene draws
         while True:    # rejection: a template both true and false of the pair within 30 draws
             template, truth = _pick(rng, STATEMENTS)
             found = {}
@@ -399,7 +400,6 @@ class World:
                 # total is true a third of the time (of the draws), whatever the number
                 z = _pick(rng, (a, b))
                 k, m = len(z), sum(p.colour == c for p in z)
-                low, high = self.spec["count"]
                 n = len(z) + int(rng.integers(low, high + 1))
                 side = _pick(rng, ("left", "right"))
                 x, y = (a, b) if side == "left" else (b, a)
