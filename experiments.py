@@ -127,18 +127,24 @@ def question_kind(question):
     return kind or ("left" if " to the left of " in question else "above")
 
 
-def vqa_by_kind(run_dir, rec):
-    """{question kind: accuracy} of a VQA run on the world, from its predictions.json."""
-    cfg = rec["config"]
-    entries = world.world_entries("vqa", "test", cfg["world_test"], cfg["world_seed"])
-    truth = {e["question_id"]: (question_kind(e["question"]), e["answer"][0]) for e in entries}
+def accuracy_by_kind(run_dir, judge):
+    """{kind: accuracy} of a run on the world from its predictions.json, judge(prediction) giving
+    (kind, right)."""
     with open(os.path.join(run_dir, "predictions.json")) as f:
         preds = json.load(f)["world"]
     hits = {}
-    for p in preds:
-        kind, answer = truth[p["question_id"]]
-        hits.setdefault(kind, []).append(p["answer"] == answer)
+    for kind, right in map(judge, preds):
+        hits.setdefault(kind, []).append(right)
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
+def vqa_by_kind(run_dir, rec):
+    """{question kind: accuracy} of a VQA run on the world."""
+    cfg = rec["config"]
+    entries = world.world_entries("vqa", "test", cfg["world_test"], cfg["world_seed"])
+    truth = {e["question_id"]: (question_kind(e["question"]), e["answer"][0]) for e in entries}
+    return accuracy_by_kind(run_dir, lambda p: (truth[p["question_id"]][0],
+                                                p["answer"] == truth[p["question_id"]][1]))
 
 
 # NLVR2 statement kinds: the world.STATEMENTS template a statement was said from, each slot
@@ -157,13 +163,9 @@ def statement_kind(sentence):
 
 
 def nlvr_by_kind(run_dir):
-    """{statement template: accuracy} of an NLVR2 run on the world, from its predictions.json."""
-    with open(os.path.join(run_dir, "predictions.json")) as f:
-        preds = json.load(f)["world"]
-    hits = {}
-    for p in preds:
-        hits.setdefault(statement_kind(p["sentence"]), []).append(p["prediction"] == p["label"])
-    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    """{statement template: accuracy} of an NLVR2 run on the world."""
+    return accuracy_by_kind(run_dir, lambda p: (statement_kind(p["sentence"]),
+                                                p["prediction"] == p["label"]))
 
 
 def lookup(metrics, key):
