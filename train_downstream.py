@@ -143,8 +143,9 @@ BLIP = dict(img_size=384, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=5, weigh
             decay="all", schedule="epoch_cosine", lr=1e-5, min_lr=0.0, alpha=0.4,
             alpha_ramp_epochs=1.0, num_workers=4, caption_style="blip")
 TASK_PRESETS = {
-    # the embedded world: each task fine-tunes and evaluates in a few minutes on a 2-core CPU
-    # from the tiny pre-training checkpoint. Explicit flags override them.
+    # the embedded world: each task fine-tunes and evaluates in minutes on a 2-core CPU from the
+    # tiny pre-training checkpoint (NLVR2, the longest, 14 on one thread). Explicit flags
+    # override them.
     ("retrieval", "world"): dict(out_dir="out/retrieval", world_train=1000, epochs=1, lr=3e-4),
     ("vqa", "world"): dict(out_dir="out/vqa", world_train=1200, epochs=4, lr=5e-4),
     # NLVR2 and SNLI-VE: a lower rate keeps what pre-training learnt (NLVR2 at 3e-4 or 1e-4
