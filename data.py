@@ -33,7 +33,6 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 import world
 from randaug import RandomAugment
@@ -295,55 +294,26 @@ def for_evaluation(dataset: JSONDataset) -> JSONDataset:
 
 
 class PretrainDataset(JSONDataset):
-    """{"image", "caption": str or [str]} -> (image, caption), one caption drawn at random.
-    clean: the caption cleaning (pre_caption as ALBEF, pre_caption_blip as BLIP).
-    all_captions: also every caption of the image, a list (for ITC over all of them).
-    objects (a patch size; 0: off): world images only, each also with World.object_targets
-    (cover, labels) under the same crop and mirror as its image."""
+    """{"image", "caption": str or [str]} -> {"image", "text"}: one caption drawn at random.
+    clean: the caption cleaning (pre_caption as ALBEF, pre_caption_blip as BLIP)."""
 
     def __init__(self, source, image_root=None, transform=None, max_words=30, flip=True,
-                 check_images=True, clean=pre_caption, swap_words=True, all_captions=False,
-                 objects=0):
+                 check_images=True, clean=pre_caption, swap_words=True):
         self.max_words, self.clean, self.swap_words = max_words, clean, swap_words
-        self.all_captions, self.objects = all_captions, objects
         super().__init__(source, image_root, transform, flip, check_images)
-        if objects and not isinstance(getattr(transform, "transforms", [None])[0],
-                                      transforms.RandomResizedCrop):
-            raise ValueError("objects needs a transform that starts with a RandomResizedCrop")
 
     def parse(self, entry):
-        if self.objects and not str(entry.get("image")).startswith("world:"):
-            raise ValueError(f"the objects loss needs world images, got {entry.get('image')!r}")
         return {"images": [_field(entry, "image", str, "a string")],
                 "captions": _texts(entry, "caption", self.clean, self.max_words)}
 
     def __getitem__(self, i):
-        captions = self.items[i]["captions"]
-        texts = [self.random_choice(captions), *(captions if self.all_captions else [])]
-        if self.objects:
-            image, texts, objects = self.with_objects(i, texts)
-        else:
-            (image,), texts = self.load(i, *texts)
-            objects = ()
-        return (image, texts[0], *([texts[1:]] if self.all_captions else []), *objects)
-
-    def with_objects(self, i, texts):
-        w, split, index = world.world_of_path(self.items[i]["images"][0])
-        scene, flip = w.scene(split, index), self.flip and bool(torch.rand(()) < 0.5)
-        image = w.render(scene, world.WORLD_RES)
-        image = ImageOps.mirror(image) if flip else image
-        texts = [swap_left_right(t) for t in texts] if flip and self.swap_words else texts
-        # the transform's crop, drawn here so that the object masks get the same box
-        crop, rest = self.transform.transforms[0], transforms.Compose(self.transform.transforms[1:])
-        top, left, h, w_ = crop.get_params(image, crop.scale, crop.ratio)
-        image = rest(TF.resized_crop(image, top, left, h, w_, crop.size, crop.interpolation))
-        cover, labels = w.object_targets(scene, (left, top, left + w_, top + h), crop.size[0],
-                                         self.objects, mirrored=flip)
-        return image, texts, (torch.from_numpy(cover), torch.from_numpy(labels))
+        (image,), (text,) = self.load(i, self.random_choice(self.items[i]["captions"]))
+        return {"image": image, "text": text}
 
 
 class RetrievalTrainDataset(PretrainDataset):
-    """{"image", "caption", "image_id"} -> (image, caption, index of image_id), as ALBEF."""
+    """{"image", "caption", "image_id"} -> {"image", "text", "image_id": the index of the
+    entry's image_id}, as ALBEF."""
 
     def __init__(self, source, image_root=None, transform=None, max_words=30, flip=True,
                  check_images=True, clean=pre_caption):
@@ -358,12 +328,11 @@ class RetrievalTrainDataset(PretrainDataset):
                 "image_id": _field(entry, "image_id", (str, int), "a string or an int")}
 
     def __getitem__(self, i):
-        image, caption = super().__getitem__(i)
-        return image, caption, self.img_ids[self.items[i]["image_id"]]
+        return {**super().__getitem__(i), "image_id": self.img_ids[self.items[i]["image_id"]]}
 
 
 class RetrievalEvalDataset(PretrainDataset):
-    """{"image", "caption": [str, ...]} one entry per image -> (image, index). All captions are
+    """{"image", "caption": [str, ...]} one entry per image -> {"image", "index"}. All captions are
     in .text; .img2txt[i] lists the captions of image i, .txt2img[t] the image of caption t."""
 
     def __init__(self, source, image_root=None, transform=None, max_words=30, check_images=True,
@@ -377,12 +346,12 @@ class RetrievalEvalDataset(PretrainDataset):
 
     def __getitem__(self, i):
         (image,), _ = self.load(i)
-        return image, i
+        return {"image": image, "index": i}
 
 
 class CaptionDataset(PretrainDataset):
-    """Captioning on the retrieval files. train: (image, caption) like PretrainDataset; eval:
-    (image, index), the cleaned reference captions of image i in .references[i] and the captions
+    """Captioning on the retrieval files. train: {"image", "text"} like PretrainDataset; eval:
+    {"image", "index"}, the cleaned reference captions of image i in .references[i] and the captions
     as the file has them in .raw_references[i] (the COCO evaluation cleans them its own way)."""
 
     def __init__(self, source, image_root=None, transform=None, train=True, max_words=30,
@@ -401,16 +370,16 @@ class CaptionDataset(PretrainDataset):
         if self.train:
             return super().__getitem__(i)
         (image,), _ = self.load(i)
-        return image, i
+        return {"image": image, "index": i}
 
 
 class VQADataset(JSONDataset):
     """{"question_id", "question", "answer": [str, ...], "image"}, and optionally "dataset": "vqa"
     or "vg" (Visual Genome QA, whose "answer" may be one string), as ALBEF's files.
-    train -> (image, question, answers, weights): each distinct answer once, with its weight:
+    train -> {"image", "question", "answers", "weights"}: each distinct answer once, with its weight:
     weighting "score", the VQA soft score min(1, count / 3) (a classifier's target), or "share",
     count / number of answers (ALBEF's and BLIP's decoder); a VG answer weighs vg_weight (ALBEF
-    0.5, BLIP 0.2). eval -> (image, question, index); answers optional. clean: the question
+    0.5, BLIP 0.2). eval -> {"image", "question", "index"}; answers optional. clean: the question
     cleaning (pre_question as ALBEF, pre_question_blip as BLIP).
     .answer_list: the candidate answers (a list, a JSON file of one, or all answers seen)."""
 
@@ -448,7 +417,7 @@ class VQADataset(JSONDataset):
         item = self.items[i]
         (image,), (question, *answers) = self.load(i, item["question"], *item["answers"])
         if not self.train:
-            return image, question, i
+            return {"image": image, "question": question, "index": i}
         counts = Counter(answers)
         if item["dataset"] == "vg":
             weights = [self.vg_weight] * len(counts)
@@ -456,12 +425,12 @@ class VQADataset(JSONDataset):
             weights = [k / len(answers) for k in counts.values()]
         else:
             weights = [min(1.0, k / 3) for k in counts.values()]
-        return image, question, list(counts), weights
+        return {"image": image, "question": question, "answers": list(counts), "weights": weights}
 
 
 class NLVRDataset(JSONDataset):
     """{"images": [left, right], "sentence", "label": bool or "True"/"False"} ->
-    (image0, image1, sentence, label 0/1). Never flipped: in NLVR2 'left' may name an image or a
+    {"image0", "image1", "text", "label": 0/1}. Never flipped: in NLVR2 'left' may name an image or a
     direction, and mirroring one image without the other keeps neither reading true."""
 
     def __init__(self, source, image_root=None, transform=None, max_words=30, check_images=True):
@@ -481,7 +450,8 @@ class NLVRDataset(JSONDataset):
 
     def __getitem__(self, i):
         (image0, image1), (sentence,) = self.load(i, self.items[i]["sentence"])
-        return image0, image1, sentence, self.items[i]["label"]
+        return {"image0": image0, "image1": image1, "text": sentence,
+                "label": self.items[i]["label"]}
 
 
 VE_LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}     # ALBEF's label ids
@@ -489,7 +459,7 @@ VE_LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}     # ALBEF's la
 
 class VEDataset(JSONDataset):
     """{"image", "sentence", "label": "entailment"|"neutral"|"contradiction"} ->
-    (image, sentence, label) with ALBEF's ids: contradiction 0, neutral 1, entailment 2."""
+    {"image", "text", "label"} with ALBEF's ids: contradiction 0, neutral 1, entailment 2."""
 
     def __init__(self, source, image_root=None, transform=None, train=True, max_words=30,
                  check_images=True):
@@ -506,7 +476,7 @@ class VEDataset(JSONDataset):
 
     def __getitem__(self, i):
         (image,), (sentence,) = self.load(i, self.items[i]["sentence"])
-        return image, sentence, self.items[i]["label"]
+        return {"image": image, "text": sentence, "label": self.items[i]["label"]}
 
 
 # -----------------------------------------------------------------------------
@@ -521,27 +491,31 @@ def pad_to(ids, mask, max_len, pad_id):
 
 
 def collate(batch, tokenizer, max_len, pad_to_max_len=False):
-    """Batch of sample tuples -> flat tuple, field by field: images stacked (B, 3, H, W); a text
-    becomes input_ids, attention_mask (B, L), L the longest (or max_len with pad_to_max_len);
-    ints become a LongTensor (B,); a list of texts per sample (VQA answers) becomes ids, mask over
-    all of them (sum n, L) and the counts n (B,); a list of floats per sample (VQA weights)
-    becomes one FloatTensor (sum n,)."""
-    out = []
-    for column in zip(*batch):
+    """Samples (dicts) -> one batch (a dict), field by field: a tensor is stacked (images
+    (B, 3, H, W)); a text "k" becomes "k_ids" and "k_mask" (B, L), L the longest (or max_len with
+    pad_to_max_len); an int becomes a LongTensor (B,); a list of texts per sample (VQA answers,
+    every caption of an image) becomes "k_ids", "k_mask" over all of them (sum n, L) and
+    "k_count", the n of each sample (B,); a list of floats (VQA weights) one FloatTensor
+    (sum n,)."""
+    out = {}
+    for key in batch[0]:
+        column = [sample[key] for sample in batch]
         first = column[0]
         if torch.is_tensor(first):
-            out.append(torch.stack(column))
+            out[key] = torch.stack(column)
         elif isinstance(first, str):
-            ids, mask = tokenizer(list(column), max_len)
-            out += pad_to(ids, mask, max_len, tokenizer.pad_id) if pad_to_max_len else (ids, mask)
+            ids, mask = tokenizer(column, max_len)
+            out[f"{key}_ids"], out[f"{key}_mask"] = (
+                pad_to(ids, mask, max_len, tokenizer.pad_id) if pad_to_max_len else (ids, mask))
         elif isinstance(first, int):
-            out.append(torch.tensor(column, dtype=torch.long))
+            out[key] = torch.tensor(column, dtype=torch.long)
         elif first and isinstance(first[0], str):
-            out += tokenizer([t for texts in column for t in texts], max_len)
-            out.append(torch.tensor([len(texts) for texts in column]))
+            out[f"{key}_ids"], out[f"{key}_mask"] = tokenizer(
+                [t for texts in column for t in texts], max_len)
+            out[f"{key}_count"] = torch.tensor([len(texts) for texts in column])
         else:
-            out.append(torch.tensor([x for xs in column for x in xs], dtype=torch.float))
-    return tuple(out)
+            out[key] = torch.tensor([x for xs in column for x in xs], dtype=torch.float)
+    return out
 
 
 def make_collate(tokenizer, max_len, pad_to_max_len=False):

@@ -9,7 +9,7 @@ One forward pass, in the order ELIP needs:
   3. ITC against momentum features and queues, ITM with hard negatives, and MLM (ALBEF) or
      LM captioning (BLIP) on the pruned image tokens
 The momentum (teacher) encoders always see all tokens, run only when a loss reads them, and are
-updated, with the queues written, once per optimizer step (MomentumStep).
+updated, with the queues written, once per optimizer step (momentum_step).
 """
 import copy
 from dataclasses import dataclass, field
@@ -21,81 +21,71 @@ import torch.nn.functional as F
 
 from pruning import PruneConfig
 from text_encoder import BertConfig, TextEncoder, tie_to_encoder
-from vit import VisionTransformer
+from vit import PatchEmbed, VisionTransformer
 
 
 @dataclass
 class ModelConfig:
-    # vision
+    # vision: a ViT (timm's names), pruned by ELIP in the online copy (prune, below)
     img_size: int = 64
     patch_size: int = 8
     vision_width: int = 128
     vision_depth: int = 12
     vision_heads: int = 4
-    drop_path: float = 0.0
-    init_std: float = 0.02           # std of random initial weights, both encoders (timm, BERT);
-                                     # see PRESETS["tiny"] for why it is larger there
-    conv_stem: bool = False          # convolutions instead of one linear map per patch (vit.py)
-    sincos_pos: float = 0.0          # > 0: position embeddings start as 2-D sine-cosine ones of
-                                     # this amplitude (MAE's), still learnt; 0: random (timm)
+    drop_path: float = 0.0           # stochastic depth, rising to this in the last block
     # text: ALBEF splits one BERT into text_layers text-only and fusion_layers cross-attention
     # layers; BLIP (fusion_layers = 0 here) gives every layer cross-attention, used or skipped
-    vocab_size: int = 0              # these six are set from the tokenizer
-    pad_id: int = 0
-    cls_id: int = 2
-    mask_id: int = 4
+    vocab_size: int = 0              # set from the tokenizer, as the five ids below
+    pad_id: int = 0                  # [PAD]
+    cls_id: int = 2                  # [CLS]
+    mask_id: int = 4                 # [MASK]
     enc_id: int = -1                 # [ENC] and [DEC] (BLIP), -1 when the vocabulary lacks them
-    dec_id: int = -1
+    dec_id: int = -1                 # (see enc_id)
     text_width: int = 128            # must equal vision_width for ELIP's fused [CLS] (Eq. 1)
-    text_layers: int = 2
-    fusion_layers: int = 2
-    text_heads: int = 4
-    text_mlp: int = 512
+    text_layers: int = 2             # BERT layers that read the text alone
+    fusion_layers: int = 2           # ALBEF's layers with cross-attention to the image after them
+    text_heads: int = 4              # attention heads of every BERT layer
+    text_mlp: int = 512              # the feed-forward width of every BERT layer
     text_dropout: float = 0.1        # BERT's; 0 in the tiny preset, where, trained from scratch,
                                      # the dropout noise in the text [CLS] drowns its signal
-    max_len: int = 32
+    max_len: int = 32                # text tokens; a longer text is cut
     token_types: bool = True         # BERT's token-type embeddings (ALBEF); BLIP's BERT has none
     blip_tokens: bool = False        # BLIP: the image-grounded encoder reads [ENC] and the decoder
                                      # [DEC] in place of [CLS]; the text encoder keeps [CLS]
     tie_decoder: bool = False        # BLIP: the decoder shares the text encoder's embeddings,
                                      # cross-attention and feed-forward (own self-attention, LM head)
-    # objectives
-    losses: tuple[str, ...] = ("itc", "itm", "mlm")    # ALBEF: itc, itm, mlm; BLIP: itc, itm, lm;
-                                     # objects: the world's object labels (object_loss)
-    object_classes: tuple[int, ...] = (2, 7, 6, 9)   # the labels' classes: world.OBJECT_CLASSES
-    object_weight: float = 3.0       # of the objects loss
+    # objectives, in the paper's order: ITC, ITM, then MLM (ALBEF) or LM (BLIP)
+    losses: tuple[str, ...] = ("itc", "itm", "mlm")    # ALBEF: itc, itm, mlm; BLIP: itc, itm, lm
     embed_dim: int = 64              # joint ITC space
-    queue_size: int = 1024
-    momentum: float = 0.995
-    temp: float = 0.07
-    mlm_prob: float = 0.15
+    queue_size: int = 1024           # ITC's queue of momentum features (ALBEF 65,536)
+    momentum: float = 0.995          # the momentum encoders' EMA rate, once per optimizer step
+    temp: float = 0.07               # ITC's initial temperature (learnt, clamped to [0.001, 0.5])
+    mlm_prob: float = 0.15           # the share of text tokens MLM masks
     distill: bool = True             # momentum distillation of ITC and MLM targets (ALBEF)
-    itc_online_batch: bool = False   # ITC's in-batch candidates from the online encoders (CLIP),
-                                     # not the momentum ones (ALBEF); see itc_loss
-    itc_all_captions: bool = False   # ITC reads every caption of an image at once, all of them
-                                     # its positives (itc_all_loss); online batch, no queue
-    itm_hard_negatives: bool = True  # ITM negatives drawn by ITC similarity (ALBEF), or uniformly
+    itm_weight_eps: float = 0.0      # added to every hard-negative weight (BLIP 1e-4, ALBEF 0)
     negative_all_rank: bool = False  # ITM negatives drawn from every DDP rank's batch (BLIP's
                                      # COCO retrieval fine-tuning), not the local batch only
-    itm_weight_eps: float = 0.0      # added to every hard-negative weight (BLIP 1e-4, ALBEF 0)
     label_smoothing: float = 0.1     # LM loss (BLIP)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    # this project's options for a model trained from random weights (the tiny preset); the
+    # paper presets keep ALBEF's and BLIP's choices
+    init_std: float = 0.02           # std of random initial weights, both encoders (timm, BERT);
+                                     # see PRESETS["tiny"] for why it is larger there
+    itc_online_batch: bool = False   # ITC's in-batch candidates from the online encoders (CLIP),
+                                     # not the momentum ones (ALBEF); see itc_loss
+    itm_hard_negatives: bool = True  # ITM negatives drawn by ITC similarity (ALBEF), or uniformly
 
     def __post_init__(self):
         if isinstance(self.prune, dict):
             self.prune = PruneConfig(**self.prune)
-        self.losses, self.object_classes = tuple(self.losses), tuple(self.object_classes)
+        self.losses = tuple(self.losses)
         self.prune.check(self.vision_depth)
-        bad = set(self.losses) - {"itc", "itm", "mlm", "lm", "objects"}
+        bad = set(self.losses) - {"itc", "itm", "mlm", "lm"}
         if bad or not self.losses:
-            raise ValueError(f"losses {self.losses}: choose from itc, itm, mlm, lm, objects")
+            raise ValueError(f"losses {self.losses}: choose from itc, itm, mlm, lm")
         if (self.blip_tokens or self.tie_decoder) and self.fusion_layers > 0:
             raise ValueError("blip_tokens and tie_decoder are BLIP's: they need fusion_layers 0 "
                              "(cross-attention in every layer of the text encoder)")
-        if self.itc_all_captions and not (self.itc_online_batch and self.queue_size == 0
-                                          and not self.distill):
-            raise ValueError("itc_all_captions needs itc_online_batch, queue_size 0 and no "
-                             "distill (ITC over the batch's online features only)")
         if self.text_width != self.vision_width and self.prune.method in ("elip", "elip_inline"):
             raise ValueError(f"text_width {self.text_width} differs from vision_width "
                              f"{self.vision_width}: ELIP fuses the two [CLS] tokens (Eq. 1)")
@@ -114,15 +104,9 @@ PRESETS = {
     # start apart (cosine about 0.88) and ITC learns from the first epoch. ITM's negatives are
     # drawn uniformly: once ITC works, its hardest negatives are captions nearly (or, for the
     # world's counts, exactly) true of the image, and ITM from scratch never left chance on them.
-    # Not ELIP's, for a ViT that starts knowing nothing (the paper's starts from DeiT weights):
-    # the world's object labels as a fourth loss (object_loss), ITC over all five captions of
-    # an image, a convolutional stem and sine-cosine position embeddings. Without them the ViT
-    # never learnt shapes or places within the run (a probe of its tokens named shapes no better
-    # than an untrained one's) and zero-shot retrieval stopped at 46% of its ceiling.
+    # The training script adds the embedded world's aids to this preset (world_aids.py).
     "tiny": dict(tome_r=3, text_dropout=0.0, momentum=0.99, queue_size=0, distill=False,
-                 itc_online_batch=True, init_std=0.1, itm_hard_negatives=False,
-                 losses=("itc", "itm", "mlm", "objects"), itc_all_captions=True, conv_stem=True,
-                 sincos_pos=0.3),
+                 itc_online_batch=True, init_std=0.1, itm_hard_negatives=False),
     # ELIP's pre-training of ALBEF and BLIP: no drop path, ALBEF's 25 text tokens (truncated),
     # BLIP's 30, ELIP's pruning schedule
     "albef": dict(img_size=256, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
@@ -137,12 +121,13 @@ PRESETS = {
 }
 
 
-def build_vit(cfg, prune):
+def build_vit(cfg, prune, embed_layer=PatchEmbed):
+    """The ViT of cfg, reducing tokens by `prune`; embed_layer turns images into patch tokens
+    (timm's name: ViT's linear one, or the embedded world's convolutional stem)."""
     return VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size,
                              embed_dim=cfg.vision_width, depth=cfg.vision_depth,
                              num_heads=cfg.vision_heads, drop_path_rate=cfg.drop_path, prune=prune,
-                             init_std=cfg.init_std, conv_stem=cfg.conv_stem,
-                             sincos_pos=cfg.sincos_pos)
+                             init_std=cfg.init_std, embed_layer=embed_layer)
 
 
 def build_text(cfg, decoder=False):
@@ -188,7 +173,7 @@ class GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()    # all_reduce works in place: autograd owns `grad`
         dist.all_reduce(grad)
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
@@ -198,9 +183,16 @@ def all_gather_with_grad(x):
     return GatherWithGrad.apply(x) if distributed() else x
 
 
+def similarity(a: torch.Tensor, b: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """a (B, E), b (E, N) -> a @ b / temp (B, N) in fp32, also under autocast: at 1 / temp of
+    14 and more, bf16's spacing would coarsen the softmax over tens of thousands of candidates."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a.float() @ b.float() / temp.float()
+
+
 class ELIPModel(nn.Module):
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, embed_layer=PatchEmbed):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set from the tokenizer")
@@ -209,19 +201,17 @@ class ELIPModel(nn.Module):
             raise ValueError(f"blip_tokens needs [ENC] and [DEC] in the vocabulary (enc_id "
                              f"{cfg.enc_id}, dec_id {cfg.dec_id}, vocab_size {cfg.vocab_size})")
         self.cfg = cfg
-        self.visual_encoder = build_vit(cfg, cfg.prune)
+        self.visual_encoder = build_vit(cfg, cfg.prune, embed_layer)
         self.text_encoder = build_text(cfg)
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
         self.itm_head = nn.Linear(cfg.text_width, 2)
-        self.object_head = (nn.Linear(cfg.vision_width, sum(cfg.object_classes))
-                            if "objects" in cfg.losses else None)
         self.text_decoder = build_text(cfg, decoder=True) if "lm" in cfg.losses else None
         if self.text_decoder is not None and cfg.tie_decoder:
             tie_to_encoder(self.text_decoder, self.text_encoder)
         # momentum (teacher) copies: updated by EMA, never by gradient, and never pruned
-        self.visual_encoder_m = build_vit(cfg, PruneConfig(method="none"))
+        self.visual_encoder_m = build_vit(cfg, PruneConfig(method="none"), embed_layer)
         self.visual_encoder_m.load_state_dict(self.visual_encoder.state_dict())
         self.text_encoder_m = copy.deepcopy(self.text_encoder)
         self.vision_proj_m = copy.deepcopy(self.vision_proj)
@@ -261,11 +251,26 @@ class ELIPModel(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self):
-        """theta_m <- m * theta_m + (1 - m) * theta, as ALBEF's _momentum_update computes it."""
+        """theta_m <- m * theta_m + (1 - m) * theta, as ALBEF's _momentum_update computes it, in
+        two foreach kernels over all tensors instead of two small kernels per tensor."""
         m = self.cfg.momentum
-        for online, mom in self.online_momentum_pairs():
-            for p, p_m in zip(online.parameters(), mom.parameters()):
-                p_m.mul_(m).add_((1 - m) * p)
+        online = [p for o, _ in self.online_momentum_pairs() for p in o.parameters()]
+        torch._foreach_mul_(self.momentum_params(), m)
+        torch._foreach_add_(self.momentum_params(), online, alpha=1 - m)
+
+    @torch.no_grad()
+    def momentum_step(self, queued: list):
+        """Once per optimizer step, after it, however many micro-batches (gradient accumulation)
+        the step had: the teacher moves towards the online weights just stepped, and every
+        micro-batch's momentum features (`queued`, the "queue" entries of their forwards) go to
+        the queues at once. ALBEF updates the teacher at the start of each forward and enqueues
+        at its end, one batch per step: the same sequence. So all micro-batches of a step see
+        the same teacher and queue, and the EMA keeps its momentum m (once per micro-batch it
+        would be m ** grad_accum)."""
+        if self.reads_momentum:
+            self.momentum_update()
+        if queued:
+            self.enqueue(*(torch.cat(t) for t in zip(*queued)))                  # (n*B, .)
 
     @torch.no_grad()
     def enqueue(self, image_feat, text_feat, idx=None):
@@ -277,8 +282,8 @@ class ELIPModel(nn.Module):
         n = image_feat.shape[0]
         idx = torch.full((n,), -1, device=image_feat.device) if idx is None else all_gather(idx)
         slots = (self.queue_ptr + torch.arange(n, device=image_feat.device)) % q   # (n,)
-        self.image_queue[:, slots] = image_feat.T
-        self.text_queue[:, slots] = text_feat.T
+        self.image_queue[:, slots] = image_feat.T.to(self.image_queue.dtype)   # bf16 under amp
+        self.text_queue[:, slots] = text_feat.T.to(self.text_queue.dtype)
         self.idx_queue[slots] = idx
         self.queue_filled[slots] = True
         self.queue_ptr.copy_((self.queue_ptr + n) % q)      # on the device: no host round trip
@@ -324,87 +329,76 @@ class ELIPModel(nn.Module):
     def itm_logits(self, text_embeds, attention_mask, image_embeds, input_ids=None):
         return self.itm_head(self.fuse(text_embeds, attention_mask, image_embeds, input_ids)[:, 0])
 
-    # ---- the pre-training step -------------------------------------------------------------
-    def forward(self, images, input_ids, attention_mask, alpha=0.4, idx=None, captions=None,
-                objects=None):
-        """Returns a dict of the active losses (scalars) and `loss`, their sum; with a queue,
-        also "queue": this batch's momentum features and ids, which MomentumStep writes to the
-        queues once per optimizer step (the forward changes no state of the model).
-        captions: (ids, mask, counts) of every caption of each image, for itc_all_captions;
-        objects: (cover, labels) of World.object_targets, batched, for the objects loss."""
-        cfg = self.cfg
-        text_embeds = self.encode_text(input_ids, attention_mask)               # (B, T, Dt)
-        # ELIP: the text [CLS], unprojected, guides the ViT's pruning (Eq. 1); the ViT scores
-        # tokens without gradient, so nothing flows back to the text through this path
-        image_embeds, sources = self.visual_encoder.forward_features(images, text_embeds[:, 0])
-        image_feat, text_feat = self.image_feat(image_embeds), self.text_feat(text_embeds)
-        out, image_embeds_m, image_feat_m, text_feat_m = {}, None, None, None
-        if self.reads_momentum:
-            with torch.no_grad():
-                image_embeds_m = self.encode_image(images, momentum=True)       # all tokens
-                text_embeds_m = self.encode_text(input_ids, attention_mask, momentum=True)
-                image_feat_m = self.image_feat(image_embeds_m, momentum=True)
-                text_feat_m = self.text_feat(text_embeds_m, momentum=True)
-        if "itc" in cfg.losses and cfg.itc_all_captions:
-            if captions is None:
-                raise ValueError("itc_all_captions needs every caption of each image (captions)")
-            out["itc"] = self.itc_all_loss(image_feat, *captions)
-        elif "itc" in cfg.losses:
-            out["itc"] = self.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx)
-        if "itm" in cfg.losses:
-            with torch.no_grad():
-                # the batch's similarities as ITC computes them (ALBEF, BLIP): online image
-                # against ITC's candidate texts (momentum ones, or online with itc_online_batch),
-                # online text against the candidate images; they weigh ITM's hard negatives
-                image_c, text_c = ((image_feat, text_feat) if cfg.itc_online_batch
-                                   else (image_feat_m, text_feat_m))
-                if cfg.negative_all_rank and distributed():
-                    # BLIP's COCO retrieval: every rank's online features are candidates
-                    image_c, text_c = all_gather(image_feat), all_gather(text_feat)   # (N, E)
-                temp = self.temp.clamp(0.001, 0.5)
-                sim_i2t, sim_t2i = image_feat @ text_c.T / temp, text_feat @ image_c.T / temp
-            out["itm"] = self.itm_loss(image_embeds, text_embeds, input_ids, attention_mask,
-                                       sim_i2t, sim_t2i, idx)
-        if "mlm" in cfg.losses:
-            out["mlm"] = self.mlm_loss(input_ids, attention_mask, image_embeds, image_embeds_m, alpha)
-        if "lm" in cfg.losses:
-            out["lm"] = self.lm_loss(input_ids, attention_mask, image_embeds)
-        if "objects" in cfg.losses:
-            if objects is None:
-                raise ValueError("the objects loss needs each image's World.object_targets")
-            out["objects"] = cfg.object_weight * self.object_loss(image_embeds, sources, *objects)
+    # ---- the pre-training step: ITC, ITM, then MLM (ALBEF) or LM (BLIP) ---------------------
+    def forward(self, batch: dict, alpha: float = 0.4) -> dict:
+        """batch: "image" (B, 3, H, W), "text_ids" and "text_mask" (B, T), and "image_id" (B,)
+        where several captions share an image (retrieval fine-tuning). Returns a dict of the
+        active losses (scalars) and "loss", their sum; with a queue, also "queue": this batch's
+        momentum features and ids, which momentum_step writes to the queues once per optimizer
+        step (the forward changes no state of the model)."""
+        enc = self.encode(batch)
+        out = self.losses(batch, enc, alpha)
         out["loss"] = sum(out.values())
-        if "itc" in cfg.losses and cfg.queue_size > 0:
-            ids = torch.full_like(input_ids[:, 0], -1) if idx is None else idx      # (B,)
-            out["queue"] = (image_feat_m, text_feat_m, ids)
+        if "itc" in self.cfg.losses and self.cfg.queue_size > 0:
+            ids = batch.get("image_id", torch.full_like(batch["text_ids"][:, 0], -1))  # (B,)
+            out["queue"] = (enc["image_feat_m"], enc["text_feat_m"], ids)
         return out
 
-    def object_loss(self, image_embeds, sources, cover, labels):
-        """Not ELIP's: for a tiny model trained from random weights on the world, the labels an
-        ImageNet-like pre-training would give each object, in place of the paper's pretrained
-        DeiT. An object's region feature is the mean of the final tokens the pruning kept, each
-        weighted by the share of its patch that the object covers (merged tokens left out); a
-        linear head names the object's size, colour, shape and cell from it: the sum of the four
-        cross-entropies over the objects with at least half a patch left."""
-        B, K, M = cover.shape                                        # (B, K, M), labels (B, K, 4)
-        if M != self.visual_encoder.num_patches:
-            raise ValueError(f"object cover over {M} patches, the ViT has "
-                             f"{self.visual_encoder.num_patches}")
-        # the patch each final token came from (sources' last entry), -1 for a merged token
-        src = (sources[max(sources)] if sources else
-               torch.arange(M, device=cover.device).expand(B, -1))                # (B, L'-1)
-        w = cover.gather(2, src.clamp(min=0)[:, None, :].expand(-1, K, -1))       # (B, K, L'-1)
-        w = w * (src >= 0)[:, None, :]
-        share = w.sum(-1)                                                        # (B, K)
-        region = (w @ image_embeds[:, 1:]) / share.clamp(min=1e-6)[..., None]     # (B, K, Dv)
-        keep = ((share >= 0.5) & (labels[..., 0] >= 0)).flatten().float()        # (B*K,)
-        logits = self.object_head(region).flatten(0, 1)                          # (B*K, sum C)
-        targets = labels.clamp(min=0).flatten(0, 1)                              # (B*K, 4)
-        ce = sum(F.cross_entropy(z, targets[:, j], reduction="none") for j, z in
-                 enumerate(logits.split(list(self.cfg.object_classes), dim=1)))  # (B*K,)
-        # the mean over the objects kept, by weights rather than indexing (no wait for the GPU);
-        # none kept: a zero that still reaches the head, as DDP expects
-        return (ce * keep).sum() / keep.sum().clamp(min=1)
+    def encode(self, batch: dict) -> dict:
+        """The unimodal encoders, text first: {"text_embeds" (B, T, Dt), "image_embeds" (B, L, Dv)
+        of the pruned ViT, "sources" (vit.forward_features), the normalised ITC features
+        "image_feat", "text_feat" (B, E), and the teacher's "image_embeds_m", "image_feat_m",
+        "text_feat_m" (all tokens; None when no loss reads them)}."""
+        ids, mask = batch["text_ids"], batch["text_mask"]
+        text_embeds = self.encode_text(ids, mask)                                 # (B, T, Dt)
+        # ELIP: the text [CLS], unprojected, guides the ViT's pruning (Eq. 1); the ViT scores
+        # tokens without gradient, so nothing flows back to the text through this path
+        image_embeds, sources = self.visual_encoder.forward_features(batch["image"],
+                                                                     text_embeds[:, 0])
+        enc = dict(text_embeds=text_embeds, image_embeds=image_embeds, sources=sources,
+                   image_feat=self.image_feat(image_embeds), text_feat=self.text_feat(text_embeds),
+                   image_embeds_m=None, image_feat_m=None, text_feat_m=None)
+        if self.reads_momentum:
+            with torch.no_grad():
+                image_embeds_m = self.encode_image(batch["image"], momentum=True)   # all tokens
+                text_embeds_m = self.encode_text(ids, mask, momentum=True)
+                enc.update(image_embeds_m=image_embeds_m,
+                           image_feat_m=self.image_feat(image_embeds_m, momentum=True),
+                           text_feat_m=self.text_feat(text_embeds_m, momentum=True))
+        return enc
+
+    def losses(self, batch: dict, enc: dict, alpha: float) -> dict:
+        """{name: loss} of the active objectives, in the paper's order."""
+        cfg, ids, mask, out = self.cfg, batch["text_ids"], batch["text_mask"], {}
+        if "itc" in cfg.losses:
+            out["itc"] = self.itc(batch, enc, alpha)
+        if "itm" in cfg.losses:
+            sim_i2t, sim_t2i = self.itm_similarities(enc)
+            out["itm"] = self.itm_loss(enc["image_embeds"], enc["text_embeds"], ids, mask,
+                                       sim_i2t, sim_t2i, batch.get("image_id"))
+        if "mlm" in cfg.losses:
+            out["mlm"] = self.mlm_loss(ids, mask, enc["image_embeds"], enc["image_embeds_m"], alpha)
+        if "lm" in cfg.losses:
+            out["lm"] = self.lm_loss(ids, mask, enc["image_embeds"])
+        return out
+
+    def itc(self, batch: dict, enc: dict, alpha: float) -> torch.Tensor:
+        return self.itc_loss(enc["image_feat"], enc["text_feat"], enc["image_feat_m"],
+                             enc["text_feat_m"], alpha, batch.get("image_id"))
+
+    @torch.no_grad()
+    def itm_similarities(self, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's similarities as ITC computes them (ALBEF, BLIP), (sim_i2t, sim_t2i): online
+        image against ITC's candidate texts (momentum ones, or online with itc_online_batch),
+        online text against the candidate images; they weigh ITM's hard negatives."""
+        image_feat, text_feat = enc["image_feat"], enc["text_feat"]
+        image_c, text_c = ((image_feat, text_feat) if self.cfg.itc_online_batch
+                           else (enc["image_feat_m"], enc["text_feat_m"]))
+        if self.cfg.negative_all_rank and distributed():
+            # BLIP's COCO retrieval: every rank's online features are candidates
+            image_c, text_c = all_gather(image_feat), all_gather(text_feat)          # (N, E)
+        temp = self.temp.clamp(0.001, 0.5)
+        return similarity(image_feat, text_c.T, temp), similarity(text_feat, image_c.T, temp)
 
     def itc_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx=None):
         """Image-text contrastive loss over the batch and the queues, with soft targets
@@ -431,32 +425,18 @@ class ELIPModel(nn.Module):
             if self.cfg.distill:
                 image_all_m = torch.cat([image_feat_m.T, self.image_queue], dim=1)  # (E, B+Q)
                 text_all_m = torch.cat([text_feat_m.T, self.text_queue], dim=1)     # (E, B+Q)
-                sim_m = (image_feat_m @ text_all_m / temp).masked_fill(empty, float("-inf"))
+                sim_m = similarity(image_feat_m, text_all_m, temp).masked_fill(empty, float("-inf"))
                 t_i2t = alpha * sim_m.softmax(1) + (1 - alpha) * pos
-                sim_m = (text_feat_m @ image_all_m / temp).masked_fill(empty, float("-inf"))
+                sim_m = similarity(text_feat_m, image_all_m, temp).masked_fill(empty, float("-inf"))
                 t_t2i = alpha * sim_m.softmax(1) + (1 - alpha) * pos
             else:
                 t_i2t = t_t2i = pos
-        sim_i2t = (image_feat @ text_all / temp).masked_fill(empty, float("-inf"))  # (B, B+Q)
-        sim_t2i = (text_feat @ image_all / temp).masked_fill(empty, float("-inf"))  # (B, B+Q)
+        sim_i2t = similarity(image_feat, text_all, temp).masked_fill(empty, float("-inf"))
+        sim_t2i = similarity(text_feat, image_all, temp).masked_fill(empty, float("-inf"))
         # empty slots have -inf logits and zero targets: leave them out of the sum (0 * -inf = nan)
         loss_i2t = -(sim_i2t.log_softmax(1) * t_i2t).masked_fill(empty, 0).sum(1).mean()
         loss_t2i = -(sim_t2i.log_softmax(1) * t_t2i).masked_fill(empty, 0).sum(1).mean()
         return (loss_i2t + loss_t2i) / 2
-
-    def itc_all_loss(self, image_feat, ids, mask, counts):
-        """ITC over every caption of each image (the world gives five, each a different fact):
-        each image against all N captions of the batch, its own ones the positives (the mean of
-        their log-probabilities), and each caption against the B images, as CLIP's loss."""
-        text_feat = self.text_feat(self.encode_text(ids, mask))                   # (N, E)
-        B = image_feat.shape[0]
-        owner = torch.repeat_interleave(torch.arange(B, device=ids.device), counts,
-                                        output_size=ids.shape[0])                   # (N,)
-        own = (owner[None, :] == torch.arange(B, device=ids.device)[:, None]).float()  # (B, N)
-        temp = self.temp.clamp(0.001, 0.5)
-        loss_i2t = -((image_feat @ text_feat.T / temp).log_softmax(1) * own).sum(1) / counts
-        loss_t2i = F.cross_entropy(text_feat @ image_feat.T / temp, owner)
-        return (loss_i2t.mean() + loss_t2i) / 2
 
     def itm_weights(self, sim_i2t, sim_t2i, same):
         """Weights of drawing each candidate as ITM negative, (w_i2t, w_t2i), (B, N) each: row i
@@ -568,30 +548,3 @@ class ELIPModel(nn.Module):
         logits = self.text_decoder.lm_logits(hidden)[:, :-1]                    # (B, T-1, V)
         return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
                                label_smoothing=self.cfg.label_smoothing)
-
-
-class MomentumStep:
-    """The momentum encoders' bookkeeping, once per optimizer step however many micro-batches
-    (gradient accumulation) the step has. take(out) keeps the momentum features of one
-    micro-batch's forward (out["queue"]) and returns its losses; after_step(), trainer.fit's
-    hook, moves the teacher towards the online weights just stepped and writes every
-    micro-batch's features to the queues at once. ALBEF updates the teacher at the start of
-    each forward and enqueues at its end, one batch per step: the same sequence. So all
-    micro-batches of a step see the same teacher and queue, and the EMA keeps its momentum m
-    (once per micro-batch it would be m ** grad_accum)."""
-
-    def __init__(self, model: ELIPModel):
-        self.model, self.pending = model, []
-
-    def take(self, out: dict) -> dict:
-        if "queue" in out:
-            self.pending.append(out.pop("queue"))
-        return out
-
-    def after_step(self):
-        if self.model.reads_momentum:
-            self.model.momentum_update()
-        if self.pending:
-            image_feat, text_feat, idx = (torch.cat(t) for t in zip(*self.pending))  # (n*B, .)
-            self.model.enqueue(image_feat, text_feat, idx)
-            self.pending.clear()

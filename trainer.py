@@ -1,7 +1,8 @@
 """
-The training loop shared by pre-training and fine-tuning, and what it needs: the optimisation and
-run settings (RunConfig, nested in both scripts' configs), DDP set-up, mixed precision, the
-optimizer and learning-rate schedule, per-rank seeds, atomic resumable checkpoints and the JSON log.
+What the two training scripts' loops call: the optimisation and run settings (RunConfig, nested in
+both scripts' configs), DDP set-up, mixed precision, the optimizer and learning-rate schedule,
+per-rank seeds, the step plan and its data, entries with unreadable images, interrupts
+(SIGINT, SIGTERM), the losses' log, and atomic resumable checkpoints.
 
 Single process is the plain default; DDP starts only when torchrun sets RANK, and every
 collective sits behind that check.
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -31,13 +33,13 @@ from config import config_from_dict
 @dataclass
 class RunConfig:
     # optimisation
-    epochs: int = 5
+    epochs: int = 5                  # passes over the training set
     max_steps: int = 0               # stop after this many optimizer steps (0 = all epochs)
-    batch_size: int = 32             # per process
+    batch_size: int = 32             # samples per process in a micro-batch
     grad_accum: int = 1              # micro-batches per optimizer step
-    lr: float = 5e-4
-    min_lr: float = 1e-5
-    weight_decay: float = 0.02
+    lr: float = 5e-4                 # the peak learning rate of AdamW
+    min_lr: float = 1e-5             # where the schedule ends
+    weight_decay: float = 0.02       # AdamW's, on the parameters `decay` picks
     decay: str = "matrices"          # which parameters weight decay acts on: matrices (2-D and
                                      # up) | albef (all but 1-D ones and *.bias) | all (BLIP)
     schedule: str = "cosine"         # cosine (per step) | albef | blip (as their pre-training
@@ -49,13 +51,20 @@ class RunConfig:
     alpha: float = 0.4               # distillation weight, ramped up over the first epochs
     alpha_ramp_epochs: float = 1.0   # epochs of alpha's linear ramp from 0 (ALBEF 1, BLIP 2;
                                      # 0 = none)
-    grad_clip: float = 0.0           # 0 = off
+    grad_clip: float = 0.0           # clip the gradient's norm to this (0 = off)
     amp: str = "auto"                # auto (bf16 or fp16 on GPU, off on CPU) | bf16 | fp16 | off
+    tf32: bool = True                # on a GPU, fp32 matmuls on TF32 tensor cores (as PyTorch
+                                     # 1.8-1.11 did by default, where ALBEF and BLIP were trained)
     # run
-    out_dir: str = "out/pretrain"
-    ckpt_every: int = 500            # steps between checkpoints (one is always written at the end)
-    resume: str = ""                 # a checkpoint path, or "auto" for out_dir/checkpoint.pt
-    log_every: int = 10
+    out_dir: str = "out/pretrain"    # checkpoint.pt, log.jsonl and the results go here
+    ckpt_every: int = 100            # steps between checkpoints (0 = by time only); one is also
+                                     # written at the end and on an interrupt
+    ckpt_minutes: float = 15.0       # and at most this many minutes apart (0 = by steps only)
+    resume: str = ""                 # a checkpoint path, or "auto": out_dir/checkpoint.pt if it
+                                     # exists, else a fresh start
+    overwrite: bool = False          # start afresh in an out_dir that holds a checkpoint
+    log_every: int = 10              # steps between log lines (the losses are read from the
+                                     # device only then)
     num_workers: int = 0             # DataLoader worker processes per rank
     seed: int = 0                    # rank r seeds its generators with seed + r
     threads: int = 0                 # torch.set_num_threads on CPU (0 = leave torch's default)
@@ -74,13 +83,27 @@ class RunConfig:
         if self.schedule == "albef" and self.warmup_steps % ALBEF_LR_STAIR:
             raise ValueError(f"warmup_steps {self.warmup_steps}: the albef schedule warms up in "
                              f"stairs of {ALBEF_LR_STAIR} iterations, so it must be a multiple")
+        at_least = dict(epochs=1, batch_size=1, grad_accum=1, log_every=1, max_steps=0,
+                        warmup_steps=0, ckpt_every=0, num_workers=0, threads=0, dist_timeout=1,
+                        bad_images_floor=0)
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} {getattr(self, name)} must be >= {low}")
+        for name in ("lr", "min_lr", "weight_decay", "warmup_lr", "grad_clip", "ckpt_minutes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)} must be >= 0")
+        for name in ("alpha", "max_bad_images", "lr_decay_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} {getattr(self, name)} must lie in [0, 1]")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp {self.amp!r} is not one of auto, bf16, fp16, off")
 
 
 # flags that may differ from the checkpoint's config when a run resumes: they change neither
 # the model nor the optimisation
 SAFE_ON_RESUME = ("run.resume", "run.max_steps", "run.threads", "run.num_workers",
-                  "run.log_every", "run.ckpt_every", "run.dist_timeout", "run.max_bad_images",
-                  "run.bad_images_floor")
+                  "run.log_every", "run.ckpt_every", "run.ckpt_minutes", "run.dist_timeout",
+                  "run.max_bad_images", "run.bad_images_floor", "run.overwrite", "run.tf32")
 
 
 # ---- distributed, seeds, precision ------------------------------------------------------
@@ -95,14 +118,16 @@ def distributed(timeout_minutes: int = 60):
     if "RANK" not in os.environ:
         yield 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return
-    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        # LOCAL_RANK picks among the GPUs this process sees; a scheduler that shows each task
+        # its own single GPU (CUDA_VISIBLE_DEVICES per task) leaves device 0 for every rank
+        count = torch.cuda.device_count()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if count > 1 else 0)
+        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+                            timeout=datetime.timedelta(minutes=timeout_minutes),
+                            device_id=device if device.type == "cuda" else None)
     try:
         yield dist.get_rank(), dist.get_world_size(), device
         dist.barrier()
@@ -110,13 +135,23 @@ def distributed(timeout_minutes: int = 60):
         dist.destroy_process_group()
 
 
-def gather_objects(obj, world: int) -> list:
+def gather_objects(obj, world: int, group=None) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] in a single process."""
     if world == 1:
         return [obj]
     out = [None] * world
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def setup_process(run: RunConfig, rank: int, device: torch.device):
+    """Threads, seeds and, on a GPU training in fp32, TF32 matmuls (run.tf32)."""
+    if run.threads and device.type == "cpu":
+        torch.set_num_threads(run.threads)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if run.tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = run.tf32
+    seed_everything(run.seed, rank)
 
 
 def seed_everything(seed: int, rank: int):
@@ -131,8 +166,6 @@ def autocast_and_scaler(amp: str, device: torch.device):
     """bf16 autocast where the GPU has it, else fp16 with a gradient scaler; off on CPU."""
     if amp == "auto":
         amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if amp not in ("off", "bf16", "fp16"):
-        raise SystemExit(f"error: --amp {amp!r} is not one of auto, bf16, fp16, off")
     if amp == "off":
         return contextlib.nullcontext, torch.amp.GradScaler(device.type, enabled=False)
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -262,13 +295,22 @@ def log_json(out_dir: str, rec: dict):
         f.write(json.dumps(rec) + "\n")
 
 
-def resume_config(cfg, given: dict, safe=()):
-    """With --resume, the run's config comes from the checkpoint. A flag given now that would
-    change the run (anything outside SAFE_ON_RESUME and `safe`) is refused, naming the flag."""
+def resume_config(cfg, given: dict, safe=(), log=print):
+    """(config, loaded checkpoint or None). With --resume, the run's config comes from the
+    checkpoint, and a flag given now that would change the run (anything outside SAFE_ON_RESUME
+    and `safe`) is refused, naming the flag; --resume auto starts afresh when out_dir holds no
+    checkpoint yet, so a job script that may be resubmitted needs one command. Without
+    --resume, an out_dir that holds a checkpoint is refused unless --overwrite true."""
+    own = os.path.join(cfg.run.out_dir, "checkpoint.pt")
     if not cfg.run.resume:
+        if os.path.exists(own) and not cfg.run.overwrite:
+            raise SystemExit(f"error: {own} exists: continue it with --resume auto, or start "
+                             f"afresh over it with --overwrite true (or choose another --out_dir)")
         return cfg, None
-    path = os.path.join(cfg.run.out_dir, "checkpoint.pt") if cfg.run.resume == "auto" \
-        else cfg.run.resume
+    if cfg.run.resume == "auto" and not os.path.exists(own):
+        log(f"--resume auto: no checkpoint in {cfg.run.out_dir} yet, starting afresh")
+        return cfg, None
+    path = own if cfg.run.resume == "auto" else cfg.run.resume
     ckpt = load_checkpoint(path)
     saved = config_from_dict(type(cfg), ckpt["config"])
     changed = []
@@ -305,7 +347,7 @@ class SkipUnreadable(Dataset):
     truncated, empty or missing file), the next entry's, and so on: returns (sample, [(index,
     message) of each entry skipped]). The skipped entries travel with the sample, so they reach
     the main process from DataLoader workers too. After `max_tries` unreadable entries in a row
-    the sample is None: fit stops the run then, as the limit is passed."""
+    the sample is None: the run stops then (Watch), as the limit is passed."""
 
     def __init__(self, dataset, max_tries: int, seed: tuple[int, ...] = ()):
         self.dataset, self.max_tries = dataset, min(max_tries, len(dataset))
@@ -339,175 +381,223 @@ def collate_skipping(batch, collate):
     return batch, [s for ss in skipped for s in ss]
 
 
-# ---- the loop ---------------------------------------------------------------------------
-def fit(cfg, model, train_set, collate, loss_fn, device, rank, world, log, ckpt=None,
-        extra_state=None, log_extra=None, desc="train", after_step=None):
-    """Train `model` on `train_set` with the settings of cfg.run; cfg (the whole config) is saved
-    in every checkpoint. loss_fn(model, batch, step, steps_per_epoch) -> dict of scalar tensors,
-    "loss" among them; after_step(), if given, runs once after each optimizer step (the
-    momentum encoders' update). Resumes from `ckpt` (a loaded checkpoint) when given; writes
-    out_dir/checkpoint.pt every ckpt_every steps and at the end, extra_state inside. An entry
-    whose image cannot be read is replaced by the next one (SkipUnreadable) and named in the
-    log; past run.max_bad_images every rank stops at the same micro-batch with an error naming
-    the last ones. Returns the training time in seconds."""
-    run, master = cfg.run, rank == 0
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=run.seed, drop_last=True)
-    per_step = run.batch_size * run.grad_accum
-    steps_per_epoch = len(sampler) // per_step
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(train_set)} training samples cannot fill one step of "
-                         f"batch_size {run.batch_size} x grad_accum {run.grad_accum} x {world} "
-                         f"processes")
-    total_steps = steps_per_epoch * run.epochs
-    stop_step = min(total_steps, run.max_steps) if run.max_steps else total_steps
-    optimizer = build_optimizer(model, run.lr, run.weight_decay, run.decay)
-    autocast, scaler = autocast_and_scaler(run.amp, device)
-    step = 0
-    # entries skipped for an unreadable image, {dataset index: message}, over the whole run
-    skip_limit = max(run.bad_images_floor, int(run.max_bad_images * len(train_set)))
-    skipped = {}
+def ignore_signals(worker_id: int):
+    """DataLoader workers leave SIGINT and SIGTERM to their process, which stops the run at a
+    step boundary (Watch); a worker killed by Ctrl-C would fail the step instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ---- the pieces of a training loop ---------------------------------------------------------
+class StepPlan:
+    """How the training set becomes optimizer steps on this rank: a DistributedSampler shared by
+    the ranks (its order fixed by (seed, epoch)), drop_last micro-batches of run.batch_size,
+    run.grad_accum of them a step; stop_step ends the run (run.max_steps, or all epochs)."""
+
+    def __init__(self, train_set, run: RunConfig, rank: int, world: int):
+        self.train_set, self.run, self.rank = train_set, run, rank
+        self.sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=run.seed,
+                                          drop_last=True)
+        self.per_step = run.batch_size * run.grad_accum
+        self.steps_per_epoch = len(self.sampler) // self.per_step
+        if self.steps_per_epoch == 0:
+            raise SystemExit(f"error: {len(train_set)} training samples cannot fill one step of "
+                             f"batch_size {run.batch_size} x grad_accum {run.grad_accum} x "
+                             f"{world} processes")
+        total = self.steps_per_epoch * run.epochs
+        self.stop_step = min(total, run.max_steps) if run.max_steps else total
+
+    def epoch_batches(self, step: int, collate, max_tries: int, device: torch.device):
+        """(epoch, iterator of (batch, skipped entries) for the rest of step's epoch). Each
+        sample's randomness is fixed by (seed, rank, epoch, index), so a resumed run skips the
+        batches already seen and continues exactly, with or without DataLoader workers."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)[in_epoch * self.per_step:]
+        run = self.run
+        # the loader's own draws (worker base seeds) leave the training stream alone
+        generator = torch.Generator().manual_seed((run.seed + self.rank) * 100_003 + epoch)
+        samples = SkipUnreadable(self.train_set, max_tries, seed=(run.seed % 2**32, self.rank,
+                                                                 epoch))
+        loader = DataLoader(Subset(samples, order), batch_size=run.batch_size,
+                            num_workers=run.num_workers,
+                            collate_fn=partial(collate_skipping, collate=collate),
+                            drop_last=True, pin_memory=device.type == "cuda", generator=generator,
+                            worker_init_fn=ignore_signals,
+                            persistent_workers=False)
+        return epoch, iter(loader)
+
+
+class Interrupted(Exception):
+    """The run stopped on SIGINT or SIGTERM after writing its checkpoint."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+
+class Watch:
+    """What every rank must agree on before each micro-batch, so that all stop or checkpoint at
+    the same step: a SIGINT or SIGTERM received by any rank (the run then stops at the next step
+    boundary), the entries skipped for an unreadable image (past run.max_bad_images the run
+    stops with an error naming the last ones), a loader that failed on any rank, and rank 0's
+    clock for run.ckpt_minutes. Under DDP one all_reduce of four integers on the CPU (gloo)
+    carries it: no wait for the GPU."""
+
+    def __init__(self, run: RunConfig, world: int, master: bool, entries: int, skipped: dict,
+                 log):
+        self.run, self.world, self.master, self.entries, self.log = run, world, master, entries, log
+        self.skipped = dict(skipped)         # {dataset index: message}, over the whole run
+        self.limit = max(run.bad_images_floor, int(run.max_bad_images * entries))
+        self.signum, self.last_save = 0, time.time()
+        self.group = None
+        if world > 1:
+            self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.on_signal)
+
+    def close(self):
+        """Ctrl-C and SIGTERM end the process again at once (the evaluation after the loop)."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def on_signal(self, signum, frame):
+        """The first signal asks for a stop at the next step boundary; a second one stops now."""
+        self.signum = signum
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler)
+
+    def next(self, batches, step: int) -> tuple:
+        """(batch, stop, checkpoint due): the next micro-batch, and what the ranks agreed."""
+        try:
+            batch, new, failure = *next(batches), None
+        except Exception as e:     # one rank's failing loader must not leave the others
+            if self.world == 1:    # waiting in the step's collectives
+                raise
+            traceback.print_exc()
+            batch, new, failure = None, [], f"{type(e).__name__}: {e}"
+        due = self.run.ckpt_minutes > 0 and time.time() - self.last_save > 60 * self.run.ckpt_minutes
+        flags = torch.tensor([len(new), failure is not None, self.signum, due])
+        if self.world > 1:
+            dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.group)
+        if flags[0] or flags[1]:
+            self.note(new, failure, step)
+        return batch, int(flags[2]), bool(flags[3])
+
+    def note(self, new: list, failure, step: int):
+        reports = gather_objects((new, failure), self.world, self.group)
+        failures = [f"rank {r}: {f}" for r, (_, f) in enumerate(reports) if f]
+        if failures:
+            raise SystemExit(f"error: data loading failed on {'; '.join(failures)}")
+        fresh = []
+        for index, message in (x for new, _ in reports for x in new):
+            if index not in self.skipped:
+                self.skipped[index] = message
+                fresh.append(message)
+                self.log(f"skipped an entry: {message}")
+        if fresh and self.master:
+            log_json(self.run.out_dir, {"step": step + 1, "skipped": fresh,
+                                        "skipped_total": len(self.skipped)})
+        if len(self.skipped) > self.limit or len(self.skipped) == self.entries:
+            last = "; ".join(list(self.skipped.values())[-5:])
+            raise SystemExit(f"error: {len(self.skipped)} of the {self.entries} training entries "
+                             f"have an image that cannot be read, more than the limit of "
+                             f"{self.limit} (--max_bad_images {self.run.max_bad_images} of the "
+                             f"entries, at least --bad_images_floor {self.run.bad_images_floor}); "
+                             f"the last: {last}")
+
+
+class Meter:
+    """The losses of each step, kept on the device and read (one wait for the GPU) only at
+    run.log_every, when the log line is written and the progress bar shows them."""
+
+    def __init__(self, run: RunConfig, master: bool, step: int, stop_step: int, desc: str,
+                 extra: dict | None = None):
+        self.run, self.master, self.extra = run, master, extra or {}
+        self.bar = tqdm(total=stop_step, initial=step, disable=not master, desc=desc,
+                        dynamic_ncols=True)
+        self.t0, self.images, self.sums = time.time(), 0, {}
+
+    def add(self, out: dict, micro_batches: int):
+        for k, v in out.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float() / micro_batches
+
+    def step(self, step: int, epoch: int, lr: float, images: int, last: bool):
+        self.images += images
+        self.bar.update(1)
+        if self.master and (step % self.run.log_every == 0 or last):
+            losses = {k: v.item() for k, v in self.sums.items()}
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+            log_json(self.run.out_dir, dict(step=step, epoch=epoch, lr=lr, **losses,
+                                            images_per_s=self.images / (time.time() - self.t0),
+                                            **self.extra))
+        self.sums = {}
+
+    def close(self) -> float:
+        self.bar.close()
+        return time.time() - self.t0
+
+
+def start_run(ckpt, optimizer, scaler, world: int, out_dir: str, master: bool, log) -> tuple:
+    """(first step, skipped entries): a resumed run's optimizer, scaler and counters from its
+    checkpoint, and its log kept up to the checkpoint's step; a fresh run starts a new log."""
+    os.makedirs(out_dir, exist_ok=True)
+    step, skipped = 0, {}
     if ckpt is not None:
         if ckpt["world_size"] != world:
             raise SystemExit(f"error: the checkpoint was written by {ckpt['world_size']} "
                              f"processes and this run has {world}: the data order and the "
                              f"per-rank random streams would not continue; resume with "
                              f"{ckpt['world_size']} processes")
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(ckpt.pop("optimizer"))
         for g in optimizer.param_groups:     # a checkpoint of the unfused AdamW would unfuse it
             g["fused"] = optimizer.defaults["fused"]
         scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        skipped = dict(ckpt.get("skipped_images", []))
+        step, skipped = ckpt["step"], dict(ckpt.get("skipped_images", []))
         log(f"resumed from step {step}")
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False) if world > 1 else model   # queues agree by all_gather
-    log(f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
-        f"parameters; {len(train_set)} samples; {total_steps} steps of {per_step * world} "
-        f"on {world} x {device.type}")
-    os.makedirs(run.out_dir, exist_ok=True)
-    log_path = os.path.join(run.out_dir, "log.jsonl")
+    log_path = os.path.join(out_dir, "log.jsonl")
     if master:
-        # a fresh run starts a new log; a resumed one keeps the lines up to its checkpoint's step
         old = []
         if ckpt is not None and os.path.exists(log_path):
             with open(log_path) as f:
                 old = [line for line in f if json.loads(line).get("step", 0) <= step]
         with open(log_path, "w") as f:
             f.writelines(old)
+    return step, skipped
 
-    def checkpoint():
-        # every rank's random state, so that a resumed run continues each rank's own stream
-        rngs = [rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        if master:
-            save_checkpoint(os.path.join(run.out_dir, "checkpoint.pt"), model=model.state_dict(),
-                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                            config=dataclasses.asdict(cfg), step=step, rng=rngs,
-                            world_size=world, skipped_images=list(skipped.items()),
-                            **(extra_state or {}))
 
-    def note_skipped(new, failure):
-        """Every rank learns every rank's skipped entries (and whether a loader failed) before
-        the micro-batch's forward, so that all ranks stop at the same step or none does."""
-        counts = torch.tensor([len(new), failure is not None], device=device)
-        if world > 1:
-            dist.all_reduce(counts)
-        if not counts.any():
-            return
-        reports = gather_objects((new, failure), world)
-        failures = [f for _, f in reports if f]
-        if failures:
-            raise SystemExit(f"error: data loading failed on {'; '.join(failures)}")
-        fresh = []
-        for index, message in (x for new, _ in reports for x in new):
-            if index not in skipped:
-                skipped[index] = message
-                fresh.append(message)
-                log(f"skipped an entry: {message}")
-        if master and fresh:
-            log_json(run.out_dir, {"step": step + 1, "skipped": fresh,
-                                   "skipped_total": len(skipped)})
-        if len(skipped) > skip_limit or len(skipped) == len(train_set):
-            last = "; ".join(list(skipped.values())[-5:])
-            raise SystemExit(f"error: {len(skipped)} of the {len(train_set)} training entries "
-                             f"have an image that cannot be read, more than the limit of "
-                             f"{skip_limit} (--max_bad_images {run.max_bad_images} of the "
-                             f"entries, at least --bad_images_floor {run.bad_images_floor}); "
-                             f"the last: {last}")
+def wrap_ddp(model: torch.nn.Module, device: torch.device, world: int):
+    """DDP over the ranks (gradients averaged in backward); the queues and other buffers agree
+    by all_gather in the model, so DDP need not broadcast them."""
+    if world == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               broadcast_buffers=False)
 
-    # the sampler's order is fixed by (seed, epoch) and each sample's randomness by (seed, rank,
-    # epoch, index), so a resumed run skips the batches already seen and, with the saved RNG
-    # states restored, continues exactly, with or without DataLoader workers
-    model.train()
-    bar = tqdm(total=stop_step, initial=step, disable=not master, desc=desc, dynamic_ncols=True)
-    t0, seen = time.time(), 0
-    while step < stop_step:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        order = list(sampler)[in_epoch * per_step:]
-        # the loader's own draws (worker base seeds) leave the training stream alone
-        generator = torch.Generator().manual_seed((run.seed + rank) * 100_003 + epoch)
-        samples = SkipUnreadable(train_set, skip_limit + 1, seed=(run.seed % 2**32, rank, epoch))
-        loader = DataLoader(Subset(samples, order),
-                            batch_size=run.batch_size, num_workers=run.num_workers,
-                            collate_fn=partial(collate_skipping, collate=collate),
-                            drop_last=True, pin_memory=device.type == "cuda",
-                            generator=generator)
-        if ckpt is not None:
-            set_rng_state(ckpt["rng"][rank])
-            ckpt = None
-        batches = iter(loader)
-        for _ in range(in_epoch, min(steps_per_epoch, in_epoch + stop_step - step)):
-            lr = lr_at(step, steps_per_epoch, run)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            sums = {}
-            for micro in range(run.grad_accum):
-                try:
-                    batch, new, failure = *next(batches), None
-                except Exception as e:   # one rank's failing loader must not leave the others
-                    if world == 1:       # waiting in the step's collectives
-                        raise
-                    traceback.print_exc()
-                    batch, new, failure = None, [], f"rank {rank}: {type(e).__name__}: {e}"
-                note_skipped(new, failure)
-                batch = [t.to(device, non_blocking=True) for t in batch]
-                sync = micro == run.grad_accum - 1 or world == 1
-                with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast():
-                    out = loss_fn(ddp_model, batch, step, steps_per_epoch)
-                scaler.scale(out["loss"] / run.grad_accum).backward()
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() / run.grad_accum
-            if run.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), run.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if after_step is not None:
-                after_step()
-            step += 1
-            seen += per_step * world
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()})
-            if master and (step % run.log_every == 0 or step == stop_step):
-                log_json(run.out_dir, dict(step=step, epoch=epoch, lr=lr, **sums,
-                                           images_per_s=seen / (time.time() - t0),
-                                           **(log_extra or {})))
-            if step % run.ckpt_every == 0 or step == stop_step:
-                checkpoint()
-    bar.close()
 
-    # the ranks must agree (gradients averaged by DDP, queues fed by all_gather)
-    if world > 1:
-        fp = params_fingerprint(model)
-        fps = [torch.empty_like(fp) for _ in range(world)]
-        dist.all_gather(fps, fp)
-        if master:
-            rec = {"rank_fingerprints": [f.tolist() for f in fps],
-                   "ranks_in_sync": all(torch.equal(f, fps[0]) for f in fps)}
-            log_json(run.out_dir, rec)
-            log(f"DDP ranks hold identical parameters: {rec['ranks_in_sync']}")
-    return time.time() - t0
+def write_checkpoint(cfg, model, optimizer, scaler, step: int, watch: Watch, extra: dict):
+    """out_dir/checkpoint.pt with everything a resumed run needs, every rank's random state
+    included so that each rank continues its own stream."""
+    world = watch.world
+    rngs = gather_objects(rng_state(), world, watch.group)
+    watch.last_save = time.time()
+    if watch.master:
+        save_checkpoint(os.path.join(cfg.run.out_dir, "checkpoint.pt"), model=model.state_dict(),
+                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                        config=dataclasses.asdict(cfg), step=step, rng=rngs, world_size=world,
+                        skipped_images=list(watch.skipped.items()), **extra)
+
+
+def check_ranks_agree(model: torch.nn.Module, world: int, out_dir: str, log):
+    """Under DDP, whether every rank holds the same parameters (gradients averaged by DDP,
+    queues fed by all_gather), in the log."""
+    if world == 1:
+        return
+    fp = params_fingerprint(model)
+    fps = [torch.empty_like(fp) for _ in range(world)]
+    dist.all_gather(fps, fp)
+    if dist.get_rank() == 0:
+        rec = {"rank_fingerprints": [f.tolist() for f in fps],
+               "ranks_in_sync": all(torch.equal(f, fps[0]) for f in fps)}
+        log_json(out_dir, rec)
+        log(f"DDP ranks hold identical parameters: {rec['ranks_in_sync']}")

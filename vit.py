@@ -97,28 +97,15 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """One strided convolution per patch (ViT), or with conv_stem a stack of 3x3 stride-2
-    convolutions, each with GroupNorm and GELU, then a 1x1 one (Xiao et al. 2021, "Early
-    convolutions help transformers see better"): a small ViT trained from random weights learns
-    where things are far sooner with it."""
+    """Images (B, 3, H, W) -> patch tokens (B, M, D): one strided convolution, a linear map of
+    each patch (ViT)."""
 
-    def __init__(self, img_size, patch_size, dim, conv_stem=False):
+    def __init__(self, img_size, patch_size, dim):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
         self.num_patches = (img_size // patch_size) ** 2
-        if not conv_stem:
-            self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
-            return
-        n = patch_size.bit_length() - 1
-        if patch_size != 2 ** n or n < 1 or dim % 2 ** (n - 1):
-            raise ValueError(f"conv_stem needs a patch size that is a power of 2 and a width it "
-                             f"halves into, got patch {patch_size}, width {dim}")
-        widths = [3] + [dim // 2 ** (n - 1 - k) for k in range(n)]   # patch 8: 3, D/4, D/2, D
-        layers = []
-        for a, b in zip(widths, widths[1:]):
-            layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.GroupNorm(1, b), nn.GELU()]
-        self.proj = nn.Sequential(*layers, nn.Conv2d(dim, dim, 1))
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, images):
         return self.proj(images).flatten(2).transpose(1, 2)                   # (B, M, D)
@@ -130,12 +117,12 @@ class VisionTransformer(nn.Module):
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_path_rate: float = 0.0,
                  prune: pruning.PruneConfig | None = None, init_std: float = 0.02,
-                 conv_stem: bool = False, sincos_pos: float = 0.0):
+                 embed_layer: type = PatchEmbed):
         super().__init__()
         self.prune = prune if prune is not None else pruning.PruneConfig(method="none")
         self.prune.check(depth)
         self.embed_dim = embed_dim
-        self.patch_embed = PatchEmbed(img_size, patch_size, embed_dim, conv_stem)
+        self.patch_embed = embed_layer(img_size, patch_size, embed_dim)   # timm's seam
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
@@ -146,12 +133,6 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(partial(_init_weights, std=init_std))
-        if sincos_pos:
-            # MAE's fixed 2-D form as the starting point, still learnt: a place is then readable
-            # from the first step, where random embeddings take most of a short run to order
-            with torch.no_grad():
-                self.pos_embed[0, 1:] = sincos_pos * sincos_pos_embed(
-                    int(self.num_patches ** 0.5), embed_dim)
 
     def forward(self, images: torch.Tensor, text_cls: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_features(images, text_cls)[0]
@@ -185,19 +166,6 @@ class VisionTransformer(nn.Module):
             x_prev = x
             x = blk(x, size)
         return self.norm(x), sources
-
-
-def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
-    """(grid * grid, dim) 2-D sine-cosine position embeddings, row-major patches (MAE's): a
-    quarter of the channels each for sin and cos of the column, then of the row, at frequencies
-    1 / 10000^(i / (dim / 4))."""
-    if dim % 4:
-        raise ValueError(f"sine-cosine position embeddings need a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))   # (D/4,)
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32),
-                                torch.arange(grid, dtype=torch.float32), indexing="ij")
-    x, y = cols.reshape(-1, 1) * omega, rows.reshape(-1, 1) * omega              # (M, D/4)
-    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)               # (M, D)
 
 
 def _init_weights(m, std):
