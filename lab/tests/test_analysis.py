@@ -1,6 +1,6 @@
-"""What the pruning keeps (analysis.py): the kept-patch masks against pruning.token_counts, the
+"""What the pruning keeps (lab/analysis.py): the kept-patch masks against pruning.token_counts, the
 object-patch rule on hand-made masks, loading a checkpoint, and the `keep`, `picture` and
-`kinds` commands end to end on a tiny random checkpoint, and the probes of probes.py."""
+`kinds` commands end to end on a tiny random checkpoint, and the probes of lab/probes.py."""
 import dataclasses
 import json
 
@@ -9,12 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import analysis
 import data
 import eval as evaluation
 import metrics
-import probes
 import world
+from lab import analysis, probes
 from model import ELIPModel, ModelConfig
 from pruning import PruneConfig, token_counts
 from tokenizer import Tokenizer
@@ -391,7 +390,7 @@ def test_usage_and_help(capsys):
     with pytest.raises(SystemExit) as e:
         analysis.main([])
     assert e.value.code == 2
-    assert "usage: python analysis.py {keep,picture,kinds}" in capsys.readouterr().out
+    assert "usage: python -m lab.analysis {keep,picture,kinds}" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown command 'draw'"):
         analysis.main(["draw"])
     for command, flag in [("keep", "--lams (float,..., default '0.8,0.6,1.0')"),

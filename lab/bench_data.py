@@ -1,10 +1,10 @@
 """
 Data benchmarks at corpus scale, on generated files (nothing is downloaded):
 
-    python bench_data.py corpus               # 1M-entry ALBEF JSON: build time, memory per process
-    python bench_data.py corpus --storage list   # the same with the entries in a list of dicts
-    python bench_data.py loading              # images/s of the albef pre-training transform
-    python bench_data.py COMMAND --help       # the command's flags
+    python -m lab.bench_data corpus            # 1M-entry ALBEF JSON: build time, memory per process
+    python -m lab.bench_data corpus --storage list   # the same with the entries in a list of dicts
+    python -m lab.bench_data loading           # images/s of the albef pre-training transform
+    python -m lab.bench_data COMMAND --help    # the command's flags
 
 corpus: writes an ALBEF pre-training JSON of --entries entries ({"image", "caption"}, web-length
 captions; the image files do not exist), builds data.PretrainDataset from it without the
@@ -258,11 +258,11 @@ def format_loading(r: dict, cfg: LoadingConfig) -> str:
 
 
 RUNS = {"corpus": (CorpusConfig, run_corpus), "loading": (LoadingConfig, run_loading)}
-USAGE = """usage: python bench_data.py {corpus,loading} [--flag value ...]
+USAGE = """usage: python -m lab.bench_data {corpus,loading} [--flag value ...]
   corpus   build the pre-training dataset from a generated 1M-entry ALBEF JSON: time, memory of
            the main process and of each DataLoader worker after an epoch of reading entries
   loading  images/s of the albef pre-training transform per worker, beside one GPU's rate
-python bench_data.py COMMAND --help lists the command's flags"""
+python -m lab.bench_data COMMAND --help lists the command's flags"""
 
 
 def run_command(name, argv):

@@ -1,18 +1,18 @@
 """
 Experiments of several runs, each one command; every run is a subprocess of train_downstream.py,
-train_pretrain.py or analysis.py in its own folder under --out_dir, and a run whose result file
+train_pretrain.py or lab.analysis in its own folder under --out_dir, and a run whose result file
 exists is not run again, so a command that stopped continues where it was. One check trains in
 this process instead (pooled, a few minutes).
 
-    python experiments.py transfer     # each world task fine-tuned from the pre-training
-                                       # checkpoint and from scratch, 3 seeds each
-    python experiments.py guidance     # text guidance's test on the clutter world: elip (lam 0.8,
-                                       # 0.6, 1.0), evit, random, none; 3 seeds each
-    python experiments.py speed --base REV   # the default run of this code and of an older
-                                       # revision (git), side by side: time and R mean
-    python experiments.py pooled       # what the tiny ViT learns from scratch when told
-                                       # directly which shapes, colours, places a scene holds
-    python experiments.py transfer --help                # every flag
+    python -m lab.experiments transfer   # each world task fine-tuned from the pre-training
+                                         # checkpoint and from scratch, 3 seeds each
+    python -m lab.experiments guidance   # text guidance's test on the clutter world: elip (lam 0.8,
+                                         # 0.6, 1.0), evit, random, none; 3 seeds each
+    python -m lab.experiments speed --base REV   # the default run of this code and of an older
+                                         # revision (git), side by side: time and R mean
+    python -m lab.experiments pooled     # what the tiny ViT learns from scratch when told
+                                         # directly which shapes, colours, places a scene holds
+    python -m lab.experiments transfer --help   # every flag
 
 Figures are printed as the mean and the sample standard deviation over the seeds (mean ± sd),
 and written with each seed's value to out_dir/summary.json.
@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import probes
 import world
 from config import parse_config, run_subcommand
+from lab import probes
 from model import ModelConfig, build_vit
 from pruning import PruneConfig
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # where the runs start
 
 
 def log(msg):
@@ -50,8 +50,8 @@ def log(msg):
 
 
 def run(cmd, out_dir, result, log_name, threads, dry_run):
-    """Run `cmd` (python script and flags) unless out_dir/result exists; its output goes to
-    out_dir/log_name. Returns the seconds it took (0 when skipped)."""
+    """Run `cmd` (a script or -m module, and its flags) unless out_dir/result exists; its output
+    goes to out_dir/log_name. Returns the seconds it took (0 when skipped)."""
     cmd = [sys.executable, *cmd]
     if os.path.exists(os.path.join(out_dir, result)):
         log(f"done already: {os.path.join(out_dir, result)}")
@@ -293,7 +293,7 @@ def guidance_runs(cfg):
             train += ["--init_from", cfg.init_from] if cfg.init_from else []
             # the trained method's own choice, elip at every lam of the experiment
             keep = None if method == "none" else [
-                "analysis.py", "keep", "--checkpoint", os.path.join(out, "checkpoint.pt"),
+                "-m", "lab.analysis", "keep", "--checkpoint", os.path.join(out, "checkpoint.pt"),
                 "--methods", method, "--lams", ",".join(map(str, (lam, *[x for x in cfg.lams
                                                                         if x != lam]))),
                 "--scenes", str(cfg.keep_scenes), "--cover", str(cfg.cover), "--seed",
@@ -520,26 +520,26 @@ def pooled_main(argv):
     write_summary(cfg.out_dir, {"config": asdict(cfg), "history": history}, table)
 
 
-TRANSFER_DOC = """python experiments.py transfer [--flag value ...]
+TRANSFER_DOC = """python -m lab.experiments transfer [--flag value ...]
 
 Each task of the embedded world fine-tuned (train_downstream.py with the task's preset) from the
 pre-training checkpoint and from scratch (--pretrained none --scratch_like <the checkpoint>:
 its architecture and vocabulary, untrained), once per seed; VQA also by question kind, NLVR2 by
 statement template. Prints mean ± sd, writes out_dir/summary.json."""
-GUIDANCE_DOC = """python experiments.py guidance [--flag value ...]
+GUIDANCE_DOC = """python -m lab.experiments guidance [--flag value ...]
 
 Text guidance's test: the clutter world (5-7 small objects, captions naming one or two),
 pre-trained (train_pretrain.py --world_variant clutter) with each method at the same aggressive
 token budget, elip once per lam, and without pruning, once per seed; zero-shot retrieval on the
-clutter test split and, with analysis.py keep, the fractions of the named objects' patches that
+clutter test split and, with lab.analysis keep, the fractions of the named objects' patches that
 each trained model's pruning keeps. Prints mean ± sd, writes out_dir/summary.json."""
-SPEED_DOC = """python experiments.py speed --base REV [--flag value ...]
+SPEED_DOC = """python -m lab.experiments speed --base REV [--flag value ...]
 
 The default run (python train_pretrain.py) of the working tree and of an older revision of this
 repository (extracted with git archive), one after the other on the same machine, alternating
 their order over --reps: wall-clock and CPU time, zero-shot R mean. Run it on an idle machine.
 Writes out_dir/summary.json."""
-POOLED_DOC = """python experiments.py pooled [--flag value ...]
+POOLED_DOC = """python -m lab.experiments pooled [--flag value ...]
 
 The tiny preset's ViT (64 px, patch 8, width 128), from random weights, trained with a linear
 head on one pooled vector to say what a scene of the default world holds: which shapes, which
@@ -550,12 +550,12 @@ It asks whether the encoder can learn a property within the default run's ~900 s
 it directly, which pre-training's captions only hint at. Writes out_dir/summary.json."""
 COMMANDS = {"transfer": transfer_main, "guidance": guidance_main, "speed": speed_main,
             "pooled": pooled_main}
-USAGE = """usage: python experiments.py {transfer,guidance,speed,pooled} [--flag value ...]
+USAGE = """usage: python -m lab.experiments {transfer,guidance,speed,pooled} [--flag value ...]
   transfer   every world task fine-tuned from the pre-training checkpoint and from scratch
   guidance   text guidance's test on the clutter world (elip, evit, random, none; lam)
   speed      the default run of this code beside an older revision's (--base REV)
   pooled     what the tiny ViT learns from scratch when told what a scene holds
-python experiments.py COMMAND --help lists the command's flags"""
+python -m lab.experiments COMMAND --help lists the command's flags"""
 
 
 def main(argv):

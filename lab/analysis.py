@@ -5,11 +5,11 @@ model reads from a caption: its retrieval per kind of caption, beside chance and
 shapes, colours and sizes its MLM head fills in, and whether its text features and patch tokens
 hold them.
 
-    python analysis.py keep --checkpoint out/pretrain/checkpoint.pt      # out/analysis/keep.json
-    python analysis.py picture --checkpoint out/pretrain/checkpoint.pt   # out/analysis/pruning.png
-    python analysis.py kinds --checkpoint out/pretrain/checkpoint.pt     # out/analysis/kinds.json
-    python analysis.py keep --preset quick                               # a first look, seconds
-    python analysis.py keep --help                                       # every flag
+    python -m lab.analysis keep --checkpoint out/pretrain/checkpoint.pt     # out/analysis/keep.json
+    python -m lab.analysis picture --checkpoint out/pretrain/checkpoint.pt  # out/analysis/pruning.png
+    python -m lab.analysis kinds --checkpoint out/pretrain/checkpoint.pt    # out/analysis/kinds.json
+    python -m lab.analysis keep --preset quick                              # a first look, seconds
+    python -m lab.analysis keep --help                                      # every flag
 
 The embedded world knows what each caption talks about: its scenes come with per-object pixel
 masks, and each caption names some of the objects (world.World.captions). So we can look at the
@@ -39,9 +39,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import eval as evaluation
-import probes
 import world
 from config import config_from_dict, parse_config, run_subcommand
+from lab import probes
 from model import ELIPModel, ModelConfig, build_vit
 from pruning import METHODS, TEXT_GUIDED, cut_layers
 from tokenizer import Tokenizer
@@ -122,13 +122,13 @@ class KindsConfig:
 KEEP_PRESETS = {"full": dict(), "quick": dict(scenes=20, captions=2)}      # quick: seconds
 PICTURE_PRESETS = {"full": dict(), "quick": dict(images=2, scale=2)}
 KINDS_PRESETS = {"full": dict(), "quick": dict(scenes=20, probe_scenes=40)}
-KEEP_DOC = """python analysis.py keep [--flag value ...]
+KEEP_DOC = """python -m lab.analysis keep [--flag value ...]
 
 For each method (a text-guided one once per lam) and each cut of the checkpoint's schedule: the
 fraction of the patches of the objects a caption names, of the scene's other objects' and of all
 patches that enter the cut layer as tokens of their own, pooled over the (caption, image) pairs
 of the split's first scenes. Prints the table and writes the report as JSON to --out."""
-KINDS_DOC = """python analysis.py kinds [--flag value ...]
+KINDS_DOC = """python -m lab.analysis kinds [--flag value ...]
 
 Image retrieval by ITC similarity (the first stage of the zero-shot evaluation, before ITM
 re-ranking) over the split's first scenes, per caption template ("a {size} {colour} {shape}",
@@ -140,7 +140,7 @@ side tells its values apart (the cosine between the ITC features of two captions
 it), and how well a linear probe names it from an object's patch tokens, for the checkpoint's
 ViT, an untrained one and the raw pixels (probes trained on the objects of the train split's
 first --probe_scenes scenes). Prints the tables and writes the report as JSON to --out."""
-PICTURE_DOC = """python analysis.py picture [--flag value ...]
+PICTURE_DOC = """python -m lab.analysis picture [--flag value ...]
 
 For the split's first scenes, one caption each: the input, then per cut the patches the method
 keeps in colour and the dropped ones grey, the patches of the objects the caption names framed
@@ -347,7 +347,7 @@ def print_and_write(table, report, out):
 
 
 def keep_main(argv):
-    """python analysis.py keep [--flag value ...]: print the table, write the JSON report."""
+    """python -m lab.analysis keep [--flag value ...]: print the table, write the JSON report."""
     cfg, _ = parse_config(KeepConfig(), argv, KEEP_PRESETS, doc=KEEP_DOC)
     report = run_keep(cfg)
     print_and_write(format_keep(report), report, cfg.out)
@@ -442,7 +442,7 @@ def run_picture(cfg):
 
 
 def picture_main(argv):
-    """python analysis.py picture [--flag value ...]: write the PNG."""
+    """python -m lab.analysis picture [--flag value ...]: write the PNG."""
     cfg, _ = parse_config(PictureConfig(), argv, PICTURE_PRESETS, doc=PICTURE_DOC)
     canvas, shown = run_picture(cfg)
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
@@ -537,20 +537,20 @@ def format_kinds(report):
 
 
 def kinds_main(argv):
-    """python analysis.py kinds [--flag value ...]: print the table, write the JSON report."""
+    """python -m lab.analysis kinds [--flag value ...]: print the table, write the JSON report."""
     cfg, _ = parse_config(KindsConfig(), argv, KINDS_PRESETS, doc=KINDS_DOC)
     report = run_kinds(cfg)
     print_and_write(format_kinds(report), report, cfg.out)
 
 
 COMMANDS = {"keep": keep_main, "picture": picture_main, "kinds": kinds_main}
-USAGE = f"""usage: python analysis.py {{{','.join(COMMANDS)}}} [--flag value ...]
+USAGE = f"""usage: python -m lab.analysis {{{','.join(COMMANDS)}}} [--flag value ...]
   keep     the fractions of the named objects' patches, the other objects' and all patches
            that each method keeps at each cut (table and JSON)
   picture  the kept patches of a few scenes, drawn (PNG)
   kinds    image retrieval per caption template, beside chance and the oracle, the words
            the MLM head fills in, and where an attribute is lost (tables and JSON)
-python analysis.py COMMAND --help lists the command's flags"""
+python -m lab.analysis COMMAND --help lists the command's flags"""
 
 
 def main(argv):

@@ -1,14 +1,16 @@
-"""The data benchmarks (bench_data.py) end to end on small sizes: every figure is reported, for
+"""The data benchmarks (lab/bench_data.py) end to end on small sizes: every figure is reported, for
 each worker; the flags and --help. No timing assertions."""
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-import bench_data
 import train_pretrain
-from test_train_pretrain import ROOT
+from lab import bench_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_corpus_reports_build_and_memory_of_every_worker(tmp_path, capsys):
@@ -45,7 +47,7 @@ def test_loading_follows_the_albef_preset():
 
 
 def test_help_and_bad_flags():
-    proc = subprocess.run([sys.executable, "bench_data.py", "corpus", "--help"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "lab.bench_data", "corpus", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--entries (int, default 1000000)" in proc.stdout
     with pytest.raises(SystemExit, match="storage 'dict' is not packed or list"):

@@ -1,4 +1,4 @@
-"""experiments.py: the runs each command makes, the summaries (mean ± sd over seeds) from
+"""lab/experiments.py: the runs each command makes, the summaries (mean ± sd over seeds) from
 result files, and one small guidance experiment end to end."""
 import json
 import os
@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-import experiments
 import world
-from test_train_pretrain import ROOT
+from lab import experiments
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_transfer_runs_pair_each_seed_with_and_without_pre_training():
@@ -110,13 +111,13 @@ def test_guidance_runs_every_method_at_one_budget():
         assert (keep is None) == (method == "none")
         if method == "elip":
             assert flags["--lam"] == str(lam)
-            assert dict(zip(keep[2::2], keep[3::2]))["--lams"].split(",")[0] == str(lam)
+            assert dict(zip(keep[3::2], keep[4::2]))["--lams"].split(",")[0] == str(lam)
 
 
 def test_guidance_end_to_end_and_rerun_skips_what_is_done(tmp_path):
     out = str(tmp_path / "g")
-    cmd = [sys.executable, "experiments.py", "guidance", "--methods", "random", "--lams", "0.8",
-           "--seeds", "3", "--world_train", "8", "--batch_size", "4", "--epochs", "1",
+    cmd = [sys.executable, "-m", "lab.experiments", "guidance", "--methods", "random", "--lams",
+           "0.8", "--seeds", "3", "--world_train", "8", "--batch_size", "4", "--epochs", "1",
            "--world_test", "4", "--keep_scenes", "2", "--init_from", "", "--out_dir", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -157,7 +158,7 @@ def test_speed_alternates_the_order_and_reports_the_ratio(tmp_path, monkeypatch)
 
 
 def test_pooled_check_learns_the_colours_a_scene_holds(tmp_path):
-    """experiments.py pooled: a 2-layer ViT told which colours a scene holds learns them within 80
+    """lab.experiments pooled: a 2-layer ViT told which colours a scene holds learns them within 80
     steps (colour is in every pixel); the table reports each group at each evaluation."""
     experiments.main(["pooled", "--preset", "quick", "--steps", "80", "--eval_every", "40",
                       "--lr", "2e-3", "--out_dir", str(tmp_path)])

@@ -1,10 +1,10 @@
 """
 What a pre-training checkpoint's encoders know of the embedded world's objects, for
-`python analysis.py kinds`: the words its MLM head fills in with the image (fill_in), whether
+`python -m lab.analysis kinds`: the words its MLM head fills in with the image (fill_in), whether
 it tells a true caption from its minimal-pair twin (minimal_pairs), whether its text features
 tell an attribute's values apart (text_contrast), and how well a linear probe
 reads an attribute from an object's patch tokens (probe_objects), beside an untrained ViT and
-the raw pixels. And the labels of `python experiments.py pooled`, which asks what the tiny ViT
+the raw pixels. And the labels of `python -m lab.experiments pooled`, which asks what the tiny ViT
 learns from scratch when told directly what a scene holds (scene_labels, balanced_accuracy).
 """
 import torch
