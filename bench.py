@@ -1,7 +1,7 @@
 """
-The efficiency benchmark: every token-reduction method measured side by side, in one run on one
-machine, on the online ViT of a model.PRESETS architecture (--arch) and, with --whole_model true,
-on the whole pre-training model, each figure with its ratio to `none`:
+The efficiency benchmark: every token-reduction method of pruning.METHODS measured side by side,
+in one run on one machine, on the online ViT of a model.PRESETS architecture (--arch) and, with
+--whole_model true, on the whole pre-training model, each figure with its ratio to `none`:
   FLOPs   FlopCounterMode around a training step (forward + backward), and around an inference
           forward (eval mode, PruneConfig(in_eval=True) so the reduction still applies)
   memory  the bytes autograd saves for backward in the training step, each storage once,
@@ -10,11 +10,10 @@ on the whole pre-training model, each figure with its ratio to `none`:
           taking turns round by round ("paired": the median over rounds of the ratio to `none`)
   tokens  the sequence length entering each layer in the grad-enabled pass (the ELIP look-ahead
           runs under no_grad) against pruning.token_counts, and the ratio of removed token-layers
-Then ELIP+ (paper section 4.5): the largest batch whose activations fit in what `none` uses; the
-share of the training step that prune_and_merge takes; our ViT against timm's.
-The --prune flags set the schedule of every method that cuts at fixed layers (elip,
-elip_inline, evit, random), so that they differ only in how they score tokens; --methods names
-the methods.
+The --prune flags set the schedule of every scoring method (pruning.SCORERS), so that they
+differ only in how they score tokens; ToMe's r is matched to elip's removed token-layers.
+The research extras (the ELIP+ batch, prune_and_merge's share of a step, our ViT against timm's)
+are in lab/bench_extra.py.
 
     python bench.py                                   # ViT-B/16 at 224 px, batch 8
     python bench.py --whole_model true --whole_batch 4
@@ -34,10 +33,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils import flop_counter
 
+import pruning
 from config import parse_config
 from model import PRESETS as MODEL_PRESETS
 from model import ELIPModel, ModelConfig, MomentumStep, build_vit
-from pruning import METHODS, PruneConfig, prune_and_merge, token_counts
+from pruning import PruneConfig, token_counts
 
 
 @dataclass
@@ -46,16 +46,14 @@ class BenchConfig:
     arch: str = "albef"              # a model.PRESETS architecture: the ViT and the whole model
     img_size: int = 224              # the image side in pixels (0: the arch's; albef's is 256)
     batch: int = 8                   # of the ViT alone
-    methods: tuple[str, ...] = ("none", "elip", "elip_inline", "evit", "tome", "random")  # none too
-    prune: PruneConfig = field(default_factory=PruneConfig)
+    methods: tuple[str, ...] = field(default_factory=lambda: pruning.METHODS)  # default: all
+                                     # of pruning.METHODS; none always (the reference)
+    prune: PruneConfig = field(default_factory=PruneConfig)   # the scoring methods' schedule
     match_tome_r: bool = True        # ToMe's r: the one whose removed token-layers come closest
                                      # to elip's (false: --prune.tome_r)
     reps: int = 5                    # timed training steps per method, after the warm-up
     warmup: int = 1                  # untimed rounds first
     threads: int = 0                 # torch.set_num_threads for the run (0: torch's default)
-    op_reps: int = 30                # timed runs of prune_and_merge at each cut
-    timm_reps: int = 10              # our ViT against timm's, interleaved (0: skip)
-    elip_plus: bool = True           # the ELIP+ batch search
     whole_model: bool = False        # also measure the whole pre-training model
     whole_batch: int = 4             # of the whole model (>= 2: ITM's negatives)
     whole_vocab: int = 1000          # small: the vocabulary only adds a batch-independent cost
@@ -68,27 +66,48 @@ class BenchConfig:
     def __post_init__(self):
         if self.arch not in MODEL_PRESETS:
             raise ValueError(f"arch {self.arch!r} is not one of {', '.join(MODEL_PRESETS)}")
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in pruning.METHODS]
         if bad or "none" not in self.methods:
-            raise ValueError(f"methods {self.methods}: choose from {METHODS}, `none` included "
-                             "(every figure is also given as a ratio to it)")
-        if min(self.batch, self.reps, self.op_reps) < 1 or self.whole_batch < 2 or self.warmup < 0:
-            raise ValueError("batch, reps and op_reps must be >= 1, warmup >= 0, whole_batch >= 2 "
+            raise ValueError(f"methods {self.methods}: choose from {pruning.METHODS}, `none` "
+                             "included (every figure is also given as a ratio to it)")
+        if min(self.batch, self.reps) < 1 or self.whole_batch < 2 or self.warmup < 0:
+            raise ValueError("batch and reps must be >= 1, warmup >= 0, whole_batch >= 2 "
                              "(ITM draws each negative from the other samples of the batch)")
         if self.whole_vocab <= 5 or self.text_len < 2:
             raise ValueError("whole_vocab must exceed the 5 special tokens; text_len must be >= 2")
+
+    @staticmethod
+    def presets() -> dict:
+        """The named settings the `preset` field selects (lab/bench_extra.py nests this config)."""
+        return PRESETS
 
 
 PRESETS = {
     "base": dict(),
     # the tiny architecture (64 px, patch 8, width 128) with few repetitions: seconds
-    "tiny": dict(arch="tiny", img_size=0, batch=4, reps=2, op_reps=5, timm_reps=2, whole_batch=2,
-                 whole_vocab=200, text_len=12),
+    "tiny": dict(arch="tiny", img_size=0, batch=4, reps=2, whole_batch=2, whole_vocab=200,
+                 text_len=12),
 }
 
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
+
+
+def pick_device(cfg):
+    """The device of --device (auto: cuda when available), with --threads set."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                        if cfg.device == "auto" else cfg.device)
+
+
+def machine_info(device):
+    """What the figures were measured on; the load average, as other work slows the timings."""
+    return dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
+                processor=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                load_start=[round(x, 2) for x in os.getloadavg()])
 
 
 def bench_model_config(cfg, prune):
@@ -172,12 +191,14 @@ def matching_tome_r(num_patches, depth, ratio):
         token_counts(num_patches, depth, PruneConfig(method="tome", tome_r=r)), num_patches)))
 
 
-def _sync(device):
+def sync(device):
+    """Wait for the GPU's queued work, so that a clock reading covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _resident(module):
+def resident(module):
+    """The parameters and buffers: held whatever the batch, so not activations."""
     return [*module.parameters(), *module.buffers()]
 
 
@@ -186,7 +207,7 @@ def train_step_figures(loss_fn, module, blocks, batch):
     for backward, and the sequence length entering each of `blocks`."""
     module.train()
     with flop_counter_mode() as flops:
-        with layer_lengths(blocks) as lengths, saved_tensor_bytes(_resident(module)) as saved:
+        with layer_lengths(blocks) as lengths, saved_tensor_bytes(resident(module)) as saved:
             loss = loss_fn(batch)
         loss.backward()
     module.zero_grad(set_to_none=True)
@@ -194,24 +215,15 @@ def train_step_figures(loss_fn, module, blocks, batch):
                 lengths=lengths)
 
 
-def activation_bytes(loss_fn, module, batch):
-    """Bytes saved for backward by a training forward at `batch` (the backward is not needed)."""
-    module.train()
-    with saved_tensor_bytes(_resident(module)) as saved:
-        loss = loss_fn(batch)
-    del loss                         # counted while its graph was alive; now let it go
-    return sum(saved.values())
-
-
 def cuda_step_peak(loss_fn, module, batch, device):
     """Peak CUDA memory of a training step above what was allocated before it: activations,
     gradients and kernel workspace."""
     module.train()
-    _sync(device)
+    sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     loss_fn(batch).backward()
-    _sync(device)
+    sync(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     module.zero_grad(set_to_none=True)
     return peak
@@ -221,10 +233,10 @@ def step_seconds(loss_fn, module, batch, device):
     """Wall time of one training step (forward + backward; the optimizer update, the same for
     every method, is left out)."""
     module.train()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     loss_fn(batch).backward()
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     module.zero_grad(set_to_none=True)
     return seconds
@@ -241,32 +253,6 @@ def timed_rounds(steps, batch, device, warmup, reps):
             if rnd >= warmup:
                 times[name].append(seconds)
     return times
-
-
-def elip_plus_batch(measure, budget, b1, b2, measured=None, min_batch=1):
-    """ELIP+ (paper section 4.5): the largest batch whose training-step activation memory fits in
-    `budget` bytes. measure(batch) -> bytes; measured: {batch: bytes} already known.
-    Fits memory = fixed + per_sample * batch on b1 and b2, solves it for the budget, then checks
-    by measuring: steps down while the batch does not fit, up while the next one still does.
-    Batches below min_batch are never measured; min_batch - 1 is returned if none fits."""
-    measured = dict(measured or {})
-
-    def at(b):
-        if b not in measured:
-            measured[b] = measure(b)
-        return measured[b]
-
-    per_sample = (at(b2) - at(b1)) / (b2 - b1)
-    if per_sample <= 0:
-        raise ValueError(f"memory does not grow with the batch: {measured}")
-    fixed = at(b1) - per_sample * b1
-    b = max(min_batch, int((budget - fixed) // per_sample))
-    while b >= min_batch and at(b) > budget:
-        b -= 1
-    while at(b + 1) <= budget:
-        b += 1
-    return dict(batch=b, bytes=measured.get(b), budget=budget, per_sample_bytes=per_sample,
-                fixed_bytes=fixed, measured=dict(sorted(measured.items())))
 
 
 # ---- what is measured: the ViT alone, the whole model ----------------------------------
@@ -340,10 +326,9 @@ def build_model_bench(cfg, prune, device):
 RATIO_KEYS = ("train_flops", "infer_flops", "act_bytes", "cuda_peak_bytes", "step_s")
 
 
-def measure_methods(cfg, build, batch, device, num_patches, prunes, scope, min_batch=1):
+def measure_methods(cfg, build, batch, device, num_patches, prunes, scope):
     """Every figure of every method in `prunes`, measured with build(cfg, prune, device), and
-    each figure's ratio to `none`. min_batch: the smallest batch the model can train on. All the
-    models stay built for the timed rounds."""
+    each figure's ratio to `none`. All the models stay built for the timed rounds."""
     results, steps = {}, {}
     for method, prune in prunes.items():
         log(f"[{scope}] {method}: building; FLOPs, saved bytes, lengths")
@@ -357,13 +342,6 @@ def measure_methods(cfg, build, batch, device, num_patches, prunes, scope, min_b
             fig["infer_flops"] = inference_flops(batch)
         if device.type == "cuda":
             fig["cuda_peak_bytes"] = cuda_step_peak(loss_fn, module, batch, device)
-        if cfg.elip_plus:
-            log(f"[{scope}] {method}: ELIP+ batch search")
-            budget = results["none"]["act_bytes"] if method != "none" else fig["act_bytes"]
-            fig["elip_plus"] = elip_plus_batch(
-                lambda b: activation_bytes(loss_fn, module, b), budget,
-                b1=batch // 2 if batch // 2 >= min_batch else batch + 1, b2=batch,
-                measured={batch: fig["act_bytes"]}, min_batch=min_batch)
         fig["prune"] = dataclasses.asdict(prune)
         results[method], steps[method] = fig, (loss_fn, module)
     log(f"[{scope}] timing {cfg.warmup} + {cfg.reps} rounds of one step per method")
@@ -378,85 +356,20 @@ def measure_methods(cfg, build, batch, device, num_patches, prunes, scope, min_b
     return results
 
 
-# ---- prune_and_merge's share of a step, and our ViT against timm's -----------------------
-def bench_prune_and_merge(cfg, mc, device, step_s):
-    """Forward + backward time of pruning.prune_and_merge at --batch on the input of each cut of
-    the elip schedule (random tokens and scores), the median of op_reps runs after 3 warm-up
-    runs, and its share of `step_s`, a ViT training step: at each cut and summed over the cuts."""
-    M, D = (mc.img_size // mc.patch_size) ** 2, mc.vision_width
-    elip = dataclasses.replace(cfg.prune, method="elip")
-    counts = token_counts(M, mc.vision_depth, elip)
-    g = torch.Generator().manual_seed(cfg.seed)
-    cuts = []
-    for layer, ratio in zip(elip.prune_layers, elip.keep_ratios):
-        length, k = counts[layer - 1], int(M * ratio)
-        if k >= length - 1:
-            continue                 # the cut keeps every token: prune_and_merge does nothing
-        x = torch.randn(cfg.batch, length, D, generator=g).to(device).requires_grad_()
-        scores = torch.rand(cfg.batch, length - 1, generator=g).to(device)
-        grad = torch.randn(cfg.batch, 1 + k + elip.merge, D, generator=g).to(device)
-        times = []
-        for rnd in range(3 + cfg.op_reps):
-            _sync(device)
-            start = time.perf_counter()
-            prune_and_merge(x, scores, k, elip.merge)[0].backward(grad)
-            _sync(device)
-            if rnd >= 3:
-                times.append(time.perf_counter() - start)
-            x.grad = None
-        seconds = statistics.median(times)
-        cuts.append(dict(layer=layer, input_shape=[cfg.batch, length, D], num_keep=k,
-                         seconds=seconds, share=seconds / step_s))
-    return dict(cuts=cuts, reps=cfg.op_reps, step_s=step_s, share=sum(c["share"] for c in cuts))
-
-
-def compare_with_timm(cfg, mc, device):
-    """Training steps of our ViT and timm's VisionTransformer of the same size (no pruning),
-    taking turns after the warm-up rounds: FLOPs, parameters, median times and their ratio."""
-    try:
-        from timm.models.vision_transformer import VisionTransformer as TimmViT
-    except ImportError:
-        return dict(skipped="timm is not installed")
-    torch.manual_seed(cfg.seed)
-    ours = build_vit(mc, PruneConfig(method="none")).to(device)
-    timm_vit = TimmViT(img_size=mc.img_size, patch_size=mc.patch_size, embed_dim=mc.vision_width,
-                       depth=mc.vision_depth, num_heads=mc.vision_heads, num_classes=0,
-                       drop_path_rate=mc.drop_path).to(device)
-    images, _ = vit_inputs(cfg, mc, cfg.batch, device)
-    runs = {"ours": (lambda b: ours(images).mean(), ours),
-            "timm": (lambda b: timm_vit.forward_features(images).mean(), timm_vit)}
-    out = {}
-    for name, (loss_fn, module) in runs.items():
-        with flop_counter_mode() as flops:
-            loss_fn(cfg.batch).backward()
-        module.zero_grad(set_to_none=True)
-        out[f"{name}_train_flops"] = flops.get_total_flops()
-        out[f"{name}_params"] = sum(p.numel() for p in module.parameters())
-    times = timed_rounds(runs, cfg.batch, device, cfg.warmup, cfg.timm_reps)
-    out.update(ours_s=statistics.median(times["ours"]), timm_s=statistics.median(times["timm"]),
-               ours_s_all=times["ours"], timm_s_all=times["timm"], reps=cfg.timm_reps)
-    out["ratio"] = out["ours_s"] / out["timm_s"]
-    out["ratio_paired"] = statistics.median(a / b for a, b in zip(times["ours"], times["timm"]))
-    return out
-
-
 # ---- the report ------------------------------------------------------------------------
-def format_methods(results, batch):
+def format_methods(results):
     """A table of one scope's figures, each with its ratio to `none`, then the lengths."""
     cols = [("train GFLOP", "train_flops", 1e-9), ("infer GFLOP", "infer_flops", 1e-9),
             ("act MiB", "act_bytes", 2 ** -20), ("cuda MiB", "cuda_peak_bytes", 2 ** -20),
             ("step s", "step_s", 1.0)]
     cols = [c for c in cols if c[1] in results["none"]]
     head = f"{'method':<12}" + "".join(f"{name:>13}{'x none':>8}" for name, _, _ in cols) + \
-        f"{'paired':>8}{'removed':>9}{'ELIP+ batch':>13}"
+        f"{'paired':>8}{'removed':>9}"
     lines = [head]
     for method, fig in results.items():
         row = f"{method:<12}" + "".join(f"{fig[k] * scale:13.2f}{fig['ratio'][k]:8.3f}"
                                         for _, k, scale in cols)
-        row += f"{fig['ratio']['step_s_paired']:8.3f}"
-        plus = fig.get("elip_plus", {}).get("batch")
-        row += f"{fig['removed_ratio']:9.3f}" + ("" if plus is None else f"{plus:>7} vs {batch}")
-        lines.append(row)
+        lines.append(row + f"{fig['ratio']['step_s_paired']:8.3f}{fig['removed_ratio']:9.3f}")
     lines.append("sequence length entering each layer (grad-enabled pass), and whether it equals "
                  "pruning.token_counts:")
     for method, fig in results.items():
@@ -475,68 +388,36 @@ def format_bench(report):
              f"load average (1, 5, 15 min) at start {machine['load_start']}, at end "
              f"{machine['load_end']} (this run accounts for about {machine['threads']})",
              f"schedule {tuple(prune['prune_layers'])} keep {tuple(prune['keep_ratios'])} lam "
-             f"{prune['lam']} merge {prune['merge']} for elip, elip_inline (ours, not the "
-             f"paper's), evit, random; tome r = {report['tome_r']}",
+             f"{prune['lam']} merge {prune['merge']} for {', '.join(pruning.SCORERS)}; "
+             f"tome r = {report['tome_r']}",
              "",
              f"ViT alone ({cfg['arch']} architecture): {mc['img_size']} px, patch "
              f"{mc['patch_size']}, width {mc['vision_width']}, depth {mc['vision_depth']}, "
              f"heads {mc['vision_heads']}, drop_path {mc['drop_path']}, batch {cfg['batch']}"]
-    lines += format_methods(report["vit"], cfg["batch"])
+    lines += format_methods(report["vit"])
     if "whole_model" in report:
         lines += ["", f"whole model (ELIPModel): text {mc['text_layers']} + fusion "
                       f"{mc['fusion_layers']} layers, width {mc['text_width']}, losses "
                       f"{'+'.join(mc['losses'])}; queue {mc['queue_size']} and vocabulary "
                       f"{mc['vocab_size']} (small, to keep it fast), text length "
                       f"{cfg['text_len']}; batch {cfg['whole_batch']}"]
-        lines += format_methods(report["whole_model"], cfg["whole_batch"])
-    pm = report["prune_and_merge"]
-    lines += ["", f"prune_and_merge, forward + backward at batch {cfg['batch']}, median of "
-                  f"{pm['reps']}, as a share of the {pm['of']} ViT training step "
-                  f"({pm['step_s']:.3f} s):"]
-    for c in pm["cuts"]:
-        lines.append(f"  before layer {c['layer']}: {tuple(c['input_shape'])} keep {c['num_keep']}"
-                     f": {c['seconds'] * 1e3:.3f} ms, {100 * c['share']:.3f}%")
-    lines.append(f"  all cuts: {100 * pm['share']:.3f}%")
-    t = report["timm"]
-    lines.append("")
-    if "skipped" in t:
-        lines.append(f"timm comparison skipped: {t['skipped']}")
-    else:
-        lines.append(f"ViT training step, method none, ours vs timm (interleaved, median of "
-                     f"{t['reps']}): {t['ours_s']:.3f} s vs {t['timm_s']:.3f} s, ratio "
-                     f"{t['ratio']:.3f} (paired by round {t['ratio_paired']:.3f}); GFLOP "
-                     f"{t['ours_train_flops'] / 1e9:.1f} vs {t['timm_train_flops'] / 1e9:.1f}; "
-                     f"params {t['ours_params']:,} vs {t['timm_params']:,}")
+        lines += format_methods(report["whole_model"])
     return "\n".join(lines)
 
 
 def run_bench(cfg):
     """Every measurement of the report, as a JSON-ready dict."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if cfg.device == "auto" else cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg)
     mc = bench_model_config(cfg, PruneConfig(method="none"))
     num_patches = (mc.img_size // mc.patch_size) ** 2
     prunes = method_prune_configs(cfg, num_patches, mc.vision_depth)
     report = dict(config=dataclasses.asdict(cfg), model_config=dataclasses.asdict(mc),
-                  tome_r=prunes["none"].tome_r, machine=dict(
-        device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
-        processor=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        load_start=[round(x, 2) for x in os.getloadavg()]))
+                  tome_r=prunes["none"].tome_r, machine=machine_info(device))
     report["vit"] = measure_methods(cfg, build_vit_bench, cfg.batch, device, num_patches,
                                     prunes, "vit")
-    log("prune_and_merge's share of the training step")
-    of = "elip" if "elip" in report["vit"] else "none"
-    report["prune_and_merge"] = dict(of=of, **bench_prune_and_merge(
-        cfg, mc, device, report["vit"][of]["step_s"]))
-    log("our ViT against timm's")
-    report["timm"] = compare_with_timm(cfg, mc, device) if cfg.timm_reps else dict(
-        skipped="--timm_reps 0")
     if cfg.whole_model:
         report["whole_model"] = measure_methods(cfg, build_model_bench, cfg.whole_batch, device,
-                                                num_patches, prunes, "whole model", min_batch=2)
+                                                num_patches, prunes, "whole model")
     report["machine"]["load_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
 

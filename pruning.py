@@ -13,17 +13,21 @@ are cut into blocks (before layers 2, 4 and 10 of 12); before each block, on x (
 The real forward keeps the image [CLS]; the look-ahead only decides which tokens survive.
 
 The file reads in that order: the config, the method (steps 1 to 4), the one interface the ViT
-calls (`reduce_tokens`) with the sequence lengths it produces (`token_counts`), then the
-baselines, which only decide the scores (EViT, random) or merge pairs instead (ToMe).
-To try your own idea, add a method name to METHODS and a branch to `token_scores`.
+calls (`reduce_tokens`) with the sequence lengths it produces (`token_counts`), the baselines,
+which only decide the scores (EViT, random) or merge pairs instead (ToMe), and last the registry:
+a scorer scores the tokens at each cut of the schedule and leaves steps 3 and 4 to
+`prune_and_merge`; a merger changes the tokens itself, before every layer after the first.
+To try your own idea, write one function with the scorers' signature,
+`score_mine(cfg, blocks, layer, x, x_prev, text_cls) -> scores (B, N)`, and add one entry,
+`"mine": score_mine`, to SCORERS (and the name to TEXT_GUIDED if it reads text_cls):
+`--prune.method mine` runs it, and the tests and bench.py, which iterate over METHODS, cover it.
+A merge-style method is one Merger entry in MERGERS.
 """
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
-
-METHODS = ("none", "elip", "elip_inline", "evit", "tome", "random")
-TEXT_GUIDED = ("elip", "elip_inline")      # the methods that need the text [CLS]
 
 
 @dataclass
@@ -67,8 +71,9 @@ class PruneConfig:
         return PRUNE_PRESETS
 
     def check(self, depth: int) -> None:
-        """Refuse a schedule that does not fit a ViT of `depth` layers (called at model build)."""
-        if self.method in ("none", "tome"):
+        """Refuse a schedule that does not fit a ViT of `depth` layers (called at model build).
+        Only the scoring methods cut at prune_layers."""
+        if self.method not in SCORERS:
             return
         if self.prune_layers and not (1 <= self.prune_layers[0] and self.prune_layers[-1] < depth):
             raise ValueError(f"prune_layers {self.prune_layers} must lie in [1, {depth - 1}] "
@@ -156,22 +161,16 @@ def prune_and_merge(x: torch.Tensor, scores: torch.Tensor, num_keep: int,
 
 
 # ---- the interface the ViT calls --------------------------------------------------------------
+@torch.no_grad()
 def token_scores(cfg: PruneConfig, blocks: nn.ModuleList, layer: int, x: torch.Tensor,
                  x_prev: torch.Tensor, text_cls: torch.Tensor | None) -> torch.Tensor:
     """x (B, 1+N, D), x_prev (B, 1+N', D) -> scores (B, N) of x's non-[CLS] tokens, no grad.
-    For the cut before `layer`; `blocks` are the ViT's layers, x_prev the input of layer - 1
-    (what x was computed from)."""
-    if cfg.method == "elip":
-        cuts = list(cfg.prune_layers) + [len(blocks)]
-        end = cuts[cuts.index(layer) + 1]                   # the coming block: layers [layer, end)
-        return lookahead_scores(blocks[layer:end], x, text_cls, cfg.lam)
-    if cfg.method == "elip_inline":
-        return evit_scores(blocks[layer - 1], x_prev, text_cls, cfg.lam)
-    if cfg.method == "evit":
-        return evit_scores(blocks[layer - 1], x_prev)
-    if cfg.method == "random":
-        return random_scores(x)
-    raise ValueError(f"method {cfg.method!r} has no scores")
+    For the cut before `layer`, by the scorer SCORERS[cfg.method]; `blocks` are the ViT's layers,
+    x_prev the input of layer - 1 (what x was computed from). No gradient: the scores only
+    choose tokens (a look-ahead that ran the blocks with it would also store their activations)."""
+    if cfg.method not in SCORERS:
+        raise ValueError(f"method {cfg.method!r} has no scores")
+    return SCORERS[cfg.method](cfg, blocks, layer, x, x_prev, text_cls)
 
 
 def reduce_tokens(cfg: PruneConfig, blocks: nn.ModuleList, layer: int, x: torch.Tensor,
@@ -179,14 +178,14 @@ def reduce_tokens(cfg: PruneConfig, blocks: nn.ModuleList, layer: int, x: torch.
                   size: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """x (B, 1+N, D), size (B, 1+N) or None -> x (B, 1+N', D), size, src (B, N') or None.
-    Applies `cfg` before ViT layer `layer`. size: how many patches each token stands for (ToMe
-    only). src: for each output non-[CLS] token its index among the N input tokens, -1 for a
-    token fused from several; None when nothing changed."""
+    Applies `cfg` before ViT layer `layer`. size: how many patches each token stands for (set by
+    merge-style methods only). src: for each output non-[CLS] token its index among the N input
+    tokens, -1 for a token fused from several; None when nothing changed."""
     cuts = cut_layers(cfg, len(blocks))
     if layer not in cuts:
         return x, size, None
-    if cfg.method == "tome":
-        return tome_merge(blocks[layer], x, size, cfg.tome_r)
+    if cfg.method in MERGERS:
+        return MERGERS[cfg.method].merge(cfg, blocks, layer, x, size)
     num_keep = int(num_patches * cuts[layer])                # K counts the M input patches
     if num_keep >= x.shape[1] - 1:
         return x, size, None
@@ -198,12 +197,13 @@ def reduce_tokens(cfg: PruneConfig, blocks: nn.ModuleList, layer: int, x: torch.
 
 
 def cut_layers(cfg: PruneConfig, depth: int) -> dict[int, float | None]:
-    """{layer: keep_ratio} for the layers before which `cfg` reduces tokens (None for ToMe)."""
-    if cfg.method == "none":
-        return {}
-    if cfg.method == "tome":
+    """{layer: keep_ratio} for the layers before which `cfg` reduces tokens: the schedule's for a
+    scoring method, every layer after the first (ratio None) for a merge-style one."""
+    if cfg.method in MERGERS:
         return {i: None for i in range(1, depth)}
-    return dict(zip(cfg.prune_layers, cfg.keep_ratios))
+    if cfg.method in SCORERS:
+        return dict(zip(cfg.prune_layers, cfg.keep_ratios))
+    return {}
 
 
 def token_counts(num_patches: int, depth: int, cfg: PruneConfig) -> list[int]:
@@ -211,8 +211,8 @@ def token_counts(num_patches: int, depth: int, cfg: PruneConfig) -> list[int]:
     [CLS] and merged token included (what `reduce_tokens` produces in a training forward)."""
     cuts, n, counts = cut_layers(cfg, depth), num_patches, []
     for i in range(depth):
-        if i in cuts and cfg.method == "tome":
-            n -= min(cfg.tome_r, n // 2)
+        if i in cuts and cfg.method in MERGERS:
+            n = MERGERS[cfg.method].tokens_left(cfg, i, n)
         elif i in cuts:
             k = int(num_patches * cuts[i])
             n = n if k >= n else k + int(cfg.merge)
@@ -279,3 +279,72 @@ def tome_merge(block: nn.Module, x: torch.Tensor, size: torch.Tensor | None, r: 
     src_b = (1 + 2 * torch.arange(b.shape[1], device=x.device)).expand(B, -1)     # (B, Nb)
     src_idx = torch.cat([2 * unm, src_b.scatter(1, dst, -1)], dim=1)               # (B, N-r)
     return torch.cat([x[:, :1], merged], dim=1), new_size, src_idx
+
+
+# ---- the registry: one entry per method -----------------------------------------------------
+# A scorer: (cfg, blocks, layer, x (B, 1+N, D), x_prev (B, 1+N', D), text_cls (B, D) or None)
+# -> scores (B, N) of x's non-[CLS] tokens for the cut before `layer` (see `token_scores`).
+Scorer = Callable[[PruneConfig, nn.ModuleList, int, torch.Tensor, torch.Tensor,
+                   torch.Tensor | None], torch.Tensor]
+
+
+def score_elip(cfg: PruneConfig, blocks: nn.ModuleList, layer: int, x: torch.Tensor,
+               x_prev: torch.Tensor, text_cls: torch.Tensor | None) -> torch.Tensor:
+    """x (B, 1+N, D) -> scores (B, N): Eq. 2 by the look-ahead through the coming block."""
+    cuts = list(cfg.prune_layers) + [len(blocks)]
+    end = cuts[cuts.index(layer) + 1]                       # the coming block: layers [layer, end)
+    return lookahead_scores(blocks[layer:end], x, text_cls, cfg.lam)
+
+
+def score_elip_inline(cfg: PruneConfig, blocks: nn.ModuleList, layer: int, x: torch.Tensor,
+                      x_prev: torch.Tensor, text_cls: torch.Tensor | None) -> torch.Tensor:
+    """x_prev (B, 1+N, D) -> scores (B, N): the fused [CLS] (Eq. 1) queried in the layer before."""
+    return evit_scores(blocks[layer - 1], x_prev, text_cls, cfg.lam)
+
+
+def score_evit(cfg: PruneConfig, blocks: nn.ModuleList, layer: int, x: torch.Tensor,
+               x_prev: torch.Tensor, text_cls: torch.Tensor | None) -> torch.Tensor:
+    """x_prev (B, 1+N, D) -> scores (B, N): the image [CLS] queried in the layer before."""
+    return evit_scores(blocks[layer - 1], x_prev)
+
+
+def score_random(cfg: PruneConfig, blocks: nn.ModuleList, layer: int, x: torch.Tensor,
+                 x_prev: torch.Tensor, text_cls: torch.Tensor | None) -> torch.Tensor:
+    """x (B, 1+N, D) -> scores (B, N), uniform."""
+    return random_scores(x)
+
+
+class Merger(NamedTuple):
+    """A merge-style method, applied before every layer after the first (cut_layers):
+    merge(cfg, blocks, layer, x (B, 1+N, D), size (B, 1+N) or None)
+        -> x (B, 1+N', D), size (B, 1+N'), src (B, N') or None, as `reduce_tokens` returns them;
+    tokens_left(cfg, layer, N) -> N', which `token_counts` computes without running merge."""
+    merge: Callable[[PruneConfig, nn.ModuleList, int, torch.Tensor, torch.Tensor | None],
+                    tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    tokens_left: Callable[[PruneConfig, int, int], int]
+
+
+def merge_tome(cfg: PruneConfig, blocks: nn.ModuleList, layer: int, x: torch.Tensor,
+               size: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x (B, 1+N, D), size -> x (B, 1+N-r, D), size (B, 1+N-r), src (B, N-r) or None:
+    tome_merge of r = cfg.tome_r token pairs before `layer`."""
+    return tome_merge(blocks[layer], x, size, cfg.tome_r)
+
+
+def tome_tokens_left(cfg: PruneConfig, layer: int, n: int) -> int:
+    """N -> N - r: tome_merge merges at most half the tokens."""
+    return n - min(cfg.tome_r, n // 2)
+
+
+SCORERS: dict[str, Scorer] = {
+    "elip": score_elip,
+    "elip_inline": score_elip_inline,          # ours, not the paper's: one pass, no look-ahead
+    "evit": score_evit,
+    "random": score_random,                    # the control
+}
+MERGERS: dict[str, Merger] = {
+    "tome": Merger(merge_tome, tome_tokens_left),
+}
+METHODS = ("none", *SCORERS, *MERGERS)         # PruneConfig.method; none: the plain ViT
+TEXT_GUIDED = ("elip", "elip_inline")          # the methods that need the text [CLS]

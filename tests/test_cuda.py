@@ -104,7 +104,7 @@ def test_downstream_task_on_gpu(tmp_path, capsys, pretrained, task):
 def test_bench_on_gpu(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--preset", "tiny", "--arch", "albef", "--img_size", "64", "--batch", "2",
-                "--reps", "1", "--warmup", "1", "--op_reps", "1", "--timm_reps", "0",
+                "--reps", "1", "--warmup", "1",
                 "--whole_model", "true", "--whole_batch", "2", "--whole_vocab", "50",
                 "--text_len", "6", "--methods", "none,elip,tome", "--out", str(out)])
     report = json.loads(out.read_text())

@@ -13,6 +13,7 @@ from heads import CaptionModel, NLVRModel, VEModel
 from model import PRESETS, ELIPModel, ModelConfig, MomentumStep
 from pruning import METHODS, PruneConfig
 from trainer import build_optimizer, params_fingerprint
+from vit import VisionTransformer
 from vqa import VQADecoderModel, VQAModel
 
 META = torch.device("meta")
@@ -89,6 +90,28 @@ def test_pretraining_step_stays_on_the_device(preset):
 def test_every_pruning_method_stays_on_the_device(method):
     model = on_meta(ELIPModel(shrunk("tiny", prune=dict(method=method))))
     train_step(model, lambda: model(*meta_inputs(), **world_inputs(model.cfg)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("precision", ["bf16 weights", "bf16 autocast"])
+def test_every_pruning_method_keeps_the_dtype(method, precision):
+    """The ViT alone in bfloat16, its weights cast or under CPU autocast: the tokens entering
+    every layer keep the stream's dtype (a float32 tensor made inside the reduction would
+    promote them) and the step backpropagates."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                            prune=PruneConfig(method=method, prune_layers=(1, 2, 3), tome_r=2))
+    dtype = torch.bfloat16 if precision == "bf16 weights" else torch.float32
+    vit = vit.to(dtype).train()
+    seen = []
+    for blk in vit.blocks:
+        blk.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    images, text_cls = torch.randn(B, 3, 32, 32, dtype=dtype), torch.randn(B, 32, dtype=dtype)
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16 autocast"):
+        out = vit(images, text_cls)
+    out.float().sum().backward()
+    assert set(seen) == {dtype} and out.dtype == dtype
+    assert all(p.grad.dtype == dtype for p in vit.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

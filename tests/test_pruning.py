@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import bench
 import pruning
 from pruning import PruneConfig, prune_and_merge, token_counts
 from vit import VisionTransformer
@@ -58,11 +59,63 @@ def test_presets_build_valid_configs_and_their_lengths(name):
     assert layer_lengths(vit, torch.randn(1, 3, 56, 56), torch.randn(1, 48)) == expected
 
 
-@pytest.mark.parametrize("method", ["none", "elip", "elip_inline", "evit", "random", "tome"])
+@pytest.mark.parametrize("method", pruning.METHODS)
 def test_vit_lengths_follow_token_counts(method):
     vit = tiny_vit(method, tome_r=6).train()
     lens = layer_lengths(vit, torch.randn(2, 3, 32, 32), torch.randn(2, 48))
     assert lens == token_counts(vit.num_patches, 12, vit.prune)
+    changed = {i for i in range(1, 12) if lens[i] != lens[i - 1]}
+    assert changed <= set(pruning.cut_layers(vit.prune, 12))       # the layers tokens change at
+
+
+def score_norm(cfg, blocks, layer, x, x_prev, text_cls):
+    """x (B, 1+N, D) -> scores (B, N): the tokens' norms, a made-up scoring method."""
+    return x[:, 1:].norm(dim=-1)
+
+
+def merge_last_pair(cfg, blocks, layer, x, size):
+    """x (B, 1+N, D), size (B, 1+N) or None -> x (B, N, D), size (B, N), None: the last two
+    tokens averaged into one by size, a made-up merger."""
+    size = x.new_ones(x.shape[:2]) if size is None else size                   # (B, 1+N)
+    pair = size[:, -2:].sum(1, keepdim=True)                                    # (B, 1)
+    last = (x[:, -2:] * size[:, -2:, None]).sum(1, keepdim=True) / pair[..., None]   # (B, 1, D)
+    return torch.cat([x[:, :-2], last], 1), torch.cat([size[:, :-2], pair], 1), None
+
+
+def last_pair_left(cfg, layer, n):
+    return n - 1
+
+
+@pytest.fixture
+def made_up_methods(monkeypatch):
+    """A new scorer and a new merger added as the module docstring says, one function (or one
+    Merger) and one entry each; METHODS as importing pruning.py would then compute it."""
+    monkeypatch.setitem(pruning.SCORERS, "norm", score_norm)
+    monkeypatch.setitem(pruning.MERGERS, "last_pair",
+                        pruning.Merger(merge_last_pair, last_pair_left))
+    monkeypatch.setattr(pruning, "METHODS", ("none", *pruning.SCORERS, *pruning.MERGERS))
+
+
+def test_a_new_method_is_one_function_and_one_entry(made_up_methods):
+    for method in ("norm", "last_pair"):
+        test_vit_lengths_follow_token_counts(method)
+    assert token_counts(64, 12, PruneConfig(method="last_pair")) == [65 - i for i in range(12)]
+    # the forward keeps the tokens the scorer ranks highest: the largest norms entering layer 2
+    vit = tiny_vit("norm").train()
+    seen = []
+    vit.blocks[1].register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    _, sources = vit.forward_features(torch.randn(2, 3, 32, 32))
+    K = int(64 * 0.9)
+    assert torch.equal(sources[2][:, :K], pruning.top_k_in_order(seen[0][:, 1:].norm(dim=-1), K))
+    # the benchmark measures it by default, and its lengths follow token_counts
+    cfg = bench.BenchConfig(prune=PruneConfig(tome_r=6))
+    assert {"norm", "last_pair"} <= set(cfg.methods)
+    prunes = bench.method_prune_configs(cfg, vit.num_patches, 12)
+    for method in ("norm", "last_pair"):
+        vit = tiny_vit(method)
+        fig = bench.train_step_figures(lambda b: vit(torch.randn(b, 3, 32, 32)).mean(), vit,
+                                       vit.blocks, 2)
+        assert fig["lengths"] == token_counts(64, 12, prunes[method])
 
 
 def test_prune_and_merge_invariants():
