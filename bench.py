@@ -36,7 +36,7 @@ from torch.utils import flop_counter
 import pruning
 from config import parse_config
 from model import PRESETS as MODEL_PRESETS
-from model import ELIPModel, ModelConfig, MomentumStep, build_vit
+from model import ELIPModel, ModelConfig, build_vit
 from pruning import PruneConfig, token_counts
 
 
@@ -112,17 +112,15 @@ def machine_info(device):
 
 def bench_model_config(cfg, prune):
     """The ModelConfig of the arch with the bench's image size, text length, vocabulary and
-    queue; the arch's prune fields give way to `prune`. ELIP's objectives only: the tiny preset's
-    aids for the world (object labels, ITC over all captions) need the world's data."""
+    queue; the arch's prune fields give way to `prune`. ELIP's model only: the tiny preset's
+    aids for the world (world_aids.py) are left out."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     arch = {k: v for k, v in MODEL_PRESETS[cfg.arch].items() if k in names and k != "prune"}
     mc = ModelConfig(**arch, prune=prune)
     return dataclasses.replace(mc, img_size=cfg.img_size or mc.img_size, max_len=cfg.text_len,
                                vocab_size=cfg.whole_vocab, enc_id=cfg.whole_vocab - 1,
                                dec_id=cfg.whole_vocab - 2,
-                               queue_size=min(cfg.whole_queue, mc.queue_size),
-                               losses=tuple(x for x in mc.losses if x != "objects"),
-                               itc_all_captions=False)
+                               queue_size=min(cfg.whole_queue, mc.queue_size))
 
 
 # ---- the measuring instruments ---------------------------------------------------------
@@ -307,7 +305,7 @@ def build_model_bench(cfg, prune, device):
     mc = bench_model_config(cfg, prune)
     torch.manual_seed(cfg.seed)
     model = ELIPModel(mc).to(device)
-    momentum, inputs = MomentumStep(model), {}
+    inputs = {}
 
     def loss_fn(batch):
         if batch not in inputs:
@@ -315,9 +313,10 @@ def build_model_bench(cfg, prune, device):
             g = torch.Generator().manual_seed(cfg.seed + batch)
             ids = torch.randint(5, cfg.whole_vocab, (batch, cfg.text_len), generator=g)
             ids[:, 0] = mc.cls_id
-            inputs[batch] = images, ids.to(device), torch.ones_like(ids).to(device)
-        out = momentum.take(model(*inputs[batch], alpha=0.4))
-        momentum.after_step()            # the step's momentum update and queue write
+            inputs[batch] = dict(image=images, text_ids=ids.to(device),
+                                 text_mask=torch.ones_like(ids).to(device))
+        out = model(inputs[batch], alpha=0.4)
+        model.momentum_step([out.pop("queue")] if "queue" in out else [])   # EMA, queue write
         return out["loss"]
 
     return model, model.visual_encoder.blocks, loss_fn, None

@@ -27,6 +27,7 @@ from torch import nn
 from torchvision import transforms
 
 import world
+from config import config_from_dict
 from data import PretrainDataset, swap_left_right
 from model import ELIPModel, ModelConfig, similarity
 from vit import PatchEmbed, VisionTransformer
@@ -224,3 +225,13 @@ class WorldPretrainDataset(PretrainDataset):
         cover, labels = w.object_targets(scene, (left, top, left + w_, top + h), crop.size[0],
                                          self.patch_size, mirrored=flip)
         return image, texts, (torch.from_numpy(cover), torch.from_numpy(labels))
+
+
+def build_model(mc: ModelConfig, aids: WorldAids) -> ELIPModel:
+    """The seam: ELIP's model, or with any aid on, the world's."""
+    return WorldModel(mc, aids) if aids.on else ELIPModel(mc)
+
+
+def aids_of(config: dict) -> WorldAids:
+    """The aids a checkpoint's config (its "aids" entry) was trained with; none if it has none."""
+    return config_from_dict(WorldAids, config.get("aids", {}))
