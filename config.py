@@ -19,6 +19,7 @@ The nested dataclasses are rebuilt at the end, so their `__post_init__` checks s
 values and a bad setting is refused before any data or model is built.
 """
 import dataclasses
+import difflib
 import inspect
 import re
 import typing
@@ -62,7 +63,10 @@ def resolve_flag(leaves: dict, name: str) -> str:
     matches = flag_matches(leaves, name)
     if len(matches) != 1:
         what = "ambiguous, could be " + ", ".join(matches) if matches else "unknown"
-        raise SystemExit(f"error: flag --{name} is {what} (see --help)")
+        names = sorted({part for k in leaves for part in (k, k.rsplit(".", 1)[-1])})
+        near = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean --{near[0]}?" if matches == [] and near else ""
+        raise SystemExit(f"error: flag --{name} is {what}{hint} (see --help)")
     return matches[0]
 
 

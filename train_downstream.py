@@ -30,7 +30,7 @@ embedded world, or the official fine-tuning of ALBEF (albef; retrieval: albef_co
 albef_flickr) or BLIP (blip; retrieval: blip_coco, blip_flickr) with resolution, batch, epochs,
 learning rate, schedule and text lengths as their configurations (BLIP's VQA, which ELIP did not
 release, as BLIP's own repository has it). The pre-trained position embeddings are interpolated
-to --img_size on load. The training loop, DDP, AMP and checkpoints are trainer.py's.
+to --img_size on load. The training loop is train() below; trainer.py holds its helpers.
 
 --evaluate true skips training: it scores a fine-tuned checkpoint of this script (or a
 pre-trained one: the heads stay untrained) given as --pretrained, on every --test_file.
@@ -40,6 +40,7 @@ log.jsonl, metrics.json (per test file: the metrics beside a chance or majority 
 evaluation time; the training time and the weight-loading report) and predictions.json (per test
 file; none for retrieval).
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -50,14 +51,16 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+import trainer
+import world_aids
 from config import config_from_dict, parse_config
 from heads import load_pretrained
-from model import ModelConfig, MomentumStep
+from model import ModelConfig
 from tasks import (build_data, build_model, downstream_model_config, evaluate_task,
                    scratch_model_config)
 from tokenizer import Tokenizer
-from trainer import (RunConfig, alpha_at, distributed, fit, gather_objects, load_checkpoint,
-                     log_json, resume_config, seed_everything)
+from trainer import (RunConfig, alpha_at, autocast_and_scaler, build_optimizer, gather_objects,
+                     load_checkpoint, log_json, lr_at)
 
 
 @dataclass
@@ -78,7 +81,7 @@ class DownstreamConfig:
     image_root: str = ""             # image paths in the JSON files are relative to this
     answer_list: str = ""            # VQA: a JSON list of answers; empty = the world's answers,
                                      # or every answer of the training files
-    world_seed: int = 0
+    world_seed: int = 0              # the embedded world's seed
     world_train: int = 1000          # scenes (image pairs for nlvr) in the world's train split
     world_test: int = 200            # and in its test split
     img_size: int = 0                # fine-tuning resolution (ALBEF, BLIP: 384); 0 = pre-training's
@@ -108,7 +111,7 @@ class DownstreamConfig:
     eval_k: int = 16                 # retrieval: ITC candidates re-scored (ALBEF, BLIP: 256 COCO,
                                      # 128 Flickr30K)
     vqa_k: int = 128                 # VQA decoder: answers re-scored by their whole sequence
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64        # test samples per process in a batch
     beam: int = 3                    # captioning: beam size
     max_length: int = 20             # captioning: tokens in all, [CLS] and prompt included (BLIP)
     min_length: int = 5              # captioning: no [SEP] before this many tokens in all (BLIP)
@@ -200,19 +203,19 @@ SAFE_ON_RESUME = ("test_file", "eval_k", "eval_batch_size", "eval_max_words", "b
 
 
 def load_source(cfg):
-    """The checkpoint given as --pretrained: (model config, tokenizer, state dict, VQA answer list
-    or None, the config of the run that wrote it if it is a fine-tuned checkpoint of this script,
-    else None); for --pretrained none, the default pre-training's architecture and vocabulary and
-    no state dict."""
+    """The checkpoint given as --pretrained: (model config, the world's aids it was trained with,
+    tokenizer, state dict, VQA answer list or None, the config of the run that wrote it if it is
+    a fine-tuned checkpoint of this script, else None); for --pretrained none, the default
+    pre-training's architecture and vocabulary and no state dict."""
     if cfg.pretrained == "none" and not cfg.evaluate:
-        mc, tok = scratch_model_config()
+        mc, tok, aids = scratch_model_config()
         if cfg.scratch_like:
             if not os.path.isfile(cfg.scratch_like):
                 raise SystemExit(f"error: --scratch_like {cfg.scratch_like} does not exist")
             like = load_checkpoint(cfg.scratch_like)
             mc = config_from_dict(ModelConfig, like["config"]["model"])
-            tok = Tokenizer(like["vocab"])
-        return downstream_model_config(mc, cfg), tok, None, None, None
+            tok, aids = Tokenizer(like["vocab"]), world_aids.aids_of(like["config"])
+        return downstream_model_config(mc, cfg), aids, tok, None, None, None
     if not os.path.isfile(cfg.pretrained):
         raise SystemExit(f"error: --pretrained {cfg.pretrained} does not exist (make one with "
                          f"python train_pretrain.py)")
@@ -224,103 +227,109 @@ def load_source(cfg):
                              f"--evaluate true, or continue it with --resume")
         mc = config_from_dict(ModelConfig, source["model_config"])
         mc = dataclasses.replace(mc, img_size=cfg.img_size or mc.img_size)
-        return (mc, Tokenizer(source["vocab"]), source["model"], source["answer_list"] or None,
-                source["config"])
+        return (mc, world_aids.aids_of(source), Tokenizer(source["vocab"]), source["model"],
+                source["answer_list"] or None, source["config"])
     if not {"model", "config", "vocab"} <= source.keys():
         raise SystemExit(f"error: {cfg.pretrained} is not a checkpoint of train_pretrain.py")
     mc = downstream_model_config(config_from_dict(ModelConfig, source["config"]["model"]), cfg)
-    return mc, Tokenizer(source["vocab"]), source["model"], None, None
+    return (mc, world_aids.aids_of(source["config"]), Tokenizer(source["vocab"]), source["model"],
+            None, None)
 
 
-def finetune(cfg, ckpt, rank: int, world_size: int, device: torch.device):
-    """Fine-tuning (or only the evaluation, --evaluate) on this process's rank."""
-    master = rank == 0
-    log = tqdm.write if master else (lambda msg: None)
-    if cfg.run.threads and device.type == "cpu":
-        torch.set_num_threads(cfg.run.threads)
-    seed_everything(cfg.run.seed, rank)
+def train(cfg, model, train_set, collate, device, rank, world, log, ckpt=None, extra=None):
+    """The fine-tuning loop, one optimizer step at a time: its micro-batches, each a forward (the
+    task's loss, distilled from the momentum model where ALBEF distils) and a backward, then
+    AdamW's step, the momentum model's EMA (and, for retrieval, the queue write), the log line,
+    the checkpoint. Returns the training time in seconds."""
+    run, master = cfg.run, rank == 0
+    plan = trainer.StepPlan(train_set, run, rank, world)
+    optimizer = build_optimizer(model, run.lr, run.weight_decay, run.decay)
+    autocast, scaler = autocast_and_scaler(run.amp, device)
+    step, skipped = trainer.start_run(ckpt, optimizer, scaler, world, run.out_dir, master, log)
+    watch = trainer.Watch(run, world, master, len(train_set), skipped, log)
+    ddp_model = trainer.wrap_ddp(model, device, world)
+    meter = trainer.Meter(run, master, step, plan.stop_step, cfg.task)
+    takes_alpha = cfg.task == "retrieval" or getattr(model, "distill", False)
+    log(f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
+        f"parameters; {len(train_set)} samples; {plan.stop_step} steps of "
+        f"{plan.per_step * world} on {world} x {device.type}")
+    model.train()
+    while step < plan.stop_step:
+        epoch, batches = plan.epoch_batches(step, collate, watch.limit + 1, device)
+        if ckpt is not None:                  # each rank continues its own random stream
+            trainer.set_rng_state(ckpt["rng"][rank])
+            ckpt = None
+        for _ in range(min(plan.steps_per_epoch - step % plan.steps_per_epoch,
+                           plan.stop_step - step)):
+            lr = lr_at(step, plan.steps_per_epoch, run)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            queued = []
+            for micro in range(run.grad_accum):
+                batch, stop, due = watch.next(batches, step)
+                if stop and micro == 0:       # every rank at the same step boundary
+                    trainer.write_checkpoint(cfg, model, optimizer, scaler, step, watch, extra)
+                    raise trainer.Interrupted(stop, step)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                last = micro == run.grad_accum - 1    # DDP averages the gradients only then
+                with (contextlib.nullcontext() if last or world == 1 else ddp_model.no_sync()), \
+                        autocast():
+                    alpha = alpha_at(step, plan.steps_per_epoch, run)
+                    out = ddp_model(batch, alpha=alpha) if takes_alpha else ddp_model(batch)
+                queued += [out.pop("queue")] if "queue" in out else []
+                scaler.scale(out["loss"] / run.grad_accum).backward()
+                meter.add(out, run.grad_accum)
+            if run.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), run.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            model.momentum_step(queued)       # the teacher's EMA (and retrieval's queue write)
+            step += 1
+            meter.step(step, epoch, lr, plan.per_step * world, step == plan.stop_step)
+            if (run.ckpt_every and step % run.ckpt_every == 0) or due or step == plan.stop_step:
+                trainer.write_checkpoint(cfg, model, optimizer, scaler, step, watch, extra)
+    watch.close()
+    trainer.check_ranks_agree(model, world, run.out_dir, log)
+    return meter.close()
 
-    # the architecture and vocabulary: a resumed run's from its checkpoint, else --pretrained's
-    fine_tuned, answers = False, None
+
+def load_weights(cfg, model, ckpt, state, fine_tuned: bool, log) -> dict:
+    """The model's weights, strictly by name: a resumed run's, or --pretrained's (the task's heads
+    start fresh from a pre-training checkpoint; a fine-tuned one must hold every weight), or
+    none. Returns the loading report."""
     if ckpt is not None:
-        mc, tok = config_from_dict(ModelConfig, ckpt["model_config"]), Tokenizer(ckpt["vocab"])
-    else:
-        mc, tok, state, answers, tuned = load_source(cfg)
-        fine_tuned = tuned is not None
-        if fine_tuned:
-            # the heads as the run that wrote the checkpoint built them (checkpoints older than
-            # the answer decoder hold a VQA classifier and no distillation)
-            cfg = dataclasses.replace(cfg, vqa_head=tuned.get("vqa_head", "classifier"),
-                                      distill=tuned.get("distill", False))
-
-    # data: every entry is checked when the dataset is built, before any training step
-    try:
-        train_set, test_sets, train_collate, test_collate = build_data(cfg, mc, tok, answers)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}")
-
-    # model: weights loaded strictly, by name; the task's heads start fresh from a pre-training
-    # checkpoint, and a fine-tuned one must hold every weight
-    answers = next(iter(test_sets.values())).answer_list if cfg.task == "vqa" else []
-    model = build_model(cfg, mc, tok, answers).to(device)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        weights = ckpt["weights"]
-    elif state is None:
-        weights = dict(loaded=[], initialised=list(model.state_dict()), unused=[], interpolated=[])
+        model.load_state_dict(ckpt.pop("model"))      # the host copy goes as soon as it is loaded
+        return ckpt["weights"]
+    if state is None:
         log("no pre-trained weights (--pretrained none): every weight starts random")
-    else:
-        try:
-            weights = load_pretrained(model, state)
-        except ValueError as e:
-            raise SystemExit(f"error: {cfg.pretrained}: {e}")
-        if fine_tuned and (weights["initialised"] or weights["unused"]):
-            raise SystemExit(f"error: {cfg.pretrained} does not match the model it should hold: "
-                             f"lacks {weights['initialised'][:8]}, has unused "
-                             f"{weights['unused'][:8]}")
-        del state
-        log(f"loaded {len(weights['loaded'])} tensors from {cfg.pretrained}; newly initialised: "
-            f"{weights['initialised']}; position embeddings interpolated to {mc.img_size} px: "
-            f"{weights['interpolated']}; unused tensors: {len(weights['unused'])} "
-            f"({', '.join(sorted({k.split('.')[0] for k in weights['unused']}))})")
-    log(f"task {cfg.task}: {len(train_set) if train_set else 0} training samples, test sets "
-        f"{', '.join(f'{n} ({len(t)})' for n, t in test_sets.items())}; prune: {mc.prune}")
-    if cfg.task == "vqa" and train_set is not None:
-        missed = sum(not set(it["answers"]) & set(answers) for it in train_set.items)
-        log(f"answer list: {len(answers)} answers; {missed} training questions have no answer in "
-            f"it (neither head can give them; the classifier's targets are all zero)")
-    if cfg.task == "caption":
-        log(f"prompt tokens: {' '.join(tok.vocab[i] for i in model.prompt_ids[0].tolist())}")
+        return dict(loaded=[], initialised=list(model.state_dict()), unused=[], interpolated=[])
+    try:
+        weights = load_pretrained(model, state)
+    except ValueError as e:
+        raise SystemExit(f"error: {cfg.pretrained}: {e}") from None
+    if fine_tuned and (weights["initialised"] or weights["unused"]):
+        raise SystemExit(f"error: {cfg.pretrained} does not match the model it should hold: "
+                         f"lacks {weights['initialised'][:8]}, has unused "
+                         f"{weights['unused'][:8]}")
+    log(f"loaded {len(weights['loaded'])} tensors from {cfg.pretrained}; newly initialised: "
+        f"{weights['initialised']}; position embeddings interpolated to {model.cfg.img_size} px: "
+        f"{weights['interpolated']}; unused tensors: {len(weights['unused'])} "
+        f"({', '.join(sorted({k.split('.')[0] for k in weights['unused']}))})")
+    return weights
 
-    # retrieval fine-tunes ELIPModel: its momentum encoders and queues step as in pre-training;
-    # the other distilling models move their momentum copies once per optimizer step too
-    momentum = MomentumStep(model) if cfg.task == "retrieval" else None
-    distilled = getattr(model, "distill", False)
 
-    def loss_fn(m, batch, step, steps_per_epoch):
-        alpha = alpha_at(step, steps_per_epoch, cfg.run)
-        if momentum is not None:
-            images, ids, mask, idx = batch
-            return momentum.take(m(images, ids, mask, alpha=alpha, idx=idx))
-        return m(*batch, alpha=alpha) if distilled else m(*batch)
-
-    train_time = 0.0
-    if not cfg.evaluate:
-        extra = {"vocab": tok.vocab, "model_config": dataclasses.asdict(mc), "weights": weights,
-                 "answer_list": answers}
-        train_time = fit(cfg, model, train_set, train_collate, loss_fn, device, rank, world_size,
-                         log, ckpt, extra_state=extra, desc=cfg.task,
-                         after_step=momentum.after_step if momentum else
-                         model.momentum_update if distilled else None)
-
-    # every rank evaluates its share of each test set (eval.py); rank 0 writes the results
+def test_and_report(cfg, model, train_set, test_sets, collate, tok, device, world, log, extra):
+    """Every rank evaluates its share of each test set (eval.py); rank 0 writes metrics.json
+    (and predictions.json) beside the log. Returns the names of the files written."""
     files, predictions = {}, {}
     for name, test_set in test_sets.items():
         t0 = time.time()
         scores, baseline, kind, preds = evaluate_task(cfg, model, train_set, test_set,
-                                                      test_collate, tok, device, log)
+                                                      collate, tok, device, log)
         # every rank read its share of the images: the ones scored black, from all ranks
-        blank = [m for ms in gather_objects(test_set.unreadable, world_size) for m in ms]
+        blank = [m for ms in gather_objects(test_set.unreadable, world) for m in ms]
         files[name] = {"metrics": scores, "baseline": baseline, "baseline_kind": kind,
                        "test_samples": len(test_set), "eval_seconds": time.time() - t0,
                        "unreadable_images": blank}
@@ -332,22 +341,67 @@ def finetune(cfg, ckpt, rank: int, world_size: int, device: torch.device):
             predictions[name] = preds
         log(f"{cfg.task} {name}: {json.dumps({k: v for k, v in scores.items() if k != 'itc'})}"
             f"; baseline ({kind}): {json.dumps(baseline)}")
-    if master:
-        os.makedirs(cfg.run.out_dir, exist_ok=True)
-        for name, f in files.items():
-            log_json(cfg.run.out_dir, {"task": cfg.task, "test_file": name,
-                                       "metrics": f["metrics"], "baseline": f["baseline"]})
-        rec = {"task": cfg.task, "evaluate_only": cfg.evaluate, "test": files,
-               "train_seconds": train_time, "train_samples": len(train_set) if train_set else 0,
-               "prune": dataclasses.asdict(mc.prune), "img_size": mc.img_size,
-               "pretrained": cfg.pretrained, "config": dataclasses.asdict(cfg),
-               "weights": {k: weights[k] for k in ("initialised", "unused", "interpolated")
-                           if k in weights}}
-        with open(os.path.join(cfg.run.out_dir, "metrics.json"), "w") as f:
-            json.dump(rec, f, indent=1)
-        if predictions:
-            with open(os.path.join(cfg.run.out_dir, "predictions.json"), "w") as f:
-                json.dump(predictions, f, indent=1)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        return []
+    os.makedirs(cfg.run.out_dir, exist_ok=True)
+    for name, f in files.items():
+        log_json(cfg.run.out_dir, {"task": cfg.task, "test_file": name,
+                                   "metrics": f["metrics"], "baseline": f["baseline"]})
+    with open(os.path.join(cfg.run.out_dir, "metrics.json"), "w") as f:
+        json.dump({"task": cfg.task, "evaluate_only": cfg.evaluate, "test": files,
+                   "train_samples": len(train_set) if train_set else 0,
+                   "config": dataclasses.asdict(cfg), **extra}, f, indent=1)
+    if not predictions:
+        return ["metrics.json"]
+    with open(os.path.join(cfg.run.out_dir, "predictions.json"), "w") as f:
+        json.dump(predictions, f, indent=1)
+    return ["metrics.json", "predictions.json"]
+
+
+def finetune(cfg, ckpt, rank: int, world_size: int, device: torch.device):
+    """Set-up (architecture, vocabulary, data, model), the loop, then the test sets, on this
+    rank; with --evaluate, the test sets alone."""
+    log = tqdm.write if rank == 0 else (lambda msg: None)
+    trainer.setup_process(cfg.run, rank, device)
+    # the architecture and vocabulary: a resumed run's from its checkpoint, else --pretrained's
+    state, answers, tuned = None, None, None
+    if ckpt is not None:
+        mc, tok = config_from_dict(ModelConfig, ckpt["model_config"]), Tokenizer(ckpt["vocab"])
+        aids = world_aids.aids_of(ckpt)
+    else:
+        mc, aids, tok, state, answers, tuned = load_source(cfg)
+        if tuned is not None:     # the heads as the run that wrote the checkpoint built them
+            cfg = dataclasses.replace(cfg, vqa_head=tuned.get("vqa_head", "classifier"),
+                                      distill=tuned.get("distill", False))
+    try:    # every entry is checked when the dataset is built, before any training step
+        train_set, test_sets, train_collate, test_collate = build_data(cfg, mc, tok, answers)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    answers = next(iter(test_sets.values())).answer_list if cfg.task == "vqa" else []
+    model = build_model(cfg, mc, tok, answers, aids).to(device)
+    weights = load_weights(cfg, model, ckpt, state, tuned is not None, log)
+    del state
+    log(f"task {cfg.task}: {len(train_set) if train_set else 0} training samples, test sets "
+        f"{', '.join(f'{n} ({len(t)})' for n, t in test_sets.items())}; prune: {mc.prune}")
+    if cfg.task == "vqa" and train_set is not None:
+        missed = sum(not set(it["answers"]) & set(answers) for it in train_set.items)
+        log(f"answer list: {len(answers)} answers; {missed} training questions have no answer in "
+            f"it (neither head can give them; the classifier's targets are all zero)")
+    if cfg.task == "caption":
+        log(f"prompt tokens: {' '.join(tok.vocab[i] for i in model.prompt_ids[0].tolist())}")
+    train_time = 0.0
+    if not cfg.evaluate:
+        extra = {"vocab": tok.vocab, "model_config": dataclasses.asdict(mc), "weights": weights,
+                 "answer_list": answers, "aids": dataclasses.asdict(aids)}
+        train_time = train(cfg, model, train_set, train_collate, device, rank, world_size, log,
+                           ckpt, extra)
+    written = test_and_report(cfg, model, train_set, test_sets, test_collate, tok, device,
+                              world_size, log, extra=dict(
+        train_seconds=train_time, prune=dataclasses.asdict(mc.prune), img_size=mc.img_size,
+        pretrained=cfg.pretrained, weights={k: weights[k] for k in ("initialised", "unused",
+                                                                      "interpolated") if k in weights}))
+    outputs = ([] if cfg.evaluate else ["checkpoint.pt", "log.jsonl"]) + written
+    log(f"wrote {', '.join(outputs)} to {cfg.run.out_dir}")
 
 
 def main(argv=None):
@@ -355,9 +409,23 @@ def main(argv=None):
                               TASK_PRESETS, key=("task", "preset"), doc=__doc__)
     if cfg.evaluate and cfg.run.resume:
         raise SystemExit("error: --evaluate true scores --pretrained; it does not resume")
-    cfg, ckpt = resume_config(cfg, given, safe=SAFE_ON_RESUME)
-    with distributed(cfg.run.dist_timeout) as (rank, world_size, device):
-        finetune(cfg, ckpt, rank, world_size, device)
+    for flag in ("train_file", "test_file"):
+        for path in getattr(cfg, flag):
+            if not os.path.exists(path):
+                raise SystemExit(f"error: --{flag} {path} does not exist")
+    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda msg: None)
+    if cfg.evaluate:
+        ckpt = None
+    else:
+        cfg, ckpt = trainer.resume_config(cfg, given, safe=SAFE_ON_RESUME, log=say)
+    with trainer.distributed(cfg.run.dist_timeout) as (rank, world_size, device):
+        try:
+            finetune(cfg, ckpt, rank, world_size, device)
+        except trainer.Interrupted as e:
+            if rank == 0:
+                print(f"{e}; checkpoint written. Resume with: python train_downstream.py --task "
+                      f"{cfg.task} --out_dir {cfg.run.out_dir} --resume auto", file=sys.stderr)
+            raise SystemExit(128 + e.signum) from None
 
 
 if __name__ == "__main__":

@@ -195,10 +195,12 @@ def build_model(cfg, ckpt, start, device, log):
     return model
 
 
-def train(cfg, model, train_set, collate, device, rank, world, log, ckpt=None, extra=None):
+def train(cfg, model, train_set, collate, device, rank, world, log, ckpt=None, extra=None,
+          log_extra=None):
     """The pre-training loop, one optimizer step at a time: its micro-batches, each a forward
     (ITC, ITM, MLM or LM) and a backward, then AdamW's step, the momentum encoders' EMA and the
-    queue write, the log line, the checkpoint. Returns the training time in seconds."""
+    queue write, the log line, the checkpoint. `extra` goes into every checkpoint, `log_extra`
+    into every log line. Returns the training time in seconds."""
     run, master = cfg.run, rank == 0
     plan = trainer.StepPlan(train_set, run, rank, world)
     optimizer = build_optimizer(model, run.lr, run.weight_decay, run.decay)
@@ -206,9 +208,7 @@ def train(cfg, model, train_set, collate, device, rank, world, log, ckpt=None, e
     step, skipped = trainer.start_run(ckpt, optimizer, scaler, world, run.out_dir, master, log)
     watch = trainer.Watch(run, world, master, len(train_set), skipped, log)
     ddp_model = trainer.wrap_ddp(model, device, world)
-    counts = token_counts(model.visual_encoder.num_patches, cfg.model.vision_depth, cfg.model.prune)
-    meter = trainer.Meter(run, master, step, plan.stop_step, "pretrain",
-                          {"stage_tokens": sorted(set(counts), reverse=True)})
+    meter = trainer.Meter(run, master, step, plan.stop_step, "pretrain", log_extra)
     log(f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
         f"parameters; {len(train_set)} samples; {plan.stop_step} steps of "
         f"{plan.per_step * world} on {world} x {device.type}")
@@ -303,9 +303,11 @@ def pretrain(cfg, ckpt, rank: int, world_size: int, device: torch.device):
     model = build_model(cfg, ckpt, start, device, log)
     del start
     log(f"prune: {mc.prune}")
+    counts = token_counts(model.visual_encoder.num_patches, mc.vision_depth, mc.prune)
     collate = data.make_collate(tok, mc.max_len, cfg.pad_to_max_len)
     train_time = train(cfg, model, train_set, collate, device, rank, world_size, log, ckpt,
-                       extra={"vocab": tok.vocab})
+                       extra={"vocab": tok.vocab},
+                       log_extra={"stage_tokens": sorted(set(counts), reverse=True)})
     outputs = ["checkpoint.pt", "log.jsonl"]
     if cfg.test_files or (not cfg.train_files and cfg.world_test > 0):
         zero_shot(cfg, model, tok, device, train_time, log)

@@ -18,8 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--img_size", "32", "--patch_size", "8", "--vision_width", "32", "--text_width", "32",
          "--vision_heads", "2", "--text_heads", "2", "--text_mlp", "64", "--embed_dim", "16",
          "--queue_size", "32", "--batch_size", "4", "--world_train", "24", "--world_test", "0",
-         "--warmup_steps", "2", "--log_every", "1", "--losses", "itc,itm,mlm",
-         "--itc_all_captions", "false", "--conv_stem", "false", "--sincos_pos", "0"]
+         "--warmup_steps", "2", "--log_every", "1", "--losses", "itc,itm,mlm", "--objects",
+         "false", "--itc_all_captions", "false", "--conv_stem", "false", "--sincos_pos", "0"]
 
 
 def torchrun(script_and_args, timeout=300):
@@ -62,8 +62,8 @@ BLIP_MODEL = ["--text_layers", "3", "--fusion_layers", "0", "--losses", "itc,itm
               "--blip_tokens", "true", "--tie_decoder", "true", "--token_types", "false"]
 # the tiny preset as `python train_pretrain.py` runs it: labels on each object's tokens, ITC over
 # all captions (without queue), the conv stem and sine-cosine position embeddings
-WORLD_MODEL = ["--losses", "itc,itm,mlm,objects", "--itc_all_captions", "true", "--queue_size",
-               "0", "--conv_stem", "true", "--sincos_pos", "0.3"]
+WORLD_MODEL = ["--objects", "true", "--itc_all_captions", "true", "--queue_size", "0",
+               "--conv_stem", "true", "--sincos_pos", "0.3"]
 
 
 @pytest.mark.parametrize("model", [[], BLIP_MODEL, WORLD_MODEL], ids=["albef", "blip_tied", "world"])
@@ -81,7 +81,8 @@ def test_resume_gives_the_same_parameters(tmp_path, model):
         return [json.loads(l)["step"] for l in open(os.path.join(out_dir, "log.jsonl"))
                 if '"step"' in l]
     assert logged_steps(b) == list(range(1, 6))
-    train_pretrain.main(three_per_epoch + ["--out_dir", a, "--max_steps", "5"])    # a fresh rerun
+    train_pretrain.main(three_per_epoch + ["--out_dir", a, "--max_steps", "5",
+                                           "--overwrite", "true"])              # a fresh rerun
     assert logged_steps(a) == list(range(1, 6))                               # starts a new log
 
 
@@ -333,3 +334,142 @@ def test_init_from_starts_a_new_run_from_a_checkpoint(tmp_path):
         train_pretrain.main(SMALL + ["--out_dir", str(tmp_path / "x"), "--max_steps", "1",
                                      "--init_from", os.path.join(first, "checkpoint.pt"),
                                      "--vision_width", "64", "--text_width", "64"])
+
+
+# ---- runs that lose nothing ------------------------------------------------------------------
+def wait_for_step(out_dir, step, proc, timeout=120):
+    """Until out_dir/log.jsonl logs `step` (the run is inside its loop)."""
+    import time
+    path, t0 = os.path.join(out_dir, "log.jsonl"), time.time()
+    while time.time() - t0 < timeout and proc.poll() is None:
+        if os.path.exists(path) and any(json.loads(l).get("step", 0) >= step
+                                        for l in open(path) if l.strip()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} in {path}: {proc.poll()}")
+
+
+def interrupted_then_resumed(tmp_path, launch, signum, flags):
+    """A run of `flags` stopped by `signum` after its second step, then resumed to the end:
+    (exit code, stderr of the stopped run, the step it stopped at, the resumed final model)."""
+    import signal
+    out = str(tmp_path / "stopped")
+    proc = subprocess.Popen(launch + [*flags, "--out_dir", out], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_step(out, 2, proc)
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=120)[1]
+    stopped = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"]
+    resume = subprocess.run(launch + ["--out_dir", out, "--resume", "auto"], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT},
+                            capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    return proc.returncode, err, stopped, final_model(out)
+
+
+def test_ctrl_c_writes_the_checkpoint_and_a_resume_gives_the_same_model(tmp_path):
+    import signal
+    flags = SMALL + ["--world_train", "40", "--max_steps", "30"]
+    straight = str(tmp_path / "straight")
+    train_pretrain.main(flags + ["--out_dir", straight])
+    code, err, stopped, resumed = interrupted_then_resumed(
+        tmp_path, [sys.executable, "train_pretrain.py"], signal.SIGINT, flags)
+    assert code == 128 + signal.SIGINT and 2 <= stopped < 30, (code, err[-2000:])
+    assert "stopped by SIGINT" in err and "--resume auto" in err and "Traceback" not in err
+    want = final_model(straight)
+    assert all(torch.equal(want[k], resumed[k]) for k in want)
+
+
+def test_sigterm_stops_two_ranks_at_one_step_and_the_resume_is_exact(tmp_path):
+    import signal
+    flags = SMALL + ["--world_train", "48", "--max_steps", "30"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+              "2", "train_pretrain.py"]
+    straight = str(tmp_path / "straight")
+    proc = torchrun(["train_pretrain.py", *flags, "--out_dir", straight])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, err, stopped, resumed = interrupted_then_resumed(tmp_path, launch, signal.SIGTERM,
+                                                           flags)
+    assert code != 0 and 2 <= stopped < 30, (code, err[-3000:])
+    assert err.count("Resume with:") == 1                  # rank 0 says it, once
+    want = final_model(straight)
+    assert all(torch.equal(want[k], resumed[k]) for k in want)
+
+
+def test_an_out_dir_with_a_checkpoint_is_not_overwritten_by_accident(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    train_pretrain.main(SMALL + ["--out_dir", out, "--max_steps", "1", "--resume", "auto"])
+    assert "no checkpoint in" in capsys.readouterr().out            # a fresh start, said
+    before = open(os.path.join(out, "log.jsonl")).read()
+    with pytest.raises(SystemExit, match=r"exists: continue it with --resume auto, or start "
+                                         r"afresh over it with --overwrite true"):
+        train_pretrain.main(SMALL + ["--out_dir", out, "--max_steps", "1"])
+    assert open(os.path.join(out, "log.jsonl")).read() == before      # nothing lost
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "batch_size 0 must be >= 1"),
+    (["--epochs", "0"], "epochs 0 must be >= 1"),
+    (["--max_bad_images", "2"], r"max_bad_images 2.0 must lie in \[0, 1\]"),
+    (["--keep_ratios", "0.9,1.5,0.4"], "keep_ratios"),
+    (["--train_files", "nowhere.json"], "--train_files nowhere.json does not exist"),
+    (["--vocab", "no_vocab.txt"], "--vocab no_vocab.txt does not exist"),
+    (["--batch_sise", "4"], "did you mean --batch_size"),
+])
+def test_bad_values_are_refused_before_anything_is_built(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train_pretrain.main(SMALL + flags + ["--out_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_own_captions_build_their_vocabulary_and_are_scored_zero_shot(tmp_path, capsys):
+    """Words the world never says ("dog", "bench") are tokens of their own, not [UNK]; the
+    objects loss, which needs the world's images, switches off; the held-out file is scored."""
+    words = ["dog", "bench", "man", "wooden", "sitting", "red", "kite", "beach"]
+    entries = [{"image": f"im{i}.jpg", "caption": [f"a {words[i]} next to a {words[i + 1]}",
+                                                   f"the {words[i + 2]} is {words[i % 3]}"]}
+               for i in range(6)]
+    path, root = write_folder(tmp_path, entries)
+    held = tmp_path / "held.json"
+    held.write_text(json.dumps([{"image": f"im{i}.jpg", "caption": [f"a {words[i]}"]}
+                                for i in range(4)]))
+    out = str(tmp_path / "out")
+    flags = SMALL[:SMALL.index("--objects")] + SMALL[SMALL.index("--objects") + 2:]
+    train_pretrain.main(flags + ["--train_files", path, "--image_root", root, "--out_dir", out,
+                                 "--max_steps", "2", "--test_files", str(held)])
+    printed = capsys.readouterr().out
+    assert "the objects loss (the embedded world's object labels) is off" in printed
+    assert "[UNK] is 0.0% of the training captions' tokens" in printed
+    vocab = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["vocab"]
+    assert {"dog", "bench", "kite"} <= set(vocab)
+    rec = json.load(open(os.path.join(out, "zero_shot.json")))
+    assert rec["chance"]["r_mean"] > 0 and rec["oracle"] is None
+    assert "zero-shot retrieval" in printed and "chance" in printed
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """Between log lines, the loop never waits for the device: no .item() on a tensor of the
+    step (on a GPU, a host sync); the losses are read at log_every. Reads made while loading
+    data (torchvision's crops, on the CPU by design) do not count."""
+    import traceback
+    calls = []
+    real_item = torch.Tensor.item
+
+    def item(t):
+        frames = traceback.extract_stack()
+        in_loop = any(f.name == "train" and f.filename.endswith("train_pretrain.py")
+                      for f in frames)
+        loading = any("torchvision" in f.filename or "torch/utils/data" in f.filename
+                      or f.name == "__getitem__" for f in frames)
+        if in_loop and not loading:
+            calls.append(frames[-2].name)
+        return real_item(t)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    train_pretrain.main(SMALL + ["--out_dir", str(tmp_path / "o"), "--max_steps", "6",
+                                 "--log_every", "3", "--ckpt_every", "0", "--queue_size", "8"])
+    logged = [json.loads(l) for l in open(tmp_path / "o" / "log.jsonl") if '"loss"' in l]
+    assert [r["step"] for r in logged] == [3, 6]
+    # itc, itm, mlm and loss, read by the log line (Meter.step) of steps 3 and 6 alone
+    assert calls == ["<dictcomp>"] * 8, calls
