@@ -7,7 +7,10 @@ metrics (metrics.py) as plain floats, with the predictions where there are any.
 
 Under DDP (a process group is running) every rank must call the loop: each computes its share of
 the work (a contiguous block of the images, texts, queries or samples), the shares are gathered,
-and every rank returns the same results. A single process does all of it, as before.
+and every rank returns the same results. A single process does all of it.
+
+Batches are dicts of named fields (data.collate); the models read them by name
+(model.logits(batch), model.answer_scores(batch)).
 """
 import torch
 import torch.distributed as dist
@@ -57,6 +60,11 @@ def shard_loader(dataset, batch_size: int, collate=None) -> DataLoader:
                       collate_fn=collate)
 
 
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on the device; other fields as they are."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 # ---- retrieval ----------------------------------------------------------------------------
 @torch.no_grad()
 def embed_retrieval_set(model, dataset, tokenizer, device, max_len, batch_size=64):
@@ -68,8 +76,8 @@ def embed_retrieval_set(model, dataset, tokenizer, device, max_len, batch_size=6
     mine = share(len(ids), ids.device)
     text_embeds = torch.cat([model.encode_text(ids[s], mask[s])
                              for s in mine.split(batch_size)])                  # (T / world, L, D)
-    image_embeds = torch.cat([model.encode_image(images.to(device))
-                              for images, _ in shard_loader(dataset, batch_size)])
+    image_embeds = torch.cat([model.encode_image(batch["image"].to(device))
+                              for batch in shard_loader(dataset, batch_size)])
     return (gather_rows(image_embeds, len(dataset)), gather_rows(text_embeds, len(ids)),
             ids, mask)
 
@@ -115,14 +123,15 @@ def evaluate_retrieval(model, dataset, tokenizer, device, k=16, max_len=32, batc
 
 @torch.no_grad()
 def evaluate_classifier(model, dataset, collate, device, batch_size=64):
-    """NLVR2 and SNLI-VE: the argmax of model.logits against the labels that end each batch.
+    """NLVR2 and SNLI-VE: the argmax of model.logits(batch) against batch["label"].
     Returns ({"accuracy"}, predictions (N,) long)."""
     was_training = model.training
     model.eval()
     preds, labels = [], []
-    for *inputs, label in shard_loader(dataset, batch_size, collate):
-        preds.append(model.logits(*(t.to(device) for t in inputs)).argmax(1))
-        labels.append(label.to(device))
+    for batch in shard_loader(dataset, batch_size, collate):
+        batch = to_device(batch, device)
+        preds.append(model.logits(batch).argmax(1))
+        labels.append(batch["label"])
     model.train(was_training)
     preds = gather_rows(torch.cat(preds), len(dataset)).cpu()
     labels = gather_rows(torch.cat(labels), len(dataset)).cpu()
@@ -138,9 +147,8 @@ def evaluate_vqa(model, dataset, collate, device, batch_size=64):
     was_training = model.training
     model.eval()
     preds = []
-    for images, ids, mask, _ in shard_loader(dataset, batch_size, collate):
-        preds.append(model.answer_scores(images.to(device), ids.to(device),
-                                         mask.to(device)).argmax(1))
+    for batch in shard_loader(dataset, batch_size, collate):
+        preds.append(model.answer_scores(to_device(batch, device)).argmax(1))
     model.train(was_training)
     answers = [dataset.answer_list[i]
                for i in gather_rows(torch.cat(preds), len(dataset)).tolist()]
@@ -162,8 +170,8 @@ def evaluate_caption(model, dataset, tokenizer, device, beam=3, max_length=20, m
     captions = {"greedy": [], "beam": []}
     limits = dict(max_length=max_length, min_length=min_length,
                   repetition_penalty=repetition_penalty)
-    for images, _ in shard_loader(dataset, batch_size):
-        images = images.to(device)
+    for batch in shard_loader(dataset, batch_size):
+        images = batch["image"].to(device)
         for name, (tokens, _) in (("greedy", model.greedy(images, **limits)),
                                   ("beam", model.beam_search(images, beam, length_penalty=length_penalty,
                                                              **limits))):

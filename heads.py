@@ -10,6 +10,10 @@ marking captions of the same image as positives. The other tasks read the fusion
 cfg.prune: train_downstream.py sets method "none" unless asked, as the paper fine-tunes on all
 tokens. When the pruning is text-guided, every forward pass runs the text encoder first and
 hands its [CLS] to the ViT, as ELIPModel.forward does.
+
+Every model takes the batch as data.collate makes it, a dict of named fields, and returns its
+losses with "loss"; the training loop calls model.momentum_step(queued) after each optimizer
+step, as it does for ELIPModel.
 """
 import copy
 import re
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 
 from model import ELIPModel, build_text, build_vit
 from pruning import TEXT_GUIDED, PruneConfig
-from vit import interpolate_pos_embed
+from vit import PatchEmbed, interpolate_pos_embed
 
 
 def mlp_head(d_in, d_hidden, d_out):
@@ -34,14 +38,17 @@ class FusionModel(nn.Module):
     as theta_m <- m theta_m + (1 - m) theta once per optimizer step (momentum_update), whose
     softmax is a soft target beside the labels. The encoder copies carry the pre-training
     checkpoint's names (visual_encoder_m, text_encoder_m), so they load its momentum encoders
-    as ALBEF's fine-tuning does; the head's copy starts equal to the fresh head."""
+    as ALBEF's fine-tuning does; the head's copy starts equal to the fresh head. embed_layer:
+    the ViTs' patch embedding, the pre-trained model's (world_aids.embed_layer), so that its
+    weights load."""
     NEW_PARAMS = ()     # name fragments of parameters that pre-training does not have (heads)
     momentum_names = ()  # the modules that have a momentum copy (name + "_m")
 
-    def __init__(self, cfg, distill=False, momentum=0.995):
+    def __init__(self, cfg, distill=False, momentum=0.995, embed_layer=PatchEmbed):
         super().__init__()
         self.cfg, self.distill, self.momentum = cfg, distill, momentum
-        self.visual_encoder = build_vit(cfg, cfg.prune)
+        self.embed_layer = embed_layer
+        self.visual_encoder = build_vit(cfg, cfg.prune, embed_layer)
         self.text_encoder = build_text(cfg)
 
     # ELIPModel's methods for its encoders, shared as they are: they read only self.cfg and the
@@ -56,8 +63,8 @@ class FusionModel(nn.Module):
         self.momentum_names = ("visual_encoder", "text_encoder", *heads)
         for name in self.momentum_names:
             online = getattr(self, name)
-            copy_ = build_vit(self.cfg, PruneConfig(method="none")) if name == "visual_encoder" \
-                else copy.deepcopy(online)
+            copy_ = (build_vit(self.cfg, PruneConfig(method="none"), self.embed_layer)
+                     if name == "visual_encoder" else copy.deepcopy(online))
             copy_.load_state_dict(online.state_dict())
             copy_.requires_grad_(False)
             setattr(self, name + "_m", copy_)
@@ -69,6 +76,13 @@ class FusionModel(nn.Module):
             for p, p_m in zip(getattr(self, name).parameters(),
                               getattr(self, name + "_m").parameters()):
                 p_m.lerp_(p, 1.0 - self.momentum)
+
+    def momentum_step(self, queued: list):
+        """Once per optimizer step, after it: with distill, the teacher moves towards the online
+        weights just stepped (once per step, whatever the gradient accumulation, so the EMA
+        keeps its rate). These models keep no queue, so `queued` is always empty."""
+        if self.distill:
+            self.momentum_update()
 
     def fused_states(self, images, input_ids, attention_mask, momentum=False):
         """The fusion encoder's output (B, T, D) for B (image, text) pairs; text first (ELIP)."""
@@ -99,13 +113,16 @@ class NLVRModel(FusionModel):
     architecture unchanged."""
     NEW_PARAMS = ("cls_head.", "cls_head_m.")
 
-    def __init__(self, cfg, distill=False, momentum=0.995):
-        super().__init__(cfg, distill, momentum)
+    def __init__(self, cfg, distill=False, momentum=0.995, embed_layer=PatchEmbed):
+        super().__init__(cfg, distill, momentum, embed_layer)
         self.cls_head = mlp_head(2 * cfg.text_width, cfg.text_width, 2)
         if distill:
             self.add_momentum("cls_head")
 
-    def logits(self, image0, image1, input_ids, attention_mask, momentum=False):
+    def logits(self, batch, momentum=False):
+        """batch: "image0", "image1" (B, 3, H, W), "text_ids", "text_mask" (B, T) -> (B, 2)."""
+        image0, image1 = batch["image0"], batch["image1"]
+        input_ids, attention_mask = batch["text_ids"], batch["text_mask"]
         B = image0.shape[0]
         # one batched pass over both images: the text is encoded once and used twice
         text_embeds = self.encode_text(input_ids, attention_mask, momentum)
@@ -116,30 +133,32 @@ class NLVRModel(FusionModel):
         head = self.cls_head_m if momentum else self.cls_head
         return head(torch.cat([cls[:B], cls[B:]], dim=1))                          # (B, 2)
 
-    def forward(self, image0, image1, input_ids, attention_mask, labels, alpha=0.0):
-        inputs = (image0, image1, input_ids, attention_mask)
-        return self.classification_loss("nlvr", self.logits(*inputs), labels, alpha,
-                                        lambda: self.logits(*inputs, momentum=True))
+    def forward(self, batch, alpha=0.0):
+        """logits' batch and "label" (B,) -> {"nlvr", "kd" with distill, "loss"}."""
+        return self.classification_loss("nlvr", self.logits(batch), batch["label"], alpha,
+                                        lambda: self.logits(batch, momentum=True))
 
 
 class VEModel(FusionModel):
     """SNLI-VE: fusion [CLS] -> MLP -> contradiction / neutral / entailment (as ALBEF)."""
     NEW_PARAMS = ("cls_head.", "cls_head_m.")
 
-    def __init__(self, cfg, distill=False, momentum=0.995):
-        super().__init__(cfg, distill, momentum)
+    def __init__(self, cfg, distill=False, momentum=0.995, embed_layer=PatchEmbed):
+        super().__init__(cfg, distill, momentum, embed_layer)
         self.cls_head = mlp_head(cfg.text_width, cfg.text_width, 3)
         if distill:
             self.add_momentum("cls_head")
 
-    def logits(self, images, input_ids, attention_mask, momentum=False):
+    def logits(self, batch, momentum=False):
+        """batch: "image" (B, 3, H, W), "text_ids", "text_mask" (B, T) -> (B, 3)."""
         head = self.cls_head_m if momentum else self.cls_head
-        return head(self.fused_cls(images, input_ids, attention_mask, momentum))   # (B, 3)
+        return head(self.fused_cls(batch["image"], batch["text_ids"], batch["text_mask"],
+                                   momentum))                                    # (B, 3)
 
-    def forward(self, images, input_ids, attention_mask, labels, alpha=0.0):
-        inputs = (images, input_ids, attention_mask)
-        return self.classification_loss("ve", self.logits(*inputs), labels, alpha,
-                                        lambda: self.logits(*inputs, momentum=True))
+    def forward(self, batch, alpha=0.0):
+        """logits' batch and "label" (B,) -> {"ve", "kd" with distill, "loss"}."""
+        return self.classification_loss("ve", self.logits(batch), batch["label"], alpha,
+                                        lambda: self.logits(batch, momentum=True))
 
 
 class CaptionModel(nn.Module):
@@ -153,10 +172,10 @@ class CaptionModel(nn.Module):
     That encoder is then part of the model, frozen (pruning scores carry no gradient anyway)."""
     NEW_PARAMS = ("crossattention.", "text_decoder.cls.")   # an ALBEF checkpoint has neither
 
-    def __init__(self, cfg, prompt_ids, sep_id):
+    def __init__(self, cfg, prompt_ids, sep_id, embed_layer=PatchEmbed):
         super().__init__()
         self.cfg = cfg
-        self.visual_encoder = build_vit(cfg, cfg.prune)
+        self.visual_encoder = build_vit(cfg, cfg.prune, embed_layer)
         self.text_decoder = build_text(cfg, decoder=True)
         if cfg.prune.method in TEXT_GUIDED:
             self.text_encoder = build_text(cfg)
@@ -179,8 +198,13 @@ class CaptionModel(nn.Module):
             text_cls = self.text_encoder(prompt, None, mode="text")[:, 0]          # (B, D)
         return self.visual_encoder(images, text_cls)                              # (B, L', D)
 
-    def forward(self, images, input_ids, attention_mask):
-        """input_ids (B, T): [CLS] caption [SEP] [PAD]...; the prompt is inserted after [CLS]."""
+    def momentum_step(self, queued: list):
+        """Nothing to do: captioning fine-tunes without a teacher or a queue."""
+
+    def forward(self, batch):
+        """batch: "image" (B, 3, H, W), "text_ids" (B, T): [CLS] caption [SEP] [PAD]..., and
+        "text_mask"; the prompt is inserted after [CLS]. Returns {"lm", "loss"}."""
+        images, input_ids, attention_mask = batch["image"], batch["text_ids"], batch["text_mask"]
         B, P = input_ids.shape[0], self.prompt_ids.shape[1] - 1
         ids = torch.cat([self.prompt_ids.expand(B, -1), input_ids[:, 1:]], dim=1)   # (B, P+T)
         mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)    # (B, P+T)

@@ -4,7 +4,7 @@ files or the embedded world), its model on the pre-trained architecture, and its
 test set beside a chance or majority baseline.
 
     train_set, test_sets, train_collate, test_collate = build_data(cfg, mc, tok)
-    model = build_model(cfg, mc, tok, answers)
+    model = build_model(cfg, mc, tok, answers, aids)
     scores, baseline, kind, predictions = evaluate_task(cfg, model, train_set, test_set, ...)
 
 Every test file is a test set of its own (`--test_file val.json,test.json`: metrics per file);
@@ -20,9 +20,10 @@ import data
 import eval as evaluation
 import metrics
 import world
+import world_aids
 from config import apply_preset
 from heads import CaptionModel, NLVRModel, VEModel
-from model import PRESETS, ELIPModel, ModelConfig
+from model import PRESETS, ModelConfig
 from pruning import TEXT_GUIDED, PruneConfig
 from tokenizer import Tokenizer
 from vqa import VQADecoderModel, VQAModel
@@ -32,18 +33,19 @@ TASKS = ("retrieval", "vqa", "nlvr", "ve", "caption")
 
 # ---- data --------------------------------------------------------------------------------
 def vqa_collate(batch, tokenizer, max_len, answer_index):
-    """VQA training batch -> images (B, 3, H, W), question ids and mask (B, T), targets (B, A):
-    the soft score of each answer of the list. An answer outside the list is dropped: the
-    classifier cannot give it. A module-level function, so DataLoader workers can pickle it."""
-    images, questions, answers, weights = zip(*batch)
-    ids, mask = tokenizer(list(questions), max_len)
-    hits = [(i, answer_index[a], w) for i, (ans, ws) in enumerate(zip(answers, weights))
-            for a, w in zip(ans, ws) if a in answer_index]
+    """The VQA classifier's training batch: {"image" (B, 3, H, W), "question_ids",
+    "question_mask" (B, T) as data.collate makes them, "targets" (B, A): the soft score of each
+    answer of the list}. An answer outside the list is dropped: the classifier cannot give it. A
+    module-level function, so DataLoader workers can pickle it."""
+    hits = [(i, answer_index[a], w) for i, sample in enumerate(batch)
+            for a, w in zip(sample["answers"], sample["weights"]) if a in answer_index]
     targets = torch.zeros(len(batch), len(answer_index))
     if hits:
         rows, cols, scores = zip(*hits)
         targets[list(rows), list(cols)] = torch.tensor(scores)
-    return torch.stack(images), ids, mask, targets
+    out = data.collate([{"image": s["image"], "question": s["question"]} for s in batch],
+                       tokenizer, max_len)
+    return {**out, "targets": targets}
 
 
 def task_dataset(cfg, entries, root, transform, train, answers, max_words):
@@ -125,36 +127,49 @@ def downstream_model_config(mc, cfg):
         prune = dataclasses.replace(mc.prune, in_eval=not text_free_eval)
     # ("itc", "itm"): the retrieval objectives (one caption per sample); for every task, a text
     # encoder without MLM head
-    return dataclasses.replace(mc, prune=prune, losses=("itc", "itm"), itc_all_captions=False,
+    return dataclasses.replace(mc, prune=prune, losses=("itc", "itm"),
                                img_size=cfg.img_size or mc.img_size,
                                max_len=cfg.max_len or mc.max_len, drop_path=cfg.drop_path,
                                negative_all_rank=cfg.negative_all_rank)
 
 
 def scratch_model_config():
-    """(model config, tokenizer) of what train_pretrain.py builds by default, the tiny preset
-    with the world's vocabulary, for the same fine-tuning from random weights (--pretrained
-    none): what pre-training adds is the difference."""
+    """(model config, tokenizer, world aids) of what train_pretrain.py builds by default, the
+    tiny preset with the world's vocabulary and aids (world_aids.TINY), for the same fine-tuning
+    from random weights (--pretrained none): what pre-training adds is the difference."""
     tok = Tokenizer.build([" ".join(world.World.vocabulary())])
     mc = apply_preset(ModelConfig(), PRESETS["tiny"])
-    return dataclasses.replace(mc, vocab_size=tok.vocab_size, pad_id=tok.pad_id, cls_id=tok.cls_id,
-                               mask_id=tok.mask_id, enc_id=tok.enc_id, dec_id=tok.dec_id), tok
+    mc = dataclasses.replace(mc, vocab_size=tok.vocab_size, pad_id=tok.pad_id, cls_id=tok.cls_id,
+                             mask_id=tok.mask_id, enc_id=tok.enc_id, dec_id=tok.dec_id)
+    return mc, tok, world_aids.TINY
 
 
-def build_model(cfg, mc, tok, answers):
+def build_model(cfg, mc, tok, answers, aids):
+    """The task's model on mc, its ViTs built as the pre-trained model's (`aids`, the
+    checkpoint's world_aids.aids_of, so a tiny-preset checkpoint's ConvStem loads). Retrieval
+    fine-tunes the pre-training model itself with the aids' architecture but one caption per
+    sample and no object labels (the downstream data has neither)."""
     task, distill = cfg.task, dict(distill=cfg.distill, momentum=cfg.momentum)
     if task == "retrieval":
-        return ELIPModel(mc)
+        return world_aids.build_model(mc, dataclasses.replace(aids, objects=False,
+                                                              itc_all_captions=False))
+    embed = dict(embed_layer=world_aids.embed_layer(aids))
     if task == "vqa" and cfg.vqa_head == "classifier":
-        return VQAModel(mc, len(answers))
-    if task == "vqa":   # BLIP's VQA fine-tunes without distillation
-        return VQADecoderModel(mc, *tok(answers, mc.max_len), cfg.vqa_k,
-                               distill=cfg.distill and mc.fusion_layers > 0, momentum=cfg.momentum)
-    if task == "nlvr":
-        return NLVRModel(mc, **distill)
-    if task == "ve":
-        return VEModel(mc, **distill)
-    return CaptionModel(mc, tok.encode(cfg.prompt)[:-1], tok.sep_id)   # [CLS] prompt, no [SEP]
+        model = VQAModel(mc, len(answers), **embed)
+    elif task == "vqa":   # BLIP's VQA fine-tunes without distillation
+        model = VQADecoderModel(mc, *tok(answers, mc.max_len), cfg.vqa_k,
+                                distill=cfg.distill and mc.fusion_layers > 0,
+                                momentum=cfg.momentum, **embed)
+    elif task == "nlvr":
+        model = NLVRModel(mc, **distill, **embed)
+    elif task == "ve":
+        model = VEModel(mc, **distill, **embed)
+    else:   # [CLS] prompt, no [SEP]
+        model = CaptionModel(mc, tok.encode(cfg.prompt)[:-1], tok.sep_id, **embed)
+    # the start a model from random weights gets in pre-training; pre-trained weights loaded
+    # afterwards replace it
+    world_aids.init_positions(model, aids)
+    return model
 
 
 # ---- evaluation --------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from heads import FusionModel, mlp_head
 from model import with_first_token
 from text_encoder import BertConfig, TextEncoder
+from vit import PatchEmbed
 
 
 class VQAModel(FusionModel):
@@ -41,17 +42,20 @@ class VQAModel(FusionModel):
     it."""
     NEW_PARAMS = ("vqa_head.",)
 
-    def __init__(self, cfg, num_answers):
-        super().__init__(cfg)
+    def __init__(self, cfg, num_answers, embed_layer=PatchEmbed):
+        super().__init__(cfg, embed_layer=embed_layer)
         self.vqa_head = mlp_head(cfg.text_width, 2 * cfg.text_width, num_answers)
 
-    def answer_scores(self, images, input_ids, attention_mask):
-        """(B, A): the logit of each answer of the list."""
-        return self.vqa_head(self.fused_cls(images, input_ids, attention_mask))
+    def answer_scores(self, batch):
+        """batch: "image" (B, 3, H, W), "question_ids", "question_mask" (B, T) -> (B, A): the
+        logit of each answer of the list."""
+        return self.vqa_head(self.fused_cls(batch["image"], batch["question_ids"],
+                                            batch["question_mask"]))
 
-    def forward(self, images, input_ids, attention_mask, targets):
-        """targets (B, A): the soft score of each answer in the list."""
-        logits = self.answer_scores(images, input_ids, attention_mask)
+    def forward(self, batch):
+        """answer_scores' batch and "targets" (B, A): the soft score of each answer in the list
+        (tasks.vqa_collate)."""
+        logits, targets = self.answer_scores(batch), batch["targets"]
         # summed over answers (mean over the batch), as BUTD: a mean over A answers would shrink
         # the gradient of the few answers that matter by the size of the list
         vqa = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(targets)
@@ -76,8 +80,9 @@ class VQADecoderModel(FusionModel):
     sequence."""
     NEW_PARAMS = ()     # everything loads from pre-training
 
-    def __init__(self, cfg, answer_ids, answer_mask, k_test=128, distill=False, momentum=0.995):
-        super().__init__(cfg, distill, momentum)
+    def __init__(self, cfg, answer_ids, answer_mask, k_test=128, distill=False, momentum=0.995,
+                 embed_layer=PatchEmbed):
+        super().__init__(cfg, distill, momentum, embed_layer)
         self.albef = cfg.fusion_layers > 0
         layers = cfg.fusion_layers if self.albef else cfg.text_layers
         self.text_decoder = answer_decoder(cfg, layers)
@@ -109,12 +114,16 @@ class VQADecoderModel(FusionModel):
         return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
                                reduction="none", label_smoothing=self.label_smoothing).sum(1)
 
-    def forward(self, images, input_ids, attention_mask, answer_ids, answer_mask, counts,
-                weights, alpha=0.0):
-        """B questions (input_ids, attention_mask (B, T)), question b with counts[b] distinct
-        answers: answer_ids, answer_mask (N, L), weights (N,), N = counts.sum(). Returns "vqa"
-        (the weighted answer cross-entropy), "kd" (with distill, its distillation term) and
+    def forward(self, batch, alpha=0.0):
+        """batch: B questions ("image" (B, 3, H, W), "question_ids", "question_mask" (B, T)),
+        question b with "answers_count"[b] distinct answers: "answers_ids", "answers_mask"
+        (N, L), "weights" (N,), N = answers_count.sum(). Returns "vqa" (the weighted answer
+        cross-entropy), "kd" (with distill, its distillation term) and
         "loss" = sum_i w_i ((1 - alpha) CE_i + alpha KD_i) / B."""
+        images, input_ids, attention_mask = (batch["image"], batch["question_ids"],
+                                             batch["question_mask"])
+        answer_ids, answer_mask = batch["answers_ids"], batch["answers_mask"]
+        counts, weights = batch["answers_count"], batch["weights"]
         B, N = images.shape[0], answer_ids.shape[0]
         ids = self.with_bos(answer_ids)
         # each question's states once per answer; N given, so no device-to-host sync for it
@@ -139,10 +148,13 @@ class VQADecoderModel(FusionModel):
         return out
 
     @torch.no_grad()
-    def answer_scores(self, images, input_ids, attention_mask):
-        """(B, A): the official ranking's score of every answer of the list for B questions;
-        answers outside the top k_test by first-token probability score -inf."""
-        states = self.fused_states(images, input_ids, attention_mask)               # (B, T, D)
+    def answer_scores(self, batch):
+        """batch: "image" (B, 3, H, W), "question_ids", "question_mask" (B, T) -> (B, A): the
+        official ranking's score of every answer of the list for B questions; answers outside
+        the top k_test by first-token probability score -inf."""
+        attention_mask = batch["question_mask"]
+        states = self.fused_states(batch["image"], batch["question_ids"],
+                                   attention_mask)                                 # (B, T, D)
         B, A = states.shape[0], self.answer_ids.shape[0]
         k = min(self.k_test, A)
         bos = self.answer_ids[:1, :1].expand(B, 1)                                  # (B, 1)

@@ -57,6 +57,11 @@ class WorldAids:
             raise ValueError("the objects loss needs the ViT of an ITC model")
 
 
+# the tiny preset's aids (train_pretrain.py), and the architecture a fine-tuning from random
+# weights builds to compare with it (tasks.scratch_model_config)
+TINY = WorldAids(objects=True, itc_all_captions=True, conv_stem=True, sincos_pos=0.3)
+
+
 class ConvStem(nn.Module):
     """Images (B, 3, H, W) -> patch tokens (B, M, D), as PatchEmbed, through a stack of 3x3
     stride-2 convolutions, each with GroupNorm and GELU, then a 1x1 one: a small ViT trained

@@ -21,9 +21,10 @@ from torch import nn
 import data
 import eval as evaluation
 import world
+import world_aids
 from config import config_from_dict
 from eval import evaluate_caption, evaluate_classifier, evaluate_vqa
-from model import ELIPModel, ModelConfig
+from model import ModelConfig
 from tokenizer import Tokenizer
 from trainer import RunConfig, distributed, fit, load_checkpoint, seed_everything
 
@@ -102,7 +103,7 @@ def fit_main(out):
 def retrieval_scores(ckpt_path, device, images=7, k=4, batch_size=3):
     ckpt = load_checkpoint(ckpt_path)
     mc = config_from_dict(ModelConfig, ckpt["config"]["model"])
-    model = ELIPModel(mc).to(device)
+    model = world_aids.build_model(mc, world_aids.aids_of(ckpt["config"])).to(device)
     model.load_state_dict(ckpt["model"])
     test_set = data.RetrievalEvalDataset(world.world_entries("retrieval", "test", images), None,
                                          data.create_transform(mc.img_size, train=False),
@@ -124,19 +125,20 @@ class Samples(torch.utils.data.Dataset):
 
 
 class Classifier(nn.Module):
-    def logits(self, x, y):
-        return torch.nn.functional.one_hot((x + y) % 3, 3).float()              # (B, 3)
+    def logits(self, batch):
+        return torch.nn.functional.one_hot((batch["x"] + batch["y"]) % 3, 3).float()  # (B, 3)
 
 
 class Answerer(nn.Module):
-    def answer_scores(self, images, ids, mask):
-        return torch.nn.functional.one_hot(ids[:, 0], 4).float()                # (B, 4)
+    def answer_scores(self, batch):
+        return torch.nn.functional.one_hot(batch["question_ids"][:, 0], 4).float()  # (B, 4)
 
 
 def vqa_collate(batch):
-    images, ids = zip(*batch)
-    ids = torch.tensor(ids)[:, None]
-    return torch.stack(images), ids, torch.ones_like(ids), None
+    """{"image", "question": the answer's index} samples -> a batch as data.collate's."""
+    ids = torch.tensor([s["question"] for s in batch])[:, None]                   # (B, 1)
+    return {"image": torch.stack([s["image"] for s in batch]), "question_ids": ids,
+            "question_mask": torch.ones_like(ids)}
 
 
 class Captioner(nn.Module):
@@ -154,14 +156,15 @@ def loop_results():
     in batches of 4 (uneven shares), as plain JSON values."""
     x, y = torch.arange(11), torch.tensor([5, 1, 7, 2, 2, 9, 0, 4, 3, 8, 6])
     labels = torch.arange(11) % 3
-    classifier = Samples([(x[i], y[i], labels[i]) for i in range(11)])
+    classifier = Samples([{"x": x[i], "y": y[i], "label": labels[i]} for i in range(11)])
     scores, preds = evaluate_classifier(Classifier(), classifier, None, "cpu", batch_size=4)
     picks = [0, 2, 3, 1, 2, 1, 0, 3, 3, 2, 1]
-    vqa = Samples([(torch.zeros(3), p) for p in picks], answer_list=["yes", "no", "2", "red"],
-                      question_ids=list(range(11)), items=[{"answers": ["no"]}] * 11)
+    vqa = Samples([{"image": torch.zeros(3), "question": p} for p in picks],
+                  answer_list=["yes", "no", "2", "red"], question_ids=list(range(11)),
+                  items=[{"answers": ["no"]}] * 11)
     vqa_scores, answers = evaluate_vqa(Answerer(), vqa, vqa_collate, "cpu", batch_size=4)
-    caption = Samples([(torch.full((3,), float(i)), i) for i in range(11)],
-                          raw_references=[["a cube"]] * 11)
+    caption = Samples([{"image": torch.full((3,), float(i)), "index": i} for i in range(11)],
+                      raw_references=[["a cube"]] * 11)
     tokenizer = type("Words", (), {"decode": lambda self, ids: " ".join(
         ("a", "?", *map(str, range(11)))[i] for i in ids.tolist())})()
     caption_scores, captions = evaluate_caption(Captioner(), caption, tokenizer, "cpu",

@@ -13,8 +13,9 @@ from heads import CaptionModel, NLVRModel, VEModel
 from model import PRESETS, ELIPModel, ModelConfig, MomentumStep
 from pruning import METHODS, PruneConfig
 from trainer import build_optimizer, params_fingerprint
-from vit import VisionTransformer
+from vit import PatchEmbed, VisionTransformer
 from vqa import VQADecoderModel, VQAModel
+from world_aids import ConvStem
 
 META = torch.device("meta")
 B, T, VOCAB = 4, 12, 60
@@ -125,30 +126,41 @@ def test_retrieval_finetuning_stays_on_the_device(preset):
 
 
 @pytest.mark.parametrize("preset", ["albef", "blip"])      # fusion layers, or BLIP's layout
-def test_downstream_heads_stay_on_the_device(preset):
-    cfg = dataclasses.replace(shrunk(preset), losses=("itc", "itm"), itc_all_captions=False)
+@pytest.mark.parametrize("embed_layer", [PatchEmbed, ConvStem])   # timm's, the tiny preset's
+def test_downstream_heads_stay_on_the_device(preset, embed_layer):
+    """Every downstream model on its named batch (data.collate's fields), then momentum_step."""
+    cfg = dataclasses.replace(shrunk(preset), losses=("itc", "itm"))
     images, ids, mask = meta_inputs()
+    text = {"text_ids": ids, "text_mask": mask}
+    question = {"image": images, "question_ids": ids, "question_mask": mask}
     answer_ids = torch.randint(5, VOCAB, (6, 4), device=META)          # 2, 1, 2 and 1 answers
-    answer_mask, counts = torch.ones_like(answer_ids), torch.tensor([2, 1, 2, 1], device=META)
+    answers_batch = {"answers_ids": answer_ids, "answers_mask": torch.ones_like(answer_ids),
+                     "answers_count": torch.tensor([2, 1, 2, 1], device=META),
+                     "weights": torch.rand(6, device=META)}
     answers = (torch.randint(5, VOCAB, (3, 4)), torch.ones(3, 4, dtype=torch.long))   # the list
+    embed = dict(embed_layer=embed_layer)
     cases = [
-        (VQAModel(cfg, 7), lambda m: m(images, ids, mask, torch.rand(B, 7, device=META))),
-        (VQADecoderModel(cfg, *answers, distill=True),
-         lambda m: m(images, ids, mask, answer_ids, answer_mask, counts,
-                     torch.rand(6, device=META), alpha=0.4)),
-        (NLVRModel(cfg, distill=True), lambda m: m(images, images, ids, mask,
-                                                   torch.randint(2, (B,), device=META), alpha=0.4)),
-        (VEModel(cfg, distill=True),
-         lambda m: m(images, ids, mask, torch.randint(3, (B,), device=META), alpha=0.4)),
-        (CaptionModel(cfg, [cfg.cls_id, 7, 8], sep_id=3), lambda m: m(images, ids, mask)),
+        (VQAModel(cfg, 7, **embed),
+         lambda m: m({**question, "targets": torch.rand(B, 7, device=META)})),
+        (VQADecoderModel(cfg, *answers, distill=True, **embed),
+         lambda m: m({**question, **answers_batch}, alpha=0.4)),
+        (NLVRModel(cfg, distill=True, **embed),
+         lambda m: m({"image0": images, "image1": images, **text,
+                      "label": torch.randint(2, (B,), device=META)}, alpha=0.4)),
+        (VEModel(cfg, distill=True, **embed),
+         lambda m: m({"image": images, **text, "label": torch.randint(3, (B,), device=META)},
+                     alpha=0.4)),
+        (CaptionModel(cfg, [cfg.cls_id, 7, 8], sep_id=3, **embed),
+         lambda m: m({"image": images, **text})),
     ]
     for model, forward in cases:
+        assert all(isinstance(v.patch_embed, embed_layer) for v in model.modules()
+                   if isinstance(v, VisionTransformer))
         model = on_meta(model)
         train_step(model, lambda: forward(model))
-        if getattr(model, "distill", False):
-            model.momentum_update()
+        model.momentum_step([])
     decoder = cases[1][0]
-    assert decoder.eval().answer_scores(images, ids, mask).shape == (B, 3)
+    assert decoder.eval().answer_scores(question).shape == (B, 3)
 
 
 def test_a_host_tensor_in_the_step_is_caught():

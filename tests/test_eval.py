@@ -67,7 +67,7 @@ def retrieval_case(num_images=6, per_image=2, dim=5):
         num_images * per_image, dim, generator=g)
     img2txt = [list(range(i * per_image, (i + 1) * per_image)) for i in range(num_images)]
     txt2img = [i for i in range(num_images) for _ in range(per_image)]
-    dataset = ListDataset([(images[i], i) for i in range(num_images)],
+    dataset = ListDataset([{"image": images[i], "index": i} for i in range(num_images)],
                           text=[str(t) for t in range(len(texts))], img2txt=img2txt,
                           txt2img=txt2img)
     return Retriever(texts), dataset, images, texts
@@ -106,14 +106,14 @@ def test_retrieval_blip_score_adds_the_itc_cosine():
 
 
 class Classifier(nn.Module):
-    def logits(self, x, y):
-        return F.one_hot((x + y) % 3, 3).float()                             # (B, 3)
+    def logits(self, batch):
+        return F.one_hot((batch["x"] + batch["y"]) % 3, 3).float()           # (B, 3)
 
 
 def test_classifier_accuracy_and_predictions():
     x, y = torch.arange(10), torch.arange(10) * 2
     labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
-    dataset = ListDataset([(x[i], y[i], labels[i]) for i in range(10)])
+    dataset = ListDataset([{"x": x[i], "y": y[i], "label": labels[i]} for i in range(10)])
     model = Classifier().eval()
     metrics, preds = evaluate_classifier(model, dataset, None, "cpu", batch_size=4)
     assert preds.tolist() == ((x + y) % 3).tolist() and not model.training
@@ -121,14 +121,15 @@ def test_classifier_accuracy_and_predictions():
 
 
 class Answerer(nn.Module):
-    def answer_scores(self, images, ids, mask):
-        return F.one_hot(ids[:, 0], 4).float()                               # (B, 4)
+    def answer_scores(self, batch):
+        return F.one_hot(batch["question_ids"][:, 0], 4).float()             # (B, 4)
 
 
 def vqa_collate(batch):
-    images, ids = zip(*batch)
-    ids = torch.tensor(ids)[:, None]
-    return torch.stack(images), ids, torch.ones_like(ids), None
+    """{"image", "question": the answer's index} samples -> a batch as data.collate's."""
+    ids = torch.tensor([s["question"] for s in batch])[:, None]               # (B, 1)
+    return {"image": torch.stack([s["image"] for s in batch]), "question_ids": ids,
+            "question_mask": torch.ones_like(ids)}
 
 
 @pytest.mark.parametrize("with_answers", [True, False])
@@ -137,7 +138,8 @@ def test_vqa_score_and_results(with_answers):
     picks = [0, 2, 3, 1, 2]
     truth = [["yes"] * 10, ["two"] * 2 + ["three"] * 8, ["blue"] * 10, ["no"] * 3, ["two"]] \
         if with_answers else [[]] * 5
-    dataset = ListDataset([(torch.zeros(3), p) for p in picks], answer_list=answer_list,
+    dataset = ListDataset([{"image": torch.zeros(3), "question": p} for p in picks],
+                          answer_list=answer_list,
                           question_ids=[10, 11, 12, 13, 14],
                           items=[{"answers": t} for t in truth])
     metrics, results = evaluate_vqa(Answerer(), dataset, vqa_collate, "cpu", batch_size=2)
@@ -175,7 +177,8 @@ def test_caption_scores_greedy_and_beam_against_the_raw_references():
     scores as "a red ball"); BLIP's limits reach the decoding."""
     raw = [["A red ball.", "A red cube!"], ["A cube", "One cube."], ["A (red) thing", "Red"]]
     clean = [["a red ball", "a red cube"], ["a cube", "one cube"], ["a -lrb- red -rrb- thing", "red"]]
-    dataset = ListDataset([(torch.zeros(3), i) for i in range(3)], raw_references=raw)
+    dataset = ListDataset([{"image": torch.zeros(3), "index": i} for i in range(3)],
+                          raw_references=raw)
     model = Captioner()
     metrics, captions = evaluate_caption(model, dataset, WordTokenizer(), "cpu", batch_size=2)
     assert captions == {"greedy": ["a red"] * 3, "beam": ["a cube"] * 3}

@@ -2,14 +2,16 @@
 brute-force likelihood of every answer, computed one unpadded answer and one unpadded question at
 a time (ALBEF: log p(first) + log p(answer); BLIP: minus the label-smoothed loss), with and
 without the first-token cut to k answers; its training loss is sum_i w_i seq_loss_i / B, with
-ALBEF's per-token distillation against the momentum decoder."""
+ALBEF's per-token distillation against the momentum decoder, which momentum_step moves. The
+classifier's collate gives it named fields and the soft-score targets."""
 import pytest
 import torch
 
+import tasks
 from model import ModelConfig
 from pruning import PruneConfig
 from tokenizer import SPECIALS, Tokenizer
-from vqa import VQADecoderModel
+from vqa import VQADecoderModel, VQAModel
 
 WORDS = ["what", "colour", "is", "it", "how", "many", "yes", "no", "red", "cube", "big", "two",
          "left"]
@@ -81,8 +83,9 @@ def brute_force_scores(model, tok, images, smoothing):
 def test_ranking_equals_brute_force_likelihood_over_the_answer_list(blip):
     model, tok, images = tiny(blip)
     ids, mask = tok(QUESTIONS, 16)
+    batch = {"image": images, "question_ids": ids, "question_mask": mask}
     expected, first = brute_force_scores(model, tok, images, 0.1 if blip else 0.0)
-    scores = model.answer_scores(images, ids, mask)
+    scores = model.answer_scores(batch)
     assert torch.allclose(scores, expected, atol=1e-4)
     assert torch.equal(scores.argmax(1), expected.argmax(1))
     # the answers really differ, and the ranking is not the first token's alone: "red" and
@@ -90,7 +93,7 @@ def test_ranking_equals_brute_force_likelihood_over_the_answer_list(blip):
     assert (expected.std(1) > 0.5).all()
     # k = 3: the three answers of highest first-token probability keep their score, others -inf
     model.k_test = 3
-    cut = model.answer_scores(images, ids, mask)
+    cut = model.answer_scores(batch)
     top = first.topk(3, dim=1).indices
     kept = torch.zeros_like(cut, dtype=torch.bool).scatter(1, top, True)
     assert torch.allclose(cut[kept], expected[kept], atol=1e-4)
@@ -108,7 +111,10 @@ def test_training_loss_is_weighted_sum_of_answer_losses_with_distillation(blip, 
     answers, counts = ["red", "red cube", "no", "big red cube"], torch.tensor([2, 1, 1])
     weights, alpha, smoothing = torch.tensor([0.7, 0.3, 1.0, 0.5]), 0.3, 0.1 if blip else 0.0
     ids, mask = tok(QUESTIONS, 16)
-    out = model(images, ids, mask, *tok(answers, 8), counts, weights, alpha=alpha)
+    answer_ids, answer_mask = tok(answers, 8)
+    out = model({"image": images, "question_ids": ids, "question_mask": mask,
+                 "answers_ids": answer_ids, "answers_mask": answer_mask, "answers_count": counts,
+                 "weights": weights}, alpha=alpha)
     ce, kd = torch.zeros(4), torch.zeros(4)
     for i, (answer, b) in enumerate(zip(answers, [0, 0, 1, 2])):
         a_ids, logp = answer_log_probs(model, tok, question_states(model, tok, images[b],
@@ -136,7 +142,32 @@ def test_momentum_decoder_follows_the_online_one():
     assert {"visual_encoder", "text_encoder", "text_decoder"} == set(model.momentum_names)
     assert not any(p.requires_grad for p in model.text_decoder_m.parameters())
     before = [p.clone() for p in model.text_decoder_m.parameters()]
-    model.momentum_update()
+    model.momentum_step([])
     for p, p_m, old in zip(model.text_decoder.parameters(), model.text_decoder_m.parameters(),
                            before):
         assert torch.allclose(p_m, 0.995 * old + 0.005 * p, atol=1e-6)
+
+
+def test_classifier_collate_gives_named_fields_and_soft_score_targets():
+    """tasks.vqa_collate: the question as data.collate tokenizes it, and each sample's answers
+    in the list at their weights (an answer outside the list dropped), feeding VQAModel."""
+    tok = Tokenizer(list(SPECIALS) + WORDS)
+    answer_index = {a: i for i, a in enumerate(ANSWERS)}
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    samples = [{"image": images[0], "question": "how many", "answers": ["two", "three"],
+                "weights": [1.0, 0.3]},
+               {"image": images[1], "question": "what colour is it", "answers": ["red", "yes"],
+                "weights": [0.6, 0.3]}]
+    batch = tasks.vqa_collate(samples, tok, 16, answer_index)
+    assert set(batch) == {"image", "question_ids", "question_mask", "targets"}
+    assert torch.equal(batch["image"], images)
+    ids, mask = tok(["how many", "what colour is it"], 16)
+    assert torch.equal(batch["question_ids"], ids) and torch.equal(batch["question_mask"], mask)
+    expected = torch.zeros(2, len(ANSWERS))
+    expected[0, ANSWERS.index("two")] = 1.0
+    expected[1, ANSWERS.index("red")], expected[1, ANSWERS.index("yes")] = 0.6, 0.3
+    assert torch.allclose(batch["targets"], expected)
+    model, _, _ = tiny(False)
+    classifier = VQAModel(model.cfg, len(ANSWERS))
+    out = classifier(batch)
+    assert out["loss"] == out["vqa"] and classifier.answer_scores(batch).shape == (2, len(ANSWERS))
