@@ -7,7 +7,7 @@ they do (nothing in the keys tells an ELIP file from an ALBEF or BLIP one).
 
     state = unwrap(torch.load(path, map_location="cpu", weights_only=True))
     conv = to_ours(state, img_size=384)        # the layout from layout_of(state)
-    cfg = dataclasses.replace(base, **conv.config)   # the architecture the weights imply
+    cfg = model_config(conv, base, tokenizer)  # base: the preset and flags; tokenizer: BERT's
     report = heads.load_pretrained(model, conv.state)   # or model.load_state_dict(conv.state)
     conv.dropped, conv.derived, conv.interpolated       # the rest of the report
 
@@ -31,6 +31,7 @@ Recognised and refused (NLVR_DIFFERS says why): ALBEF's NLVR2 model and its text
 pre-training (an 18-layer fusion encoder attending to both images), BLIP's NLVR2 model (two
 cross-attentions per layer).
 """
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -389,3 +390,21 @@ def to_ours(state: dict, layout: str | None = None, img_size: int | None = None,
         interpolated, config["img_size"] = interpolate(ours, img_size), img_size
     return Converted(found, family, task, ours, config, "visual_encoder_m.cls_token" in ours,
                      dropped, derived, interpolated)
+
+
+def model_config(conv: Converted, base, tokenizer):
+    """`base` (a ModelConfig: preset and flags) with the architecture the checkpoint implies and
+    the tokenizer's special ids. The released files carry no vocabulary: the tokenizer must be
+    the one they were trained with, BERT's vocab.txt (bert-base-uncased), with BLIP's [DEC] and
+    [ENC] appended for BLIP (train_pretrain.make_tokenizer), as their rows show."""
+    rows = conv.config["vocab_size"]
+    if tokenizer.vocab_size != rows:
+        raise ValueError(f"the checkpoint's word embeddings have {rows} rows, the vocabulary "
+                         f"{tokenizer.vocab_size} tokens: not the vocabulary it was trained with")
+    if conv.family == "blip" and (tokenizer.dec_id, tokenizer.enc_id) != (rows - 2, rows - 1):
+        raise ValueError(f"BLIP's [DEC] and [ENC] are its last two rows ({rows - 2}, {rows - 1}: "
+                         f"added to BERT's vocabulary in that order); this vocabulary has them at "
+                         f"{tokenizer.dec_id}, {tokenizer.enc_id}")
+    return dataclasses.replace(base, **conv.config, pad_id=tokenizer.pad_id,
+                               cls_id=tokenizer.cls_id, mask_id=tokenizer.mask_id,
+                               enc_id=tokenizer.enc_id, dec_id=tokenizer.dec_id)

@@ -16,6 +16,7 @@ import released
 from heads import CaptionModel, VEModel, load_pretrained
 from model import ELIPModel, ModelConfig
 from pruning import PruneConfig
+from tokenizer import BLIP_TOKENS, SPECIALS, Tokenizer
 from vit import interpolate_pos_embed
 from vqa import VQADecoderModel
 
@@ -131,14 +132,13 @@ def queues(seed, ids=False):
     return state
 
 
-def contrastive(ref, vision_width, momentum=True):
-    """The ViT, projections, ITM head and temperature of a pre-training or retrieval model (and
-    the momentum copies): (modules, their official keys)."""
+def contrastive(ref, vision_width):
+    """The ViT, projections and ITM head of a pre-training or retrieval model and the momentum
+    copies, set on ref; returns their keys and the temperature's."""
     mods = dict(visual_encoder=ref_vit(1, vision_width), vision_proj=linear(vision_width, E, 2),
-                text_proj=linear(D, E, 3), itm_head=linear(D, 2, 4))
-    if momentum:
-        mods.update(visual_encoder_m=ref_vit(11, vision_width),
-                    vision_proj_m=linear(vision_width, E, 12), text_proj_m=linear(D, E, 13))
+                text_proj=linear(D, E, 3), itm_head=linear(D, 2, 4),
+                visual_encoder_m=ref_vit(11, vision_width),
+                vision_proj_m=linear(vision_width, E, 12), text_proj_m=linear(D, E, 13))
     for name, module in mods.items():
         setattr(ref, name, module)
     state = {k: v for name, module in mods.items() for k, v in prefixed(name + ".", module).items()}
@@ -152,8 +152,8 @@ def albef_file(task):
     bert = "text_encoder.bert." if task == "pretrain" else "text_encoder."
     state = {**ref.text.official(bert), **ref.text_m.official(bert.replace("encoder", "encoder_m"))}
     if task in ("pretrain", "retrieval"):
-        state.update(contrastive(ref, D), **queues(5, ids=task == "retrieval"),
-                     queue_ptr=torch.tensor([4]))
+        state |= contrastive(ref, D) | queues(5, ids=task == "retrieval")
+        state["queue_ptr"] = torch.tensor([4])
     else:
         ref.visual_encoder, ref.visual_encoder_m = ref_vit(1), ref_vit(11)
         state |= prefixed("visual_encoder.", ref.visual_encoder)
@@ -191,7 +191,7 @@ def blip_file(task, vision_width=D):
     n = TEXT + FUSION
     if task != "caption":
         ref.text = RefBert(n, 0, 21, token_types=False, context=vision_width)
-        state.update(ref.text.official("text_encoder."))
+        state |= ref.text.official("text_encoder.")
     if task in ("pretrain", "retrieval"):
         ref.text_m = RefBert(n, 0, 22, token_types=False, context=vision_width)
         state |= ref.text_m.official("text_encoder_m.") | contrastive(ref, vision_width)
@@ -199,7 +199,7 @@ def blip_file(task, vision_width=D):
         state["queue_ptr" if task == "pretrain" else "ptr_queue"] = torch.tensor([4])
     else:
         ref.visual_encoder = ref_vit(1, vision_width)
-        state.update(prefixed("visual_encoder.", ref.visual_encoder))
+        state |= prefixed("visual_encoder.", ref.visual_encoder)
     if task != "retrieval":
         # the decoder reads the image, or in VQA the question's states (width D)
         ref.decoder = RefBert(n, 0, 41, token_types=False,
@@ -211,15 +211,20 @@ def blip_file(task, vision_width=D):
     return state, ref
 
 
-def model_config(conv, **kw):
-    blip = conv.family == "blip"
-    return ModelConfig(**conv.config, pad_id=PAD, cls_id=CLS, mask_id=MASK,
-                       enc_id=ENC if blip else -1, dec_id=DEC if blip else -1, text_dropout=0.0,
-                       max_len=16, prune=PruneConfig(method="none"), **kw)
+def tokenizer(family):
+    words = [f"w{i}" for i in range(len(SPECIALS), V - 2)]
+    return Tokenizer(list(SPECIALS) + words + (list(BLIP_TOKENS) if family == "blip" else ["x", "y"]))
 
 
-def batch(width_seed=0):
-    g = torch.Generator().manual_seed(width_seed)
+def model_config(conv):
+    """The project's config for the file: a tiny base, the checkpoint's architecture and the
+    vocabulary's ids (released.model_config)."""
+    base = ModelConfig(text_dropout=0.0, max_len=16, prune=PruneConfig(method="none"))
+    return released.model_config(conv, base, tokenizer(conv.family))
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
     images = torch.randn(3, 3, IMG, IMG, generator=g)
     ids = torch.randint(5, V - 2, (3, 7), generator=g)
     ids[:, 0] = CLS
@@ -527,3 +532,18 @@ def test_an_untied_lm_head_is_refused_by_name():
     with pytest.raises(ValueError, match=r"text_encoder_m\.cls\.predictions\.decoder\.weight is "
                                          r"not a copy of text_encoder_m\.bert\.embeddings"):
         released.to_ours(state, head_dim=HEAD)
+
+
+def test_the_vocabulary_must_be_the_checkpoints():
+    """The files carry no vocabulary: the one given must have their rows, BLIP's [DEC] and [ENC]
+    last."""
+    state, _ = blip_file("caption")
+    conv = released.to_ours(state, head_dim=HEAD)
+    base = ModelConfig(prune=PruneConfig(method="none"))
+    albef_words = tokenizer("albef")
+    with pytest.raises(ValueError, match=r"\[DEC\] and \[ENC\] are its last two rows \(38, 39"):
+        released.model_config(conv, base, albef_words)
+    with pytest.raises(ValueError, match="word embeddings have 40 rows, the vocabulary 41"):
+        released.model_config(conv, base, albef_words.add_tokens(["[DEC]"]))
+    cfg = released.model_config(conv, base, tokenizer("blip"))
+    assert (cfg.dec_id, cfg.enc_id, cfg.vocab_size, cfg.blip_tokens) == (DEC, ENC, V, True)
