@@ -186,6 +186,8 @@ def all_gather_with_grad(x):
 def similarity(a: torch.Tensor, b: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
     """a (B, E), b (E, N) -> a @ b / temp (B, N) in fp32, also under autocast: at 1 / temp of
     14 and more, bf16's spacing would coarsen the softmax over tens of thousands of candidates."""
+    if not torch.amp.is_autocast_available(a.device.type):      # meta: no autocast to leave
+        return a.float() @ b.float() / temp.float()
     with torch.autocast(a.device.type, enabled=False):
         return a.float() @ b.float() / temp.float()
 
@@ -207,6 +209,7 @@ class ELIPModel(nn.Module):
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
         self.itm_head = nn.Linear(cfg.text_width, 2)
+        self.build_extra_heads(cfg)
         self.text_decoder = build_text(cfg, decoder=True) if "lm" in cfg.losses else None
         if self.text_decoder is not None and cfg.tie_decoder:
             tie_to_encoder(self.text_decoder, self.text_encoder)
@@ -229,6 +232,10 @@ class ELIPModel(nn.Module):
         self.register_buffer("idx_queue", torch.full((q,), -1, dtype=torch.long))
         self.register_buffer("queue_filled", torch.zeros(q, dtype=torch.bool))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def build_extra_heads(self, cfg: ModelConfig):
+        """Heads a subclass adds beside ITM's (the world's object head, world_aids.py), built at
+        this point so that every random initial weight comes in one fixed order. ELIP has none."""
 
     # ---- momentum encoders and queues ----------------------------------------------------
     def online_momentum_pairs(self):

@@ -34,6 +34,7 @@ import eval as evaluation
 import metrics
 import model as model_lib
 import trainer
+import world_aids
 import world
 from config import parse_config
 from model import ELIPModel, ModelConfig
@@ -93,7 +94,7 @@ class TrainConfig:
 
 
 TRAIN_PRESETS = {
-    "tiny": dict(objects=True, itc_all_captions=True, conv_stem=True, sincos_pos=0.3),
+    "tiny": dataclasses.asdict(world_aids.TINY),
     # ELIP's pre-training as its official code runs it, on 4 GPUs: ALBEF/configs/Pretrain.yaml
     # with ALBEF/Pretrain.py, BLIP/configs/pretrain.yaml with BLIP/pretrain.py (in full fp32)
     "albef": dict(crop_scale=(0.2, 1.0), randaug_n=2, randaug_m=7, swap_left_right=False,

@@ -585,7 +585,7 @@ def write_checkpoint(cfg, model, optimizer, scaler, step: int, watch: Watch, ext
         save_checkpoint(os.path.join(cfg.run.out_dir, "checkpoint.pt"), model=model.state_dict(),
                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                         config=dataclasses.asdict(cfg), step=step, rng=rngs, world_size=world,
-                        skipped_images=list(watch.skipped.items()), **extra)
+                        skipped_images=list(watch.skipped.items()), **(extra or {}))
 
 
 def check_ranks_agree(model: torch.nn.Module, world: int, out_dir: str, log):

@@ -53,8 +53,6 @@ class WorldAids:
                                           and not mc.distill):
             raise ValueError("itc_all_captions needs itc_online_batch, queue_size 0 and no "
                              "distill (ITC over the batch's online features only)")
-        if self.objects and "itc" not in mc.losses + ("itc",):
-            raise ValueError("the objects loss needs the ViT of an ITC model")
 
 
 # the tiny preset's aids (train_pretrain.py), and the architecture a fine-tuning from random
@@ -126,11 +124,13 @@ class WorldModel(ELIPModel):
 
     def __init__(self, cfg: ModelConfig, aids: WorldAids):
         aids.check(cfg)
+        self.aids = aids            # a plain value: set before nn.Module's set-up, read below
         super().__init__(cfg, embed_layer=embed_layer(aids))
-        self.aids = aids
-        self.object_head = (nn.Linear(cfg.vision_width, sum(world.OBJECT_CLASSES))
-                            if aids.objects else None)
         init_positions(self, aids)
+
+    def build_extra_heads(self, cfg: ModelConfig):
+        self.object_head = (nn.Linear(cfg.vision_width, sum(world.OBJECT_CLASSES))
+                            if self.aids.objects else None)
 
     def itc(self, batch: dict, enc: dict, alpha: float) -> torch.Tensor:
         if not self.aids.itc_all_captions:

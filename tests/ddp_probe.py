@@ -1,6 +1,6 @@
 """Run by the tests under torchrun (or as a single process):
 
-    python ddp_probe.py fit OUT_DIR         trainer.fit on a toy problem whose batches show what
+    python ddp_probe.py fit OUT_DIR         train_pretrain.train on a toy problem whose batches show what
                                             each rank drew; once straight to 6 steps, once to 3
                                             steps and then resumed to 6 (the generators moved on
                                             in between): OUT_DIR/{straight,resumed}/, in each
@@ -26,7 +26,8 @@ from config import config_from_dict
 from eval import evaluate_caption, evaluate_classifier, evaluate_vqa
 from model import ModelConfig
 from tokenizer import Tokenizer
-from trainer import RunConfig, distributed, fit, load_checkpoint, seed_everything
+import train_pretrain
+from trainer import RunConfig, distributed, load_checkpoint, seed_everything
 
 SAMPLES = 32
 
@@ -45,7 +46,7 @@ class Draws(torch.utils.data.Dataset):
         self.reads += 1
         if self.fail and self.reads == 9:
             raise ValueError(f"broken sample {i}")
-        return torch.tensor(float(i)), torch.rand(())
+        return {"index": torch.tensor(float(i)), "augment": torch.rand(())}
 
 
 @dataclass
@@ -53,51 +54,40 @@ class ProbeConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def toy_model():
-    return nn.Sequential(nn.Linear(2, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+class Toy(nn.Module):
+    """A stand-in for ELIPModel in train_pretrain.train: each forward records what it drew (the
+    batch's indices and augmentations, and a draw in the step, like MLM masks and ITM
+    negatives) under its step number."""
+
+    def __init__(self, first_step=0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+        self.steps, self.draws = first_step, {}
+
+    def forward(self, batch, alpha=0.0):
+        index, augment = batch["index"], batch["augment"]
+        in_step = torch.rand(len(index), device=index.device)
+        self.steps += 1
+        self.draws[self.steps] = {"index": index.tolist(), "augment": augment.tolist(),
+                                  "in_step": in_step.tolist()}
+        x = torch.stack([augment, in_step], 1)                                     # (B, 2)
+        return {"loss": (self.net(x).squeeze(1) - index / SAMPLES).pow(2).mean()}
+
+    def momentum_step(self, queued):
+        """No teacher."""
 
 
 def fit_run(out_dir, max_steps, rank, world_size, device, ckpt=None, fail=False):
-    """fit for max_steps; returns {step: {"index", "augment", "in_step"}} of this rank."""
+    """train_pretrain.train for max_steps; returns {step: {"index", "augment", "in_step"}} of
+    this rank."""
     cfg = ProbeConfig(RunConfig(batch_size=4, epochs=2, max_steps=max_steps, lr=1e-2,
                                 warmup_steps=1, log_every=1, out_dir=out_dir))
-    model = toy_model().to(device)
+    model = Toy(ckpt["step"] if ckpt else 0).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    draws = {}
-
-    def loss_fn(m, batch, step, steps_per_epoch):
-        index, augment = batch
-        in_step = torch.rand(len(index), device=device)    # like MLM masks and ITM negatives
-        draws[step + 1] = {"index": index.tolist(), "augment": augment.tolist(),
-                           "in_step": in_step.tolist()}
-        x = torch.stack([augment, in_step], 1)                                     # (B, 2)
-        return {"loss": (m(x).squeeze(1) - index / SAMPLES).pow(2).mean()}
-
-    fit(cfg, model, Draws(fail), torch.utils.data.default_collate, loss_fn, device, rank,
-        world_size, lambda msg: None, ckpt)
-    return draws
-
-
-def fit_main(out):
-    with distributed(1) as (rank, world_size, device):
-        seed_everything(0, rank)
-        straight = fit_run(os.path.join(out, "straight"), 6, rank, world_size, device)
-        seed_everything(0, rank)
-        resumed = os.path.join(out, "resumed")
-        draws = fit_run(resumed, 3, rank, world_size, device)
-        torch.manual_seed(1234 + rank)            # a restarted process starts from other states
-        ckpt = load_checkpoint(os.path.join(resumed, "checkpoint.pt"))
-        draws.update(fit_run(resumed, 6, rank, world_size, device, ckpt))
-        for name, d in (("straight", straight), ("resumed", draws)):
-            with open(os.path.join(out, name, f"draws_{rank}.json"), "w") as f:
-                json.dump(d, f)
-        # rank 1's loader fails in step 3: every rank stops there with the message, none waits
-        try:
-            fit_run(os.path.join(out, "failing"), 6, rank, world_size, device, fail=rank == 1)
-        except SystemExit as e:
-            with open(os.path.join(out, "failing", f"stopped_{rank}.txt"), "w") as f:
-                f.write(str(e))
+    train_pretrain.train(cfg, model, Draws(fail), torch.utils.data.default_collate, device, rank,
+                         world_size, lambda msg: None, ckpt)
+    return model.draws
 
 
 def retrieval_scores(ckpt_path, device, images=7, k=4, batch_size=3):

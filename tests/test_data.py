@@ -1,5 +1,6 @@
 """data.py: caption cleaning, the JSON datasets with their errors (over files and over the
-embedded world's entries), the flip, transforms and collate."""
+embedded world's entries), the flip, transforms and collate, all on named samples and batches
+(dicts). The world aids' dataset (WorldPretrainDataset) is tested in tests/test_world_aids.py."""
 import json
 import math
 import pickle
@@ -83,22 +84,24 @@ def test_albef_json_folder_loads(tmp_path):
     pre2 = write_json(tmp_path / "pre2.json", [{"image": "c.png", "caption": "third"}])
     ds = PretrainDataset([pre, pre2], str(tmp_path), tf, flip=False)
     assert len(ds) == 3
-    image, caption = ds[0]
-    assert image.shape == (3, 32, 32) and caption == "a dog"
-    assert {ds[1][1] for _ in range(30)} == {"x y", "left z"}
+    sample = ds[0]
+    assert set(sample) == {"image", "text"}            # the model's batch keys come from these
+    assert sample["image"].shape == (3, 32, 32) and sample["text"] == "a dog"
+    assert {ds[1]["text"] for _ in range(30)} == {"x y", "left z"}
 
     rt = RetrievalTrainDataset(write_json(tmp_path / "rt.json", [
         {"image": "a.png", "caption": "one", "image_id": "img_a"},
         {"image": "a.png", "caption": "two", "image_id": "img_a"},
         {"image": "b.png", "caption": "three", "image_id": 7}]), str(tmp_path), tf, flip=False)
-    assert [rt[i][2] for i in range(3)] == [0, 0, 1] and rt[2][1] == "three"
+    assert set(rt[0]) == {"image", "text", "image_id"}
+    assert [rt[i]["image_id"] for i in range(3)] == [0, 0, 1] and rt[2]["text"] == "three"
 
     re_eval = RetrievalEvalDataset(write_json(tmp_path / "re.json", [
         {"image": "a.png", "caption": ["one", "two"]}, {"image": "b.png", "caption": ["three"]}]),
         str(tmp_path), tf)
     assert re_eval.text == ["one", "two", "three"]
     assert re_eval.img2txt == [[0, 1], [2]] and re_eval.txt2img == [0, 0, 1]
-    assert re_eval[1][1] == 1
+    assert set(re_eval[1]) == {"image", "index"} and re_eval[1]["index"] == 1
 
     vqa_file = write_json(tmp_path / "vqa.json", [
         {"question_id": 1, "question": "What is it?", "image": "a.png",
@@ -106,11 +109,14 @@ def test_albef_json_folder_loads(tmp_path):
         {"question_id": 2, "question": "Color?", "image": "b.png", "answer": ["red"]}])
     vqa = VQADataset(vqa_file, str(tmp_path), tf, train=False)
     assert vqa.answer_list == ["cat", "dog", "left", "red"] and vqa.question_ids == [1, 2]
-    assert vqa[0][1:] == ("what is it", 0)
+    assert set(vqa[0]) == {"image", "question", "index"}
+    assert (vqa[0]["question"], vqa[0]["index"]) == ("what is it", 0)
     vqa = VQADataset(vqa_file, str(tmp_path), tf, answer_list=["dog", "cat"])
     torch.manual_seed(0)
     for _ in range(10):
-        _, question, answers, weights = vqa[0]
+        sample = vqa[0]
+        assert set(sample) == {"image", "question", "answers", "weights"}
+        answers, weights = sample["answers"], sample["weights"]
         flipped = "right" in answers
         side = "right" if flipped else "left"
         assert dict(zip(answers, weights)) == {"dog": 1.0, "cat": 2 / 3, side: 1.0}
@@ -123,46 +129,52 @@ def test_albef_json_folder_loads(tmp_path):
         {"question_id": 2, "question": "Color?", "image": "b.png", "answer": "red",
          "dataset": "vg"}])
     vqa = VQADataset(vqa_file, str(tmp_path), tf, weighting="share", vg_weight=0.2)
-    assert dict(zip(*vqa[0][2:])) == pytest.approx({"dog": 0.5, "cat": 0.2, "cube": 0.3})
-    assert vqa[1][2:] == (["red"], [0.2])
-    assert VQADataset(vqa_file, str(tmp_path), tf)[1][2:] == (["red"], [0.5])
+    assert dict(zip(vqa[0]["answers"], vqa[0]["weights"])) == \
+        pytest.approx({"dog": 0.5, "cat": 0.2, "cube": 0.3})
+    assert (vqa[1]["answers"], vqa[1]["weights"]) == (["red"], [0.2])
+    vg = VQADataset(vqa_file, str(tmp_path), tf)[1]
+    assert (vg["answers"], vg["weights"]) == (["red"], [0.5])
 
     nlvr = NLVRDataset(write_json(tmp_path / "nlvr.json", [
         {"images": ["a.png", "b.png"], "sentence": "The left image has a dog.", "label": "True"},
         {"images": ["b.png", "c.png"], "sentence": "no", "label": False}]), str(tmp_path), tf)
-    image0, image1, sentence, label = nlvr[0]
-    assert image0.shape == image1.shape == (3, 32, 32)
-    assert (sentence, label, nlvr[1][3]) == ("the left image has a dog", 1, 0)
-    assert not torch.equal(image0, image1)
+    sample = nlvr[0]
+    assert set(sample) == {"image0", "image1", "text", "label"}
+    assert sample["image0"].shape == sample["image1"].shape == (3, 32, 32)
+    assert (sample["text"], sample["label"], nlvr[1]["label"]) == ("the left image has a dog", 1, 0)
+    assert not torch.equal(sample["image0"], sample["image1"])
 
     ve = VEDataset(write_json(tmp_path / "ve.json", [
         {"image": "a.png", "sentence": "A dog.", "label": "entailment"},
         {"image": "b.png", "sentence": "A cat.", "label": "contradiction"}]),
         str(tmp_path), tf, train=False)
-    assert ve[0][1:] == ("a dog", 2) and ve[1][2] == 0
+    assert set(ve[0]) == {"image", "text", "label"}
+    assert (ve[0]["text"], ve[0]["label"]) == ("a dog", 2) and ve[1]["label"] == 0
 
     cap_file = write_json(tmp_path / "cap.json", [{"image": "a.png", "caption": ["One.", "Two"]}])
     cap = CaptionDataset(cap_file, str(tmp_path), tf, train=False)
-    assert cap.references == [["one", "two"]] and cap[0][1] == 0
+    assert cap.references == [["one", "two"]] and cap[0]["index"] == 0
+    assert set(cap[0]) == {"image", "index"}
+    assert set(CaptionDataset(cap_file, str(tmp_path), tf)[0]) == {"image", "text"}    # train
 
 
 def test_world_entries_through_the_datasets():
     tf = create_transform(64, train=True)
     ds = PretrainDataset(world_entries("pretrain", "train", 8), None, tf)
-    image, caption = ds[3]
-    assert image.shape == (3, 64, 64) and isinstance(caption, str)
+    sample = ds[3]
+    assert set(sample) == {"image", "text"}         # no aids' keys (WorldPretrainDataset's)
+    assert sample["image"].shape == (3, 64, 64) and isinstance(sample["text"], str)
     train = world_entries("retrieval", "train", 4)
     assert len(train) == 4 * world.CAPTIONS_PER_IMAGE
     assert all(isinstance(e["caption"], str) for e in train)
-    assert RetrievalTrainDataset(train, None, tf)[7][2] == 1
+    assert RetrievalTrainDataset(train, None, tf)[7]["image_id"] == 1
     test = RetrievalEvalDataset(world_entries("retrieval", "test", 4), None,
                                 create_transform(64, False))
     assert len(test) == 4 and len(test.text) == 4 * world.CAPTIONS_PER_IMAGE
     vqa = VQADataset(world_entries("vqa", "val", 3), None, tf, answer_list=world_answer_list())
-    _, _, answers, weights = vqa[0]
-    assert len(answers) == 1 and weights == [1.0]
+    assert len(vqa[0]["answers"]) == 1 and vqa[0]["weights"] == [1.0]
     assert len(NLVRDataset(world_entries("nlvr", "val", 3), None, tf)) == 6
-    assert VEDataset(world_entries("ve", "val", 3), None, tf)[2][2] == 0     # contradiction
+    assert VEDataset(world_entries("ve", "val", 3), None, tf)[2]["label"] == 0     # contradiction
     with pytest.raises(ValueError, match="unknown task"):
         world_entries("detection", "train", 1)
     with pytest.raises(ValueError, match="bad world image path"):
@@ -246,7 +258,8 @@ def test_flip_mirrors_image_and_swaps_left_right():
     torch.manual_seed(0)
     seen = set()
     for _ in range(40):
-        image, caption = ds[0]
+        sample = ds[0]
+        image, caption = sample["image"], sample["text"]
         flipped = caption == "a red circle to the right of a square"
         assert flipped or caption == entries[0]["caption"]
         expect = plain.transpose(Image.FLIP_LEFT_RIGHT) if flipped else plain
@@ -255,10 +268,10 @@ def test_flip_mirrors_image_and_swaps_left_right():
     assert seen == {True, False}
     # evaluation and NLVR2 never flip
     never = RetrievalEvalDataset([{"image": entries[0]["image"], "caption": ["left"]}])
-    assert all(np.array_equal(np.asarray(never[0][0]), np.asarray(plain)) for _ in range(10))
+    assert all(np.array_equal(np.asarray(never[0]["image"]), np.asarray(plain)) for _ in range(10))
     nlvr = NLVRDataset([{"images": [entries[0]["image"]] * 2, "sentence": "the left image",
                          "label": True}])
-    assert all(nlvr[0][2] == "the left image" for _ in range(10))
+    assert all(nlvr[0]["text"] == "the left image" for _ in range(10))
 
 
 def test_flip_without_swapping_words():
@@ -266,9 +279,9 @@ def test_flip_without_swapping_words():
     plain = np.asarray(load_image(entries[0]["image"]))
     ds = PretrainDataset(entries, transform=None, swap_words=False)
     torch.manual_seed(0)
-    images = [np.asarray(ds[0][0]) for _ in range(20)]
+    images = [np.asarray(ds[0]["image"]) for _ in range(20)]
     assert any(not np.array_equal(im, plain) for im in images)               # some mirrored
-    assert all(ds[0][1] == entries[0]["caption"] for _ in range(20))          # text untouched
+    assert all(ds[0]["text"] == entries[0]["caption"] for _ in range(20))    # text untouched
 
 
 def test_transforms_shapes_and_normalisation():
@@ -303,21 +316,29 @@ def test_collate_every_dataset():
     def batch(ds):
         return next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate)))
 
-    images, ids, mask = batch(PretrainDataset(world_entries("pretrain", "train", 4), None, tf))
-    assert images.shape == (4, 3, 32, 32) and ids.shape == mask.shape and ids.shape[0] == 4
+    out = batch(PretrainDataset(world_entries("pretrain", "train", 4), None, tf))
+    assert set(out) == {"image", "text_ids", "text_mask"}          # ELIPModel.forward's batch
+    ids, mask = out["text_ids"], out["text_mask"]
+    assert out["image"].shape == (4, 3, 32, 32) and ids.shape == mask.shape and ids.shape[0] == 4
     assert (ids[:, 0] == 1).all() and (mask.sum(1) == (ids != 0).sum(1)).all()
     out = batch(RetrievalTrainDataset(world_entries("retrieval", "train", 2), None, tf))
-    assert [t.shape[0] for t in out] == [4] * 4 and out[3].tolist() == [0, 0, 0, 0]
-    images, index = batch(RetrievalEvalDataset(world_entries("retrieval", "val", 4), None, tf))
-    assert index.tolist() == [0, 1, 2, 3]
-    images, q_ids, q_mask, a_ids, a_mask, counts, weights = batch(
-        VQADataset(world_entries("vqa", "train", 1), None, tf))
-    assert counts.tolist() == [1] * 4 and a_ids.shape[0] == 4 and weights.tolist() == [1.0] * 4
-    nlvr = NLVRDataset(world_entries("nlvr", "train", 2), None, tf)
-    images0, images1, ids, mask, labels = batch(nlvr)
-    assert images0.shape == images1.shape == (4, 3, 32, 32) and labels.tolist() == [1, 0, 1, 0]
-    images, ids, mask, labels = batch(VEDataset(world_entries("ve", "train", 2), None, tf))
-    assert labels.tolist() == [2, 1, 0, 2]
+    assert set(out) == {"image", "text_ids", "text_mask", "image_id"}
+    assert [t.shape[0] for t in out.values()] == [4] * 4 and out["image_id"].tolist() == [0] * 4
+    assert out["image_id"].dtype == torch.long
+    out = batch(RetrievalEvalDataset(world_entries("retrieval", "val", 4), None, tf))
+    assert set(out) == {"image", "index"} and out["index"].tolist() == [0, 1, 2, 3]
+    out = batch(VQADataset(world_entries("vqa", "train", 1), None, tf))
+    assert set(out) == {"image", "question_ids", "question_mask", "answers_ids", "answers_mask",
+                        "answers_count", "weights"}
+    assert out["answers_count"].tolist() == [1] * 4 and out["answers_ids"].shape[0] == 4
+    assert out["weights"].tolist() == [1.0] * 4 and out["weights"].dtype == torch.float32
+    out = batch(NLVRDataset(world_entries("nlvr", "train", 2), None, tf))
+    assert set(out) == {"image0", "image1", "text_ids", "text_mask", "label"}
+    assert out["image0"].shape == out["image1"].shape == (4, 3, 32, 32)
+    assert out["label"].tolist() == [1, 0, 1, 0]
+    out = batch(VEDataset(world_entries("ve", "train", 2), None, tf))
+    assert set(out) == {"image", "text_ids", "text_mask", "label"}
+    assert out["label"].tolist() == [2, 1, 0, 2]
     # the collate pickles (DataLoader workers under spawn/forkserver)
     import pickle
     assert pickle.loads(pickle.dumps(collate)).keywords["max_len"] == 30
@@ -325,9 +346,12 @@ def test_collate_every_dataset():
 
 def test_collate_pads_to_max_len_as_blip():
     tok = Tokenizer.build(["a red ball and a blue cube"])
-    batch = [(torch.zeros(3, 4, 4), "a red ball"), (torch.zeros(3, 4, 4), "a blue cube and a ball")]
-    _, ids, mask = make_collate(tok, 10)(batch)
-    _, ids30, mask30 = make_collate(tok, 30, pad_to_max_len=True)(batch)
+    batch = [{"image": torch.zeros(3, 4, 4), "text": "a red ball"},
+             {"image": torch.zeros(3, 4, 4), "text": "a blue cube and a ball"}]
+    short = make_collate(tok, 10)(batch)
+    ids, mask = short["text_ids"], short["text_mask"]
+    padded = make_collate(tok, 30, pad_to_max_len=True)(batch)
+    ids30, mask30 = padded["text_ids"], padded["text_mask"]
     assert ids30.shape == mask30.shape == (2, 30)
     assert torch.equal(ids30[:, :ids.shape[1]], ids) and torch.equal(mask30.sum(1), mask.sum(1))
     assert (ids30[:, ids.shape[1]:] == tok.pad_id).all() and mask30[:, ids.shape[1]:].sum() == 0
@@ -502,84 +526,3 @@ def test_unreadable_images_raise_oserror_naming_the_file(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(OSError, match="cannot read image .*bad.jpg"):
         load_image(str(path))
-
-
-# -----------------------------------------------------------------------------
-# the objects loss's targets: the same crop and mirror as the image
-
-def test_object_targets_follow_the_crop_and_the_mirror():
-    entries = world_entries("pretrain", "train", 40)
-    tf = create_transform(64, train=True, crop_scale=(0.4, 1.0))
-    plain = PretrainDataset(entries, transform=tf, check_images=False)
-    with_objects = PretrainDataset(entries, transform=tf, check_images=False, objects=8)
-    mean, std = torch.tensor(data.CLIP_MEAN)[:, None], torch.tensor(data.CLIP_STD)[:, None]
-    mirrored_seen, checked = set(), 0
-    for i in range(40):
-        torch.manual_seed(i)
-        image, caption = plain[i]
-        torch.manual_seed(i)
-        image2, caption2, cover, labels = with_objects[i]
-        # the same random draws as the plain dataset: the box of the masks is the image's
-        assert torch.equal(image, image2) and caption == caption2
-        assert cover.shape == (world.MAX_OBJECTS, 64) and labels.shape == (world.MAX_OBJECTS, 4)
-        scene = WORLD.scene("train", i)
-        n = len(scene.objects)
-        assert (labels[n:] == -1).all() and cover[n:].sum() == 0
-        # patches (8x8 pixels, row-major) an object covers wholly have the object's colour
-        pixels = 255 * (image2.reshape(3, 8, 8, 8, 8).permute(1, 3, 0, 2, 4).reshape(64, 3, 64)
-                        * std + mean).mean(-1)                                        # (64, 3)
-        for k, o in enumerate(scene.objects):
-            assert labels[k, :3].tolist() == [list(world.RADIUS).index(o.size),
-                                              list(world.COLOURS).index(o.colour),
-                                              world.SHAPES.index(o.shape)]
-            for p in torch.nonzero(cover[k] > 0.97).flatten():
-                assert (pixels[p] - torch.tensor(world.COLOURS[o.colour])).abs().max() < 30
-                checked += 1
-        # the cell label is mirrored exactly when the pixels are: the objects' order from left
-        # to right in the cover follows their centres, reversed in a mirrored image
-        row_col = [divmod(int(c), 3) for c in labels[:n, 3]]
-        mirrored = any(col != o.cell[1] for (_, col), o in zip(row_col, scene.objects))
-        assert all(row == o.cell[0] for (row, _), o in zip(row_col, scene.objects))
-        xs = (cover[:n].reshape(n, 8, 8).sum(1) * torch.arange(8)).sum(1) / \
-            cover[:n].reshape(n, 8, 8).sum((1, 2)).clamp(min=1e-6)                  # (n,)
-        for a in range(n):
-            for b in range(n):
-                if scene.objects[b].cx - scene.objects[a].cx > 0.3 and cover[a].sum() > 0.5 \
-                        and cover[b].sum() > 0.5:
-                    assert (xs[b] > xs[a]) != mirrored, (i, a, b)
-        mirrored_seen.add(mirrored)
-    assert mirrored_seen == {True, False} and checked > 20
-
-
-def test_object_targets_need_world_images_and_a_random_crop():
-    with pytest.raises(ValueError, match="entry 0: the objects loss needs world images"):
-        PretrainDataset([{"image": "a.jpg", "caption": "a dog"}], transform=None,
-                        check_images=False, objects=8)
-    with pytest.raises(ValueError, match="RandomResizedCrop"):
-        PretrainDataset(world_entries("pretrain", "train", 2), check_images=False, objects=8,
-                        transform=create_transform(64, train=False))
-
-
-@pytest.mark.parametrize("objects", [0, 8])
-def test_all_captions_come_with_the_image_and_its_mirror(objects):
-    entries = world_entries("pretrain", "train", 30)
-    tf = create_transform(64, train=True, crop_scale=(0.8, 1.0))
-    plain = PretrainDataset(entries, transform=tf, check_images=False, objects=objects)
-    every = PretrainDataset(entries, transform=tf, check_images=False, objects=objects,
-                            all_captions=True)
-    swapped = 0
-    for i in range(30):
-        torch.manual_seed(i)
-        first = plain[i]
-        torch.manual_seed(i)
-        image, caption, captions, *rest = every[i]
-        assert len(rest) == (2 if objects else 0) and len(first) == 2 + len(rest)
-        assert torch.equal(image, first[0]) and caption == first[1]
-        assert all(torch.equal(a, b) for a, b in zip(rest, first[2:]))
-        own = [pre_caption(c) for c in entries[i]["caption"]]
-        mirrored = [swap_left_right(c) for c in own]
-        assert captions in (own, mirrored) and caption in captions
-        swapped += captions != own
-    assert swapped > 0
-    batch = make_collate(WordTokenizer(World.vocabulary()), 30)([every[0], every[1]])
-    assert len(batch) == 6 + (2 if objects else 0) and batch[5].tolist() == [5, 5]

@@ -9,8 +9,9 @@ import dataclasses
 import pytest
 import torch
 
+import world_aids
 from heads import CaptionModel, NLVRModel, VEModel
-from model import PRESETS, ELIPModel, ModelConfig, MomentumStep
+from model import PRESETS, ELIPModel, ModelConfig
 from pruning import METHODS, PruneConfig
 from trainer import build_optimizer, params_fingerprint
 from vit import PatchEmbed, VisionTransformer
@@ -36,26 +37,32 @@ def shrunk(preset, **kw):
     return ModelConfig(**p)
 
 
-def meta_inputs(with_idx=False):
-    ids = torch.randint(5, VOCAB, (B, T), device=META)
-    mask = torch.ones(B, T, dtype=torch.long, device=META)
-    images = torch.randn(B, 3, 32, 32, device=META)
-    return (images, ids, mask) + ((torch.arange(B, device=META) // 2,) if with_idx else ())
+def meta_inputs(with_idx=False, device=META):
+    batch = dict(image=torch.randn(B, 3, 32, 32, device=device),
+                 text_ids=torch.randint(5, VOCAB, (B, T), device=device),
+                 text_mask=torch.ones(B, T, dtype=torch.long, device=device))
+    if with_idx:
+        batch["image_id"] = torch.arange(B, device=device) // 2
+    return batch
 
 
-def world_inputs(cfg):
-    """What the tiny preset's aids read besides (images, ids, mask): every caption of each image
-    (two here) for ITC over all captions, the objects' patch cover and labels (-1: no object)."""
+def world_inputs(aids, cfg, device=META):
+    """What the tiny preset's aids read besides the image and its caption: every caption of
+    each image (two here) for ITC over all captions, the objects' patch cover and labels."""
     extra = {}
-    if cfg.itc_all_captions:
-        extra["captions"] = (torch.randint(5, VOCAB, (2 * B, T), device=META),
-                             torch.ones(2 * B, T, dtype=torch.long, device=META),
-                             torch.full((B,), 2, device=META))
-    if "objects" in cfg.losses:
+    if aids.itc_all_captions:
+        extra.update(captions_ids=torch.randint(5, VOCAB, (2 * B, T), device=device),
+                     captions_mask=torch.ones(2 * B, T, dtype=torch.long, device=device),
+                     captions_count=torch.full((B,), 2, device=device))
+    if aids.objects:
         M = (cfg.img_size // cfg.patch_size) ** 2
-        extra["objects"] = (torch.rand(B, 3, M, device=META),
-                            torch.zeros(B, 3, 4, dtype=torch.long, device=META))
+        extra.update(object_cover=torch.rand(B, 3, M, device=device),
+                     object_labels=torch.zeros(B, 3, 4, dtype=torch.long, device=device))
     return extra
+
+
+def preset_aids(preset):
+    return world_aids.TINY if preset == "tiny" else world_aids.WorldAids()
 
 
 def on_meta(model):
@@ -64,10 +71,10 @@ def on_meta(model):
 
 
 def train_step(model, loss_fn):
-    """One optimizer step as trainer.fit takes it (clipping included), on meta."""
+    """One optimizer step as the training scripts take it (clipping included), on meta."""
     optimizer = build_optimizer(model, 1e-3, 0.02)
     out = loss_fn()
-    assert out["loss"].device == META and out["loss"].shape == ()
+    assert out["loss"].shape == ()
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -77,20 +84,38 @@ def train_step(model, loss_fn):
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_pretraining_step_stays_on_the_device(preset):
-    model = on_meta(ELIPModel(shrunk(preset)))
-    momentum = MomentumStep(model)
-    out = train_step(model, lambda: momentum.take(model(*meta_inputs(), alpha=0.4,
-                                                        **world_inputs(model.cfg))))
-    momentum.after_step()
-    assert set(out) == set(model.cfg.losses) | {"loss"}
+    aids = preset_aids(preset)
+    model = on_meta(world_aids.build_model(shrunk(preset), aids))
+    batch = {**meta_inputs(), **world_inputs(aids, model.cfg)}
+    out = train_step(model, lambda: model(batch, alpha=0.4))
+    model.momentum_step([out.pop("queue")] if "queue" in out else [])
+    assert set(out) == set(model.cfg.losses) | {"loss"} | ({"objects"} if aids.objects else set())
+    assert out["loss"].device == META
     assert all(b.device == META for b in model.buffers())
     assert params_fingerprint(model).device == META
 
 
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_a_step_of_every_preset_runs_under_bf16_autocast(preset):
+    """As --amp bf16 trains (here on the CPU): the step runs, the losses and the similarity
+    logits stay fp32, and the bf16 momentum features go into the fp32 queue."""
+    torch.manual_seed(0)
+    aids = preset_aids(preset)
+    model = world_aids.build_model(shrunk(preset), aids).train()
+    batch = {**meta_inputs(device="cpu"), **world_inputs(aids, model.cfg, device="cpu")}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = train_step(model, lambda: model(batch, alpha=0.4))
+    model.momentum_step([out.pop("queue")] if "queue" in out else [])
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
+    assert model.image_queue.dtype == torch.float32
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_pruning_method_stays_on_the_device(method):
-    model = on_meta(ELIPModel(shrunk("tiny", prune=dict(method=method))))
-    train_step(model, lambda: model(*meta_inputs(), **world_inputs(model.cfg)))
+    model = on_meta(world_aids.build_model(shrunk("tiny", prune=dict(method=method)),
+                                           world_aids.TINY))
+    train_step(model, lambda: model({**meta_inputs(), **world_inputs(world_aids.TINY,
+                                                                      model.cfg)}))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -117,12 +142,10 @@ def test_every_pruning_method_keeps_the_dtype(method, precision):
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_retrieval_finetuning_stays_on_the_device(preset):
-    cfg = dataclasses.replace(shrunk(preset), losses=("itc", "itm"), itc_all_captions=False)
+    cfg = dataclasses.replace(shrunk(preset), losses=("itc", "itm"))
     model = on_meta(ELIPModel(cfg))
-    momentum = MomentumStep(model)
-    images, ids, mask, idx = meta_inputs(with_idx=True)
-    train_step(model, lambda: momentum.take(model(images, ids, mask, alpha=0.4, idx=idx)))
-    momentum.after_step()
+    out = train_step(model, lambda: model(meta_inputs(with_idx=True), alpha=0.4))
+    model.momentum_step([out.pop("queue")] if "queue" in out else [])
 
 
 @pytest.mark.parametrize("preset", ["albef", "blip"])      # fusion layers, or BLIP's layout
@@ -130,7 +153,8 @@ def test_retrieval_finetuning_stays_on_the_device(preset):
 def test_downstream_heads_stay_on_the_device(preset, embed_layer):
     """Every downstream model on its named batch (data.collate's fields), then momentum_step."""
     cfg = dataclasses.replace(shrunk(preset), losses=("itc", "itm"))
-    images, ids, mask = meta_inputs()
+    batch = meta_inputs()
+    images, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
     text = {"text_ids": ids, "text_mask": mask}
     question = {"image": images, "question_ids": ids, "question_mask": mask}
     answer_ids = torch.randint(5, VOCAB, (6, 4), device=META)          # 2, 1, 2 and 1 answers

@@ -670,8 +670,8 @@ def test_from_scratch_like_a_checkpoint_takes_its_architecture_not_its_weights(t
                                "--batch_size", "4", "--max_steps", "1", "--warmup_steps", "1",
                                "--eval_batch_size", "8"])
         saved = torch.load(out / "checkpoint.pt", weights_only=True)
-        assert saved["model_config"]["conv_stem"] and saved["model_config"]["sincos_pos"] == 0.3
-        assert not saved["model_config"]["itc_all_captions"]
+        assert saved["aids"]["conv_stem"] and saved["aids"]["sincos_pos"] == 0.3
+        assert not saved["aids"]["itc_all_captions"] and not saved["aids"]["objects"]
     pre_state = torch.load(ck, weights_only=True)["model"]
     key = "visual_encoder.patch_embed.proj.0.weight"                # the stem's first convolution
     assert saved["model"][key].shape == pre_state[key].shape

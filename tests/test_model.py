@@ -1,21 +1,24 @@
 """The pre-training model on the tiny preset: losses, momentum encoders, queues, pruning mode;
 BLIP's tied decoder and [ENC]/[DEC] tokens; ITM's negatives; the queues under DDP;
-MomentumStep in trainer.fit's loop."""
+momentum_step once per optimizer step; fp32 similarities under autocast; the paper presets
+apart from the embedded world's aids (tests/test_world_aids.py tests those)."""
+import copy
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import PRESETS, ELIPModel, ModelConfig, MomentumStep
+import model as model_module
+import world_aids
+from model import PRESETS, ELIPModel, ModelConfig, similarity
 from pruning import PruneConfig
-from trainer import RunConfig, build_optimizer, fit
+from trainer import build_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,21 +32,29 @@ def tiny(losses=("itc", "itm", "mlm"), fusion_layers=2, **kw):
 
 
 def batch(B=6, T=10):
+    """A named batch as data.collate gives it: "image" (B, 3, 32, 32), "text_ids", "text_mask"."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, 40, (B, T), generator=g)
     ids[:, 0] = 2
     mask = torch.ones_like(ids)
     mask[: B // 2, T - 3:] = 0
     ids[mask == 0] = 0
-    return torch.randn(B, 3, 32, 32, generator=g), ids, mask
+    return {"image": torch.randn(B, 3, 32, 32, generator=g), "text_ids": ids, "text_mask": mask}
+
+
+def ema_close(got, want):
+    """momentum_update's foreach kernels against the per-tensor formula: not bitwise (the two
+    roundings of m * p_m + (1 - m) * p fall differently), within two fp32 ulps of the tensor's
+    scale, 2.4e-7 relative; a wrong rate (m ** 2: 1 - m off by 2x) is 1e-3 off and more."""
+    return (got - want).abs().max() <= 2 ** -22 * want.abs().max()
 
 
 @pytest.mark.parametrize("losses, fusion", [(("itc", "itm", "mlm"), 2), (("itc", "itm", "lm"), 0)])
 def test_losses_finite_and_backprop(losses, fusion):
     m = tiny(losses, fusion).train()
-    out = m(*batch())
+    out = m(batch())
     assert set(out) == set(losses) | {"loss", "queue"}
-    image_feat_m, text_feat_m, idx = out.pop("queue")          # for MomentumStep
+    image_feat_m, text_feat_m, idx = out.pop("queue")          # for momentum_step
     assert image_feat_m.shape == text_feat_m.shape == (6, m.cfg.embed_dim)
     assert idx.tolist() == [-1] * 6 and not image_feat_m.requires_grad
     assert torch.isclose(out["loss"], sum(out[k] for k in losses))
@@ -60,7 +71,7 @@ def test_losses_finite_and_backprop(losses, fusion):
 def test_each_loss_alone_backpropagates():
     for loss in ("itc", "itm", "mlm"):
         m = tiny((loss,)).train()
-        out = m(*batch())
+        out = m(batch())
         out["loss"].backward()
         assert torch.isfinite(out["loss"])
         assert m.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
@@ -75,7 +86,36 @@ def test_momentum_update_is_ema():
     m.momentum_update()
     mu = m.cfg.momentum
     for p, p_m, b in zip(m.visual_encoder.parameters(), m.visual_encoder_m.parameters(), before):
-        assert torch.equal(p_m, mu * b + (1 - mu) * p)
+        assert ema_close(p_m, mu * b + (1 - mu) * p)
+        assert not torch.equal(p_m, b)                 # it moved (by 0.01 * 1.0: far past ulps)
+
+
+@pytest.mark.parametrize("method", ["elip", "none"])
+def test_foreach_momentum_update_equals_the_per_tensor_loop(method):
+    """The two foreach kernels against ALBEF's _momentum_update, pair by pair and name by name
+    (a misaligned pairing of online and momentum tensors would mix weights of other shapes or
+    layers), every momentum tensor, online ones untouched, after the weights moved apart."""
+    m = tiny(prune=PruneConfig(method=method))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ref = copy.deepcopy(m)
+    online_before = [p.clone() for o, _ in m.online_momentum_pairs() for p in o.parameters()]
+    m.momentum_update()
+    mu, n = ref.cfg.momentum, 0
+    with torch.no_grad():
+        for (o, o_m), (ref_o, ref_m) in zip(m.online_momentum_pairs(), ref.online_momentum_pairs()):
+            names = [k for k, _ in o_m.named_parameters()]
+            assert names == [k for k, _ in o.named_parameters()]
+            for (k, p), p_m, got in zip(ref_o.named_parameters(), ref_m.parameters(),
+                                        o_m.parameters()):
+                p_m.mul_(mu).add_((1 - mu) * p)                 # ALBEF's loop
+                assert ema_close(got, p_m), k
+                n += 1
+    assert n == len(m.momentum_params()) > 100
+    online_after = [p for o, _ in m.online_momentum_pairs() for p in o.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(online_after, online_before))
 
 
 def test_queue_wraps_around():
@@ -95,15 +135,17 @@ def test_queue_wraps_around():
 
 def test_forward_returns_momentum_features_and_momentum_step_enqueues_them():
     m = tiny().train()
-    images, ids, mask = batch()
-    step = MomentumStep(m)
-    out = step.take(m(images, ids, mask))
-    assert "queue" not in out and int(m.queue_ptr) == 0 and not m.queue_filled.any()  # no state
+    b = batch()
+    out = m(b)
+    queued = [out.pop("queue")]
+    assert int(m.queue_ptr) == 0 and not m.queue_filled.any()       # the forward wrote nothing
     with torch.no_grad():
-        expect = m.image_feat(m.encode_image(images, momentum=True), momentum=True)
-    step.after_step()
+        expect = m.image_feat(m.encode_image(b["image"], momentum=True), momentum=True)
+    m.momentum_step(queued)
     assert torch.allclose(m.image_queue[:, :6], expect.T, atol=1e-5)
-    assert int(m.queue_ptr) == 6 and step.pending == []
+    assert int(m.queue_ptr) == 6 and int(m.queue_filled.sum()) == 6
+    m.momentum_step([])                     # a step without queued features writes nothing
+    assert int(m.queue_ptr) == 6 and int(m.queue_filled.sum()) == 6
 
 
 def test_online_vit_prunes_in_training_only_and_momentum_never():
@@ -113,17 +155,17 @@ def test_online_vit_prunes_in_training_only_and_momentum_never():
         getattr(m, name).norm.register_forward_hook(
             lambda mod, i, o, name=name: lens.__setitem__(name, o.shape[1]))
     m.train()
-    m(*batch())
+    m(batch())
     assert lens == {"visual_encoder": 1 + 6 + 1, "visual_encoder_m": 1 + 16}   # int(0.4 * 16) kept
     m.eval()
     with torch.no_grad():
-        m(*batch())
+        m(batch())
     assert lens["visual_encoder"] == 17
 
 
 def test_masking_never_touches_pad_or_cls():
     m = tiny(mlm_prob=0.9)
-    _, ids, mask = batch(B=64, T=20)
+    ids = batch(B=64, T=20)["text_ids"]
     masked, labels = m.mask_tokens(ids)
     chosen = labels != -100
     assert not chosen[ids == 0].any() and not chosen[:, 0].any()
@@ -143,9 +185,10 @@ def test_config_refuses_width_mismatch_and_bad_losses():
 
 def test_itc_online_batch_is_clip_loss_on_an_empty_queue():
     m = tiny(("itc",), itc_online_batch=True, distill=False).train()
-    images, ids, mask = batch()
+    b = batch()
+    images, ids, mask = b["image"], b["text_ids"], b["text_mask"]
     torch.manual_seed(3)
-    out = m(images, ids, mask)
+    out = m(b)
     torch.manual_seed(3)
     text = m.encode_text(ids, mask)
     f, g = m.image_feat(m.encode_image(images, text[:, 0])), m.text_feat(text)
@@ -157,7 +200,8 @@ def test_itc_online_batch_is_clip_loss_on_an_empty_queue():
 
 def test_no_queue_means_in_batch_negatives_only():
     m = tiny(("itc",), queue_size=0).train()
-    out = m(*batch())
+    out = m(batch())
+    assert "queue" not in out                                # nothing to write
     out["loss"].backward()
     assert torch.isfinite(out["itc"]) and m.image_queue.shape == (m.cfg.embed_dim, 0)
 
@@ -167,7 +211,8 @@ def test_itm_negatives_follow_similarity_only_when_hard(hard):
     """Hard negatives (ALBEF) are drawn from the ITC similarity softmax: a pair that is nearly
     certain under it is always drawn. Uniform negatives ignore the similarity."""
     m = tiny(itm_hard_negatives=hard).train()
-    images, ids, mask = batch()
+    b = batch()
+    ids, mask = b["text_ids"], b["text_mask"]
     B, T = ids.shape
     image_feat = torch.eye(B, 64)                       # (B, E) one direction per sample
     text_feat = 10 * image_feat.roll(1, dims=0)         # text j points where image j - 1 does
@@ -206,51 +251,57 @@ def test_momentum_encoders_run_and_update_only_when_a_loss_reads_them(kw, reads)
     calls = []
     for enc in (m.visual_encoder_m, m.text_encoder_m):
         enc.register_forward_hook(lambda *a: calls.append(1))
-    step = MomentumStep(m)
     before = [p.clone() for p in m.momentum_params()]
-    out = step.take(m(*batch()))
+    out = m(batch())
+    queued = [out.pop("queue")] if "queue" in out else []
+    assert bool(queued) == (m.cfg.queue_size > 0)
     out["loss"].backward()
     with torch.no_grad():
         for p in m.parameters():
             if p.grad is not None:
                 p.sub_(0.1 * p.grad)
-    step.after_step()
+    m.momentum_step(queued)
     assert m.reads_momentum == reads and bool(calls) == reads
     moved = any(not torch.equal(a, b) for a, b in zip(before, m.momentum_params()))
     assert moved == reads
 
 
-@dataclass
-class FitConfig:
-    run: RunConfig
-
-
-def test_grad_accum_updates_momentum_and_queue_once_per_optimizer_step(tmp_path):
-    """Two micro-batches of 3 per step: after the step the teacher is m * old + (1 - m) * new
-    (not m ** 2), every micro-batch saw the same queue, and the pointer moved by 6 at once."""
-    m = tiny(queue_size=20)
-    images, ids, mask = batch(B=6)
-    momentum = MomentumStep(m)
+def test_grad_accum_updates_momentum_and_queue_once_per_optimizer_step():
+    """Two micro-batches of 3 per step, by hand as train_pretrain's loop: forward, backward of
+    loss / 2, one AdamW step, one momentum_step. After it the teacher is m * old + (1 - m) * new
+    (not m ** 2), both micro-batches saw the same (empty) queue and teacher, and the pointer
+    moved by 6 at once."""
+    m = tiny(queue_size=20).train()
+    full = batch(B=6)
     with torch.no_grad():      # the step's momentum features, by the teacher before the step
-        feats_m = m.image_feat(m.encode_image(images, momentum=True), momentum=True)   # (6, E)
+        feats_m = m.image_feat(m.encode_image(full["image"], momentum=True),
+                               momentum=True)                                     # (6, E)
     old = [p.clone() for p in m.momentum_params()]
-    seen_ptr = []
-
-    def loss_fn(model, batch, step, steps_per_epoch):
-        seen_ptr.append(int(m.queue_ptr))
-        return momentum.take(model(*batch))
-
-    run = RunConfig(batch_size=3, grad_accum=2, max_steps=1, warmup_steps=1, lr=1e-3,
-                    out_dir=str(tmp_path))
-    fit(FitConfig(run), m, list(zip(images, ids, mask)), lambda b: [torch.stack(t) for t in zip(*b)],
-        loss_fn, torch.device("cpu"), 0, 1, lambda msg: None, after_step=momentum.after_step)
-    assert seen_ptr == [0, 0] and int(m.queue_ptr) == 6 and int(m.queue_filled.sum()) == 6
+    opt = build_optimizer(m, 1e-3, 0.02)
+    queued, seen = [], []
+    for half in (slice(0, 3), slice(3, 6)):
+        micro = {k: v[half] for k, v in full.items()}
+        seen.append((int(m.queue_ptr), int(m.queue_filled.sum()),
+                     m.visual_encoder_m.blocks[0].attn.qkv.weight.clone()))
+        out = m(micro)
+        queued.append(out.pop("queue"))
+        (out["loss"] / 2).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    m.momentum_step(queued)
+    assert [s[:2] for s in seen] == [(0, 0), (0, 0)] and torch.equal(seen[0][2], seen[1][2])
+    assert int(m.queue_ptr) == 6 and int(m.queue_filled.sum()) == 6
     mu = m.cfg.momentum
     new = [p for online, _ in m.online_momentum_pairs() for p in online.parameters()]
     assert not torch.equal(new[0], old[0])                   # the step moved the online weights
     for p_m, o, p in zip(m.momentum_params(), old, new):
-        assert torch.equal(p_m, mu * o + (1 - mu) * p)
-    # the queue holds the six samples' features (in the sampler's order), each once
+        assert ema_close(p_m, mu * o + (1 - mu) * p)
+    # once, not per micro-batch: a second EMA would leave the teacher m ** 2 of the way, 1e-5
+    # of a weight's step off, far past the ulps ema_close allows
+    twice = mu * (mu * old[0] + (1 - mu) * new[0]) + (1 - mu) * new[0]
+    assert not ema_close(m.momentum_params()[0], twice)
+    # the queue holds the six samples' features, in micro-batch order, each once
+    assert torch.allclose(m.image_queue[:, :6].T, feats_m, atol=1e-5)
     match = (m.image_queue[:, :6].T[:, None] - feats_m[None]).abs().amax(-1) < 1e-5   # (6, 6)
     assert torch.equal(match.sum(0), torch.ones(6, dtype=torch.long))
     assert torch.equal(match.sum(1), torch.ones(6, dtype=torch.long))
@@ -376,7 +427,7 @@ def test_a_step_moves_the_shared_weights_together():
         attn = m.text_encoder.encoder.layer[0].attention.self.query.weight
         dec_attn = m.text_decoder.encoder.layer[0].attention.self.query.weight
         before = [w.detach().clone() for w in (ffn, attn, dec_attn)]
-        m(*batch())["loss"].backward()
+        m(batch())["loss"].backward()
         opt.step()
         moved = [not torch.equal(w, b) for w, b in zip((ffn, attn, dec_attn), before)]
         assert moved == [tie, False, True]
@@ -388,7 +439,8 @@ def test_enc_and_dec_are_placed_where_blip_places_them():
     """BLIP's models/blip_pretrain.py: ITC reads the text encoder's [CLS]; the image-grounded
     encoder (ITM) reads [ENC] at position 0, the decoder (LM) [DEC]; the rest of the ids as they
     are. Without blip_tokens, [CLS] everywhere."""
-    images, ids, mask = batch()
+    b = batch()
+    ids = b["text_ids"]
     B = ids.shape[0]
     for blip_tokens in (True, False):
         m = blip_tiny(blip_tokens=blip_tokens).train()
@@ -397,7 +449,7 @@ def test_enc_and_dec_are_placed_where_blip_places_them():
             getattr(m, name).register_forward_pre_hook(
                 lambda mod, args, kwargs, name=name: seen.append((name, kwargs["mode"], args[0])),
                 with_kwargs=True)
-        m(images, ids, mask)
+        m(b)
         calls = {(name, mode): x for name, mode, x in seen}
         assert set(calls) == {("text_encoder", "text"), ("text_encoder_m", "text"),
                               ("text_encoder", "multimodal"), ("text_decoder", "multimodal")}
@@ -425,8 +477,9 @@ def test_itm_weights_are_the_itc_similarities_of_the_batch(make):
             p.add_(0.05 * torch.randn_like(p))
     recorded, itm_weights = [], m.itm_weights
     m.itm_weights = lambda *args: recorded.append(itm_weights(*args)) or recorded[-1]
-    images, ids, mask = batch()
-    m(images, ids, mask)
+    b = batch()
+    images, ids, mask = b["image"], b["text_ids"], b["text_mask"]
+    m(b)
     w_i2t, w_t2i = recorded[0]
     with torch.no_grad():                   # the encoders as that forward pass left them
         text = m.encode_text(ids, mask)
@@ -447,7 +500,7 @@ DDP_WORKER = """
 import json, os, sys
 import torch
 import torch.distributed as dist
-from model import ELIPModel, ModelConfig, MomentumStep
+from model import ELIPModel, ModelConfig
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -459,17 +512,18 @@ def batch(r):                           # rank r's own 3 samples
     g = torch.Generator().manual_seed(100 + r)
     ids = torch.randint(5, 40, (3, 8), generator=g)
     ids[:, 0] = 2
-    return torch.randn(3, 3, 32, 32, generator=g), ids, torch.ones_like(ids)
+    return {"image": torch.randn(3, 3, 32, 32, generator=g), "text_ids": ids,
+            "text_mask": torch.ones_like(ids)}
 
 
 torch.manual_seed(rank)
-step = MomentumStep(m)
-step.take(m(*batch(rank)))
-step.after_step()                       # the step's queue write
-with torch.no_grad():                   # every rank's momentum features, computed here
-    feats = [(m.image_feat(m.encode_image(batch(r)[0], momentum=True), momentum=True),
-              m.text_feat(m.encode_text(*batch(r)[1:], momentum=True), momentum=True))
+with torch.no_grad():                   # every rank's momentum features before the step
+    feats = [(m.image_feat(m.encode_image(batch(r)["image"], momentum=True), momentum=True),
+              m.text_feat(m.encode_text(batch(r)["text_ids"], batch(r)["text_mask"],
+                                        momentum=True), momentum=True))
              for r in range(2)]
+out = m(batch(rank))
+m.momentum_step([out.pop("queue")])     # the step's EMA and queue write
 image = torch.cat([f[0] for f in feats]).T
 text = torch.cat([f[1] for f in feats]).T
 json.dump(dict(ptr=int(m.queue_ptr), filled=m.queue_filled.tolist(),
@@ -617,10 +671,12 @@ def test_full_width_preset_trains_and_counts_as_the_official_model(name):
     steps = []
     for _ in range(3):
         t0 = time.time()
-        out = m(images, ids, mask, alpha=0.4)
+        out = m({"image": images, "text_ids": ids, "text_mask": mask}, alpha=0.4)
+        queued = [out.pop("queue")]
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        m.momentum_step(queued)
         steps.append((time.time() - t0, {k: round(v.item(), 3) for k, v in out.items()}))
         assert all(torch.isfinite(v) for v in out.values())
     ours, official = our_counts(m), official_counts(name)
@@ -634,70 +690,119 @@ def test_full_width_preset_trains_and_counts_as_the_official_model(name):
     assert ours == official
 
 
-# -----------------------------------------------------------------------------
-# the objects loss (the embedded world's object labels on each object's own tokens)
-
-@pytest.mark.parametrize("method", ["none", "elip"])
-def test_objects_loss_against_a_loop_over_objects(method):
-    m = tiny(("itc", "objects"), prune=PruneConfig(method=method), object_classes=(2, 3),
-             object_weight=2.0).train()
-    g = torch.Generator().manual_seed(2)
-    images, ids = torch.randn(4, 3, 32, 32, generator=g), torch.randint(5, 40, (4, 8), generator=g)
-    ids[:, 0], mask = 2, torch.ones(4, 8, dtype=torch.long)
-    cover = torch.rand(4, 3, 16, generator=g) * (torch.rand(4, 3, 16, generator=g) < 0.4)
-    cover[0, 1] = 0.02                                      # a third of a patch: skipped
-    labels = torch.stack([torch.randint(2, (4, 3), generator=g),
-                          torch.randint(3, (4, 3), generator=g)], dim=-1)         # (B, K, 2)
-    labels[3, 2], cover[3, 2] = -1, 0                       # no third object in image 3
-    torch.manual_seed(5)
-    out = m(images, ids, mask, objects=(cover, labels))
-    torch.manual_seed(5)                                    # the same forward, read token by token
-    x, sources = m.visual_encoder.forward_features(images, m.encode_text(ids, mask)[:, 0])
-    assert (method == "elip") == bool(sources)
-    logits, targets = [], []
-    for b in range(4):
-        src = sources[max(sources)][b].tolist() if sources else list(range(16))
-        assert method == "none" or -1 in src                # ELIP's merged token
-        for k in range(3):
-            w = [float(cover[b, k, s]) if s >= 0 else 0.0 for s in src]
-            if sum(w) < 0.5 or labels[b, k, 0] < 0:
-                continue
-            region = sum(wt * x[b, 1 + t] for t, wt in enumerate(w)) / sum(w)
-            logits.append(m.object_head(region))
-            targets.append(labels[b, k])
-    logits, targets = torch.stack(logits), torch.stack(targets)
-    assert 4 <= len(targets) < 11
-    want = F.cross_entropy(logits[:, :2], targets[:, 0]) + \
-        F.cross_entropy(logits[:, 2:], targets[:, 1])
-    assert torch.allclose(out["objects"], 2.0 * want, atol=1e-5)
-    out["loss"].backward()
-    assert m.object_head.weight.grad.abs().sum() > 0
-    assert m.visual_encoder.blocks[11].mlp.fc2.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="object_targets"):
-        m(images, ids, mask)
+# ---- mixed precision: ITC's logits in fp32, the queue's dtype kept ---------------------------
+def test_similarity_is_fp32_under_bf16_autocast():
+    """At 1 / temp = 14 bf16 logits are 0.06 apart near the top: model.similarity leaves
+    autocast and multiplies in fp32. The bf16 product is the control that this can fail."""
+    g = torch.Generator().manual_seed(6)
+    a = F.normalize(torch.randn(8, 64, generator=g), dim=1).bfloat16()          # (B, E)
+    b = F.normalize(torch.randn(64, 30, generator=g), dim=0).bfloat16()         # (E, N)
+    temp = torch.tensor(0.07)
+    want = a.float() @ b.float() / temp
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = similarity(a, b, temp)
+        plain = a @ b / temp                                # what autocast alone would give
+    assert got.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    assert (got - want).abs().max() < 1e-5
+    assert (plain.float() - want).abs().max() > 1e-3
 
 
-def test_itc_over_all_captions_against_a_loop():
-    kw = dict(queue_size=0, distill=False, itc_online_batch=True, text_dropout=0.0)
-    m = tiny(("itc",), prune=PruneConfig(method="none"), itc_all_captions=True, **kw).train()
-    g = torch.Generator().manual_seed(3)
-    images, ids = torch.randn(3, 3, 32, 32, generator=g), torch.randint(5, 40, (3, 6), generator=g)
-    counts = torch.tensor([2, 3, 1])                        # every caption of each image
-    all_ids = torch.randint(5, 40, (6, 7), generator=g)
-    ids[:, 0], all_ids[:, 0] = 2, 2
-    all_mask = torch.ones_like(all_ids)
-    all_mask[4, 5:] = 0
-    all_ids[all_mask == 0] = 0
-    out = m(images, ids, torch.ones_like(ids), captions=(all_ids, all_mask, counts))
-    image_feat = m.image_feat(m.encode_image(images))
-    text_feat = m.text_feat(m.encode_text(all_ids, all_mask))
-    temp, owner = m.temp.clamp(0.001, 0.5), [0, 0, 1, 1, 1, 2]
-    i2t = [-torch.stack([(image_feat[b] @ text_feat.T / temp).log_softmax(0)[j]
-                         for j in range(6) if owner[j] == b]).mean() for b in range(3)]
-    t2i = [-(text_feat[j] @ image_feat.T / temp).log_softmax(0)[owner[j]] for j in range(6)]
-    want = (torch.stack(i2t).mean() + torch.stack(t2i).mean()) / 2
-    assert torch.allclose(out["itc"], want, atol=1e-5)
-    with pytest.raises(ValueError, match="every caption"):
-        m(images, ids, torch.ones_like(ids))
-    with pytest.raises(ValueError, match="itc_all_captions needs"):
-        ModelConfig(vocab_size=40, itc_all_captions=True)              # ALBEF's queue
+def test_itc_under_bf16_autocast_matches_fp32_and_the_queue_stays_fp32(monkeypatch):
+    """A forward under bf16 autocast: every similarity the model computes is fp32, though its
+    features are bf16; ITC on those features equals the fp32 loss (it would not with bf16
+    logits); the bf16 momentum features go into the fp32 queue through momentum_step."""
+    m = tiny().train()                              # ALBEF's ITC: momentum candidates, queue of 20
+    seen, real = [], model_module.similarity
+
+    def recorded(a, b, t):
+        s = real(a, b, t)
+        seen.append((a.dtype, s.dtype))
+        return s
+    monkeypatch.setattr(model_module, "similarity", recorded)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(batch())
+    assert len(seen) == 6                       # ITC: 2 distillation + 2 logits; ITM's 2
+    assert all(a == torch.bfloat16 and s == torch.float32 for a, s in seen)
+    assert all(out[k].dtype == torch.float32 for k in ("itc", "itm", "mlm", "loss"))
+    image_m, text_m, idx = out.pop("queue")
+    assert image_m.dtype == text_m.dtype == torch.bfloat16
+    m.momentum_step([(image_m, text_m, idx)])
+    assert m.image_queue.dtype == m.text_queue.dtype == torch.float32
+    assert torch.equal(m.image_queue[:, :6], image_m.float().T)
+    assert torch.equal(m.text_queue[:, :6], text_m.float().T) and int(m.queue_ptr) == 6
+    # ITC on bf16 features (the queue now holds 6 candidates) against fp32 on the same values
+    g = torch.Generator().manual_seed(7)
+    f = [F.normalize(torch.randn(6, m.cfg.embed_dim, generator=g), dim=1).bfloat16()
+         for _ in range(4)]
+    with torch.no_grad():
+        want = m.itc_loss(*[x.float() for x in f], alpha=0.4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = m.itc_loss(*f, alpha=0.4)
+        monkeypatch.setattr(model_module, "similarity", lambda a, b, t: a @ b / t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            coarse = m.itc_loss(*f, alpha=0.4)      # the control: bf16 logits
+    assert got.dtype == torch.float32 and abs(got - want) < 1e-5
+    assert abs(coarse.float() - want) > 1e-3
+
+
+def test_queue_write_of_bf16_features_into_an_fp32_queue():
+    m = tiny()                                      # queue of 20, fp32
+    g = torch.Generator().manual_seed(8)
+    f = F.normalize(torch.randn(8, m.cfg.embed_dim, generator=g), dim=1).bfloat16()
+    m.enqueue(f, -f, idx=torch.arange(8))
+    assert m.image_queue.dtype == torch.float32 and int(m.queue_ptr) == 8
+    assert torch.equal(m.image_queue[:, :8], f.float().T)
+    assert torch.equal(m.text_queue[:, :8], -f.float().T)
+    assert m.idx_queue[:8].tolist() == list(range(8)) and int(m.queue_filled.sum()) == 8
+
+
+# ---- the paper presets never reach the embedded world's aids ---------------------------------
+def paper_tiny(name):
+    """The albef or blip preset's architecture (layers, heads, fusion, BLIP's tokens and tied
+    decoder, ELIP's pruning schedule) at toy widths: 64 px images of 16 px patches."""
+    arch = {k: v for k, v in PRESETS[name].items() if k in ModelConfig.__dataclass_fields__}
+    arch.update(img_size=64, vision_width=64, text_width=64, vision_heads=4, text_heads=4,
+                text_mlp=128, embed_dim=32, queue_size=16, vocab_size=42, dec_id=40, enc_id=41,
+                prune=PruneConfig(**PruneConfig.presets()["elip"]))
+    return ModelConfig(**arch)
+
+
+def files_run(fn):
+    """The source files of every Python function that runs inside fn()."""
+    files = set()
+    sys.setprofile(lambda frame, event, arg:
+                   event == "call" and files.add(frame.f_code.co_filename))
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return files
+
+
+@pytest.mark.parametrize("name", ["albef", "blip"])
+def test_paper_preset_forward_never_touches_world_aids(name):
+    """world_aids.build_model gives the paper presets a plain ELIPModel (ViT's linear patch map,
+    timm's random positions, no object head), and its forward and momentum_step run no line of
+    world_aids.py; the tiny preset's WorldModel does, the control that the probe sees it."""
+    torch.manual_seed(0)
+    mc = paper_tiny(name)
+    m = world_aids.build_model(mc, world_aids.WorldAids()).train()
+    assert type(m) is ELIPModel and not hasattr(m, "object_head") and not hasattr(m, "aids")
+    assert type(m.visual_encoder.patch_embed).__name__ == "PatchEmbed"
+    assert not any("object_head" in k for k in m.state_dict())
+    b = batch(B=4)
+    b["image"] = torch.randn(4, 3, 64, 64)
+    result = {}
+
+    def step():
+        result["out"] = out = m(b)
+        out["loss"].backward()
+        m.momentum_step([out.pop("queue")])
+    files = files_run(step)
+    assert any(f.endswith("model.py") for f in files)
+    assert not any(f.endswith("world_aids.py") for f in files), sorted(files)
+    assert set(result["out"]) == set(mc.losses) | {"loss"}
+    assert all(torch.isfinite(result["out"][k]) for k in mc.losses)
+    world = world_aids.build_model(mc, world_aids.WorldAids(conv_stem=True))
+    assert isinstance(world, world_aids.WorldModel)
+    assert any(f.endswith("world_aids.py") for f in files_run(lambda: world(b)))

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from vit import VisionTransformer, interpolate_pos_embed, load_vit_weights, sincos_pos_embed
+from vit import VisionTransformer, interpolate_pos_embed, load_vit_weights
 
 
 def small(**kw):
@@ -59,38 +59,3 @@ def test_strict_loading_errors():
         load_vit_weights(small(), bad)
 
 
-def test_sincos_pos_embed_by_hand():
-    pe = sincos_pos_embed(3, 8)                                   # 9 patches, 2 frequencies
-    assert pe.shape == (9, 8)
-    for p in range(9):
-        row, col = divmod(p, 3)                                   # row-major patches
-        want = []
-        for value in (col, row):
-            angles = [value / 10000 ** (i / 2) for i in range(2)]
-            want += [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
-        assert torch.allclose(pe[p], torch.tensor(want), atol=1e-6), p
-    vit = small(sincos_pos=0.3)
-    assert torch.allclose(vit.pos_embed[0, 1:], 0.3 * sincos_pos_embed(4, 64))
-    assert vit.pos_embed.requires_grad                            # a starting point, still learnt
-    with pytest.raises(ValueError, match="divisible by 4"):
-        sincos_pos_embed(3, 6)
-
-
-def test_conv_stem_tokens_and_errors():
-    torch.manual_seed(0)
-    vit = small(conv_stem=True).eval()
-    images = torch.randn(2, 3, 32, 32)
-    assert vit(images).shape == (2, 17, 64)
-    # three stride-2 convolutions for patch 8; a change in one corner patch moves the tokens
-    # within the stem's receptive field (15 pixels) far more than the others, which GroupNorm's
-    # statistics over the whole image move a little
-    assert sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)
-               for m in vit.patch_embed.modules()) == 3
-    edited = images.clone()
-    edited[:, :, :8, :8] += 1
-    a, b = vit.patch_embed(images), vit.patch_embed(edited)           # (B, 16, D)
-    change = (a - b).abs().amax(dim=(0, 2)).reshape(4, 4)            # (rows, cols) of patches
-    far = torch.cat([change[2:].flatten(), change[:2, 2:].flatten()])
-    assert change[:2, :2].min() > 3 * far.max()
-    with pytest.raises(ValueError, match="power of 2"):
-        small(patch_size=12, img_size=36, conv_stem=True)
