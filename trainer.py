@@ -417,14 +417,12 @@ class StepPlan:
         run = self.run
         # the loader's own draws (worker base seeds) leave the training stream alone
         generator = torch.Generator().manual_seed((run.seed + self.rank) * 100_003 + epoch)
-        samples = SkipUnreadable(self.train_set, max_tries, seed=(run.seed % 2**32, self.rank,
-                                                                 epoch))
+        samples = SkipUnreadable(self.train_set, max_tries, (run.seed % 2**32, self.rank, epoch))
         loader = DataLoader(Subset(samples, order), batch_size=run.batch_size,
                             num_workers=run.num_workers,
                             collate_fn=partial(collate_skipping, collate=collate),
                             drop_last=True, pin_memory=device.type == "cuda", generator=generator,
-                            worker_init_fn=ignore_signals,
-                            persistent_workers=False)
+                            worker_init_fn=ignore_signals)
         return epoch, iter(loader)
 
 
@@ -450,9 +448,8 @@ class Watch:
         self.skipped = dict(skipped)         # {dataset index: message}, over the whole run
         self.limit = max(run.bad_images_floor, int(run.max_bad_images * entries))
         self.signum, self.last_save = 0, time.time()
-        self.group = None
-        if world > 1:
-            self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        gloo = world > 1 and dist.get_backend() != "gloo"    # NCCL's collectives wait on the GPU
+        self.group = dist.new_group(backend="gloo") if gloo else None
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self.on_signal)
 

@@ -40,9 +40,10 @@ from PIL import Image, ImageDraw, ImageFont
 import data
 import eval as evaluation
 import world
+import world_aids
 from config import config_from_dict, parse_config, run_subcommand
 from lab import probes
-from model import ELIPModel, ModelConfig, build_vit
+from model import ModelConfig, build_vit
 from pruning import METHODS, TEXT_GUIDED, cut_layers
 from tokenizer import Tokenizer
 from trainer import load_checkpoint
@@ -198,7 +199,8 @@ def load_for_analysis(path):
     if not ({"model", "config", "vocab"} <= ckpt.keys()
             and {"model", "world_seed"} <= ckpt["config"].keys()):
         raise SystemExit(f"error: {path} is not a checkpoint of train_pretrain.py")
-    model = ELIPModel(config_from_dict(ModelConfig, ckpt["config"]["model"]))
+    model = world_aids.build_model(config_from_dict(ModelConfig, ckpt["config"]["model"]),
+                                   world_aids.aids_of(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     config = ckpt["config"]
     return model.eval(), Tokenizer(ckpt["vocab"]), world.World(
@@ -209,7 +211,8 @@ def analysis_vit(model, method, lam):
     """A copy of the model's online ViT that reduces tokens with `method` (and `lam`) on the
     model's schedule, in eval mode too."""
     prune = dataclasses.replace(model.cfg.prune, method=method, lam=lam, in_eval=True)
-    vit = build_vit(model.cfg, prune).to(next(model.parameters()).device)
+    vit = build_vit(model.cfg, prune, type(model.visual_encoder.patch_embed))
+    vit = vit.to(next(model.parameters()).device)
     vit.load_state_dict(model.visual_encoder.state_dict())
     return vit.eval()
 

@@ -150,7 +150,8 @@ def probe_objects(model, w, split, scenes, probe_scenes, seed, device):
     cfg = model.cfg
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        untrained = build_vit(cfg, PruneConfig(method="none")).to(device).eval()
+        untrained = build_vit(cfg, PruneConfig(method="none"),
+                              type(model.visual_encoder.patch_embed)).to(device).eval()
     encoders = {"trained": model.visual_encoder, "untrained": untrained, "pixels": None}
     out = {name: {} for name in ATTRIBUTES}
     for which, vit in encoders.items():
