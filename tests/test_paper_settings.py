@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import world_aids
 import randaug
 import tasks
 from config import parse_config
@@ -517,12 +518,12 @@ def test_vqa_presets_reach_the_model_and_the_data(tmp_path):
             fusion_layers=0 if blip else 1, losses=("itc", "itm", "lm" if blip else "mlm"),
             embed_dim=16, queue_size=8, prune=dict(method="none")), cfg)
         assert (mc.img_size, mc.max_len) == (32, cfg.max_len)
-        model = tasks.build_model(cfg, mc, tok, ["red", "blue"])
+        model = tasks.build_model(cfg, mc, tok, ["red", "blue"], world_aids.WorldAids())
         rates = [block.drop_path for block in model.visual_encoder.blocks]
         assert rates[0] == 0 and rates[-1] == pytest.approx(drop_path)
         assert model.distill == (not blip)
         train_set, test_sets, _, _ = tasks.build_data(cfg, mc, tok)
-        assert train_set[0][3] == [1.0] and train_set[1][3] == [vg]     # VQA 10/10; VG
+        assert train_set[0]["weights"] == [1.0] and train_set[1]["weights"] == [vg]  # VQA; VG
         assert len(train_set.items[0]["question"].split()) == train_words
         assert train_set.clean is (data.pre_question_blip if blip else data.pre_question)
         (test_set,) = test_sets.values()

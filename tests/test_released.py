@@ -414,7 +414,7 @@ def test_vqa_files_load_whole_and_rank_answers_as_the_official_model(family):
             module.double()
     images, ids, mask = batch()
     with torch.no_grad():
-        close(model.answer_scores(images.double(), ids, mask),
+        close(model.answer_scores({"image": images.double(), "question_ids": ids, "question_mask": mask}),
               reference_vqa(ref, images.double(), ids, mask, ANSWERS, ANSWER_MASK))
 
 
@@ -430,7 +430,7 @@ def test_albef_ve_file_loads_whole_and_matches():
         for s in ("", "_m"):
             img = getattr(ref, "visual_encoder" + s).forward_features(images)
             cls = getattr(ref, "text" + s)(ids, mask, context=img)[:, 0]
-            close(model.logits(images, ids, mask, momentum=bool(s)),
+            close(model.logits({"image": images, "text_ids": ids, "text_mask": mask}, momentum=bool(s)),
                   getattr(ref, "cls_head" + s)(cls))
 
 
