@@ -90,6 +90,27 @@ def fit_run(out_dir, max_steps, rank, world_size, device, ckpt=None, fail=False)
     return model.draws
 
 
+def fit_main(out):
+    with distributed(1) as (rank, world_size, device):
+        seed_everything(0, rank)
+        straight = fit_run(os.path.join(out, "straight"), 6, rank, world_size, device)
+        seed_everything(0, rank)
+        resumed = os.path.join(out, "resumed")
+        draws = fit_run(resumed, 3, rank, world_size, device)
+        torch.manual_seed(1234 + rank)            # a restarted process starts from other states
+        ckpt = load_checkpoint(os.path.join(resumed, "checkpoint.pt"))
+        draws.update(fit_run(resumed, 6, rank, world_size, device, ckpt))
+        for name, d in (("straight", straight), ("resumed", draws)):
+            with open(os.path.join(out, name, f"draws_{rank}.json"), "w") as f:
+                json.dump(d, f)
+        # rank 1's loader fails in step 3: every rank stops there with the message, none waits
+        try:
+            fit_run(os.path.join(out, "failing"), 6, rank, world_size, device, fail=rank == 1)
+        except SystemExit as e:
+            with open(os.path.join(out, "failing", f"stopped_{rank}.txt"), "w") as f:
+                f.write(str(e))
+
+
 def retrieval_scores(ckpt_path, device, images=7, k=4, batch_size=3):
     ckpt = load_checkpoint(ckpt_path)
     mc = config_from_dict(ModelConfig, ckpt["config"]["model"])
