@@ -421,14 +421,19 @@ def run_bench(cfg):
     return report
 
 
+def write_report(text: str, report: dict, out: str):
+    """Print the table, write the figures as JSON to `out`, and say where."""
+    print(text)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {out}")
+
+
 def main(argv):
     cfg, _ = parse_config(BenchConfig(), argv, PRESETS, doc=__doc__)
     report = run_bench(cfg)
-    print(format_bench(report))
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {cfg.out}")
+    write_report(format_bench(report), report, cfg.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ The nested dataclasses are rebuilt at the end, so their `__post_init__` checks s
 values and a bad setting is refused before any data or model is built.
 """
 import dataclasses
+import os
 import difflib
 import inspect
 import re
@@ -246,3 +247,13 @@ def run_subcommand(commands: dict, argv: list, usage: str):
     if argv[0] not in commands:
         raise SystemExit(f"error: unknown command {argv[0]!r}\n{usage}")
     commands[argv[0]](argv[1:])
+
+
+def check_paths(cfg, flags: tuple):
+    """Every file or folder the top-level fields `flags` of cfg name (a path or a tuple of
+    paths; empty: none) exists, before anything is built."""
+    for flag in flags:
+        value = getattr(cfg, flag)
+        for path in (p for p in (value if isinstance(value, tuple) else (value,)) if p):
+            if not os.path.exists(path):
+                raise SystemExit(f"error: --{flag} {path} does not exist")

@@ -12,8 +12,8 @@ list. The embedded world (world.py) plugs into the same classes: its entries nam
 gives the same batches as real COCO files would, only smaller. Nothing is skipped silently: a
 malformed entry, an empty caption or a missing image (checked at construction unless
 check_images=False) is an error that names the JSON file and the index of the entry, and so is
-an image that cannot be read when loaded (OSError); the training loop (trainer.fit) skips such
-an entry, names it in its log, and stops past a limit.
+an image that cannot be read when loaded (OSError); training skips such an entry
+(SkipUnreadable, below), names it in its log, and stops past a limit.
 """
 
 import bisect
@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -522,3 +523,51 @@ def make_collate(tokenizer, max_len, pad_to_max_len=False):
     """collate_fn for any dataset here; tokenizer(texts, max_len) -> (ids, mask). A partial of a
     module function, so DataLoader workers can pickle it."""
     return partial(collate, tokenizer=tokenizer, max_len=max_len, pad_to_max_len=pad_to_max_len)
+
+
+def to_device(batch: dict, device) -> dict:
+    """A collated batch's tensors on the device (asynchronously from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# -----------------------------------------------------------------------------
+# Entries whose image cannot be read, in training
+
+
+class SkipUnreadable(Dataset):
+    """dataset[i], or, if its image cannot be read (the dataset raises OSError: unreadable,
+    truncated, empty or missing file), the next entry's, and so on: returns (sample, [(index,
+    message) of each entry skipped]). The skipped entries travel with the sample, so they reach
+    the main process from DataLoader workers too. After `max_tries` unreadable entries in a row
+    the sample is None: the run stops then (Watch), as the limit is passed."""
+
+    def __init__(self, dataset, max_tries: int, seed: tuple[int, ...] = ()):
+        self.dataset, self.max_tries = dataset, min(max_tries, len(dataset))
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        # each sample draws its crop, flip, caption and RandAugment from its own generator, seeded
+        # by (seed, index): the same in the main process as in any worker, so the data do not
+        # depend on num_workers and a resumed run draws what the uninterrupted one would
+        sample_seed = int(np.random.SeedSequence([*self.seed, i]).generate_state(1, np.uint64)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed)    # the CPU's alone: a GPU's
+                                                                # stream is the training's
+            skipped = []
+            for j in range(i, i + self.max_tries):
+                j %= len(self.dataset)
+                try:
+                    return self.dataset[j], skipped
+                except OSError as e:
+                    skipped.append((j, str(e)))
+            return None, skipped
+
+
+def collate_skipping(batch, collate):
+    """(collate(samples), the entries skipped to get them); (None, ...) if a sample is None."""
+    samples, skipped = zip(*batch)
+    batch = None if any(s is None for s in samples) else collate(list(samples))
+    return batch, [s for ss in skipped for s in ss]

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
+from data import to_device
 from metrics import accuracy, caption_scores, recall_at_k, vqa_accuracy
 
 
@@ -58,11 +59,6 @@ def shard_loader(dataset, batch_size: int, collate=None) -> DataLoader:
     """The DataLoader over this rank's block of the dataset (share)."""
     return DataLoader(Subset(dataset, share(len(dataset)).tolist()), batch_size,
                       collate_fn=collate)
-
-
-def to_device(batch: dict, device) -> dict:
-    """The batch's tensors on the device; other fields as they are."""
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # ---- retrieval ----------------------------------------------------------------------------

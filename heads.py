@@ -201,9 +201,10 @@ class CaptionModel(nn.Module):
     def momentum_step(self, queued: list):
         """Nothing to do: captioning fine-tunes without a teacher or a queue."""
 
-    def forward(self, batch):
+    def forward(self, batch, alpha=0.0):
         """batch: "image" (B, 3, H, W), "text_ids" (B, T): [CLS] caption [SEP] [PAD]..., and
-        "text_mask"; the prompt is inserted after [CLS]. Returns {"lm", "loss"}."""
+        "text_mask"; the prompt is inserted after [CLS]. Returns {"lm", "loss"}. alpha, the
+        distillation weight every model's forward takes, has nothing to weigh here."""
         images, input_ids, attention_mask = batch["image"], batch["text_ids"], batch["text_mask"]
         B, P = input_ids.shape[0], self.prompt_ids.shape[1] - 1
         ids = torch.cat([self.prompt_ids.expand(B, -1), input_ids[:, 1:]], dim=1)   # (B, P+T)

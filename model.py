@@ -27,11 +27,11 @@ from vit import PatchEmbed, VisionTransformer
 @dataclass
 class ModelConfig:
     # vision: a ViT (timm's names), pruned by ELIP in the online copy (prune, below)
-    img_size: int = 64
-    patch_size: int = 8
-    vision_width: int = 128
-    vision_depth: int = 12
-    vision_heads: int = 4
+    img_size: int = 64               # the image side in pixels
+    patch_size: int = 8              # the side of a patch: M = (img_size / patch_size)^2 tokens
+    vision_width: int = 128          # the ViT's token width
+    vision_depth: int = 12           # the ViT's layers (ELIP cuts 12 into blocks of 2, 2, 6, 2)
+    vision_heads: int = 4            # attention heads of every ViT layer
     drop_path: float = 0.0           # stochastic depth, rising to this in the last block
     # text: ALBEF splits one BERT into text_layers text-only and fusion_layers cross-attention
     # layers; BLIP (fusion_layers = 0 here) gives every layer cross-attention, used or skipped
@@ -260,10 +260,11 @@ class ELIPModel(nn.Module):
     def momentum_update(self):
         """theta_m <- m * theta_m + (1 - m) * theta, as ALBEF's _momentum_update computes it, in
         two foreach kernels over all tensors instead of two small kernels per tensor."""
-        m = self.cfg.momentum
-        online = [p for o, _ in self.online_momentum_pairs() for p in o.parameters()]
-        torch._foreach_mul_(self.momentum_params(), m)
-        torch._foreach_add_(self.momentum_params(), online, alpha=1 - m)
+        m, pairs = self.cfg.momentum, self.online_momentum_pairs()
+        online = [p for o, _ in pairs for p in o.parameters()]
+        teacher = [p for _, t in pairs for p in t.parameters()]
+        torch._foreach_mul_(teacher, m)
+        torch._foreach_add_(teacher, online, alpha=1 - m)
 
     @torch.no_grad()
     def momentum_step(self, queued: list):

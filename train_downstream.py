@@ -51,9 +51,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+import data
 import trainer
 import world_aids
-from config import config_from_dict, parse_config
+from config import check_paths, config_from_dict, parse_config
 from heads import load_pretrained
 from model import ModelConfig
 from tasks import (build_data, build_model, downstream_model_config, evaluate_task,
@@ -76,8 +77,8 @@ class DownstreamConfig:
     evaluate: bool = False           # no training: evaluate --pretrained on every test file
     # data: ALBEF/BLIP JSON files (several: comma-separated; test files are scored one by one);
     # none given = the embedded world
-    train_file: tuple[str, ...] = ()
-    test_file: tuple[str, ...] = ()
+    train_file: tuple[str, ...] = ()    # the task's training files
+    test_file: tuple[str, ...] = ()     # its test files, each scored on its own
     image_root: str = ""             # image paths in the JSON files are relative to this
     answer_list: str = ""            # VQA: a JSON list of answers; empty = the world's answers,
                                      # or every answer of the training files
@@ -209,9 +210,7 @@ def load_source(cfg):
     pre-training's architecture and vocabulary and no state dict."""
     if cfg.pretrained == "none" and not cfg.evaluate:
         mc, tok, aids = scratch_model_config()
-        if cfg.scratch_like:
-            if not os.path.isfile(cfg.scratch_like):
-                raise SystemExit(f"error: --scratch_like {cfg.scratch_like} does not exist")
+        if cfg.scratch_like:      # main checked that it exists
             like = load_checkpoint(cfg.scratch_like)
             mc = config_from_dict(ModelConfig, like["config"]["model"])
             tok, aids = Tokenizer(like["vocab"]), world_aids.aids_of(like["config"])
@@ -249,7 +248,6 @@ def train(cfg, model, train_set, collate, device, rank, world, log, ckpt=None, e
     watch = trainer.Watch(run, world, master, len(train_set), skipped, log)
     ddp_model = trainer.wrap_ddp(model, device, world)
     meter = trainer.Meter(run, master, step, plan.stop_step, cfg.task)
-    takes_alpha = cfg.task == "retrieval" or getattr(model, "distill", False)
     log(f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
         f"parameters; {len(train_set)} samples; {plan.stop_step} steps of "
         f"{plan.per_step * world} on {world} x {device.type}")
@@ -270,12 +268,11 @@ def train(cfg, model, train_set, collate, device, rank, world, log, ckpt=None, e
                 if stop and micro == 0:       # every rank at the same step boundary
                     trainer.write_checkpoint(cfg, model, optimizer, scaler, step, watch, extra)
                     raise trainer.Interrupted(stop, step)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                batch = data.to_device(batch, device)
                 last = micro == run.grad_accum - 1    # DDP averages the gradients only then
                 with (contextlib.nullcontext() if last or world == 1 else ddp_model.no_sync()), \
                         autocast():
-                    alpha = alpha_at(step, plan.steps_per_epoch, run)
-                    out = ddp_model(batch, alpha=alpha) if takes_alpha else ddp_model(batch)
+                    out = ddp_model(batch, alpha=alpha_at(step, plan.steps_per_epoch, run))
                 queued += [out.pop("queue")] if "queue" in out else []
                 scaler.scale(out["loss"] / run.grad_accum).backward()
                 meter.add(out, run.grad_accum)
@@ -409,23 +406,17 @@ def main(argv=None):
                               TASK_PRESETS, key=("task", "preset"), doc=__doc__)
     if cfg.evaluate and cfg.run.resume:
         raise SystemExit("error: --evaluate true scores --pretrained; it does not resume")
-    for flag in ("train_file", "test_file"):
-        for path in getattr(cfg, flag):
-            if not os.path.exists(path):
-                raise SystemExit(f"error: --{flag} {path} does not exist")
-    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda msg: None)
-    if cfg.evaluate:
-        ckpt = None
-    else:
-        cfg, ckpt = trainer.resume_config(cfg, given, safe=SAFE_ON_RESUME, log=say)
+    check_paths(cfg, ("train_file", "test_file", "image_root", "answer_list",
+                              "scratch_like"))
+    ckpt = None
+    if not cfg.evaluate:
+        cfg, ckpt = trainer.resume_config(cfg, given, safe=SAFE_ON_RESUME)
     with trainer.distributed(cfg.run.dist_timeout) as (rank, world_size, device):
         try:
             finetune(cfg, ckpt, rank, world_size, device)
         except trainer.Interrupted as e:
-            if rank == 0:
-                print(f"{e}; checkpoint written. Resume with: python train_downstream.py --task "
-                      f"{cfg.task} --out_dir {cfg.run.out_dir} --resume auto", file=sys.stderr)
-            raise SystemExit(128 + e.signum) from None
+            e.exit(rank, world_size, f"train_downstream.py --task {cfg.task} --out_dir "
+                                     f"{cfg.run.out_dir}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import model as model_lib
 import trainer
 import world_aids
 import world
-from config import parse_config
+from config import check_paths, parse_config
 from model import ELIPModel, ModelConfig
 from pruning import token_counts
 from text_encoder import load_bert_weights
@@ -230,7 +230,7 @@ def train(cfg, model, train_set, collate, device, rank, world, log, ckpt=None, e
                 if stop and micro == 0:       # every rank at the same step boundary
                     trainer.write_checkpoint(cfg, model, optimizer, scaler, step, watch, extra)
                     raise trainer.Interrupted(stop, step)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                batch = data.to_device(batch, device)
                 last = micro == run.grad_accum - 1    # DDP averages the gradients only then
                 with (contextlib.nullcontext() if last or world == 1 else ddp_model.no_sync()), \
                         autocast():
@@ -328,33 +328,18 @@ def own_data(cfg, given: dict):
     return dataclasses.replace(cfg, aids=dataclasses.replace(cfg.aids, objects=False))
 
 
-def check_paths(cfg):
-    """Every file or folder a flag names exists, before anything is built."""
-    paths = {"train_files": cfg.train_files, "test_files": cfg.test_files,
-             "image_root": (cfg.image_root,), "vocab": (cfg.vocab,),
-             "init_vit": (cfg.init_vit,), "init_bert": (cfg.init_bert,),
-             "init_from": (cfg.init_from,)}
-    for flag, values in paths.items():
-        for path in (p for p in values if p):
-            if not os.path.exists(path):
-                raise SystemExit(f"error: --{flag} {path} does not exist")
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg, given = parse_config(TrainConfig(), argv, PRESETS, doc=__doc__)
-    check_paths(cfg)
+    check_paths(cfg, ("train_files", "test_files", "image_root", "vocab", "init_vit",
+                              "init_bert", "init_from"))
     cfg = own_data(cfg, given)
-    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda msg: None)
-    cfg, ckpt = trainer.resume_config(cfg, given, safe=("check_images",), log=say)
+    cfg, ckpt = trainer.resume_config(cfg, given, safe=("check_images",))
     with trainer.distributed(cfg.run.dist_timeout) as (rank, world_size, device):
         try:
             pretrain(cfg, ckpt, rank, world_size, device)
         except trainer.Interrupted as e:
-            if rank == 0:
-                print(f"{e}; checkpoint written. Resume with: python train_pretrain.py --out_dir "
-                      f"{cfg.run.out_dir} --resume auto", file=sys.stderr)
-            raise SystemExit(128 + e.signum) from None
+            e.exit(rank, world_size, f"train_pretrain.py --out_dir {cfg.run.out_dir}")
 
 
 if __name__ == "__main__":

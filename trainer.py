@@ -15,6 +15,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+import data
 from config import config_from_dict
 
 
@@ -295,7 +297,7 @@ def log_json(out_dir: str, rec: dict):
         f.write(json.dumps(rec) + "\n")
 
 
-def resume_config(cfg, given: dict, safe=(), log=print):
+def resume_config(cfg, given: dict, safe=()):
     """(config, loaded checkpoint or None). With --resume, the run's config comes from the
     checkpoint, and a flag given now that would change the run (anything outside SAFE_ON_RESUME
     and `safe`) is refused, naming the flag; --resume auto starts afresh when out_dir holds no
@@ -308,7 +310,8 @@ def resume_config(cfg, given: dict, safe=(), log=print):
                              f"afresh over it with --overwrite true (or choose another --out_dir)")
         return cfg, None
     if cfg.run.resume == "auto" and not os.path.exists(own):
-        log(f"--resume auto: no checkpoint in {cfg.run.out_dir} yet, starting afresh")
+        if int(os.environ.get("RANK", 0)) == 0:     # torchrun's ranks each read the flags
+            print(f"--resume auto: no checkpoint in {cfg.run.out_dir} yet, starting afresh")
         return cfg, None
     path = own if cfg.run.resume == "auto" else cfg.run.resume
     ckpt = load_checkpoint(path)
@@ -339,46 +342,6 @@ def params_fingerprint(model: torch.nn.Module) -> torch.Tensor:
     flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
     weights = torch.linspace(1, 2, flat.numel(), dtype=torch.float64, device=flat.device)
     return torch.stack([flat.sum(), (flat * weights).sum()])
-
-
-# ---- unreadable images --------------------------------------------------------------------
-class SkipUnreadable(Dataset):
-    """dataset[i], or, if its image cannot be read (the dataset raises OSError: unreadable,
-    truncated, empty or missing file), the next entry's, and so on: returns (sample, [(index,
-    message) of each entry skipped]). The skipped entries travel with the sample, so they reach
-    the main process from DataLoader workers too. After `max_tries` unreadable entries in a row
-    the sample is None: the run stops then (Watch), as the limit is passed."""
-
-    def __init__(self, dataset, max_tries: int, seed: tuple[int, ...] = ()):
-        self.dataset, self.max_tries = dataset, min(max_tries, len(dataset))
-        self.seed = seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        # each sample draws its crop, flip, caption and RandAugment from its own generator, seeded
-        # by (seed, index): the same in the main process as in any worker, so the data do not
-        # depend on num_workers and a resumed run draws what the uninterrupted one would
-        sample_seed = int(np.random.SeedSequence([*self.seed, i]).generate_state(1, np.uint64)[0])
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed)    # the CPU's alone: a GPU's
-                                                                # stream is the training's
-            skipped = []
-            for j in range(i, i + self.max_tries):
-                j %= len(self.dataset)
-                try:
-                    return self.dataset[j], skipped
-                except OSError as e:
-                    skipped.append((j, str(e)))
-            return None, skipped
-
-
-def collate_skipping(batch, collate):
-    """(collate(samples), the entries skipped to get them); (None, ...) if a sample is None."""
-    samples, skipped = zip(*batch)
-    batch = None if any(s is None for s in samples) else collate(list(samples))
-    return batch, [s for ss in skipped for s in ss]
 
 
 def ignore_signals(worker_id: int):
@@ -417,10 +380,11 @@ class StepPlan:
         run = self.run
         # the loader's own draws (worker base seeds) leave the training stream alone
         generator = torch.Generator().manual_seed((run.seed + self.rank) * 100_003 + epoch)
-        samples = SkipUnreadable(self.train_set, max_tries, (run.seed % 2**32, self.rank, epoch))
+        samples = data.SkipUnreadable(self.train_set, max_tries,
+                                      (run.seed % 2**32, self.rank, epoch))
         loader = DataLoader(Subset(samples, order), batch_size=run.batch_size,
                             num_workers=run.num_workers,
-                            collate_fn=partial(collate_skipping, collate=collate),
+                            collate_fn=partial(data.collate_skipping, collate=collate),
                             drop_last=True, pin_memory=device.type == "cuda", generator=generator,
                             worker_init_fn=ignore_signals)
         return epoch, iter(loader)
@@ -433,14 +397,23 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
         self.signum, self.step = signum, step
 
+    def exit(self, rank: int, world: int, command: str):
+        """Rank 0 says how to resume (`command`: the script and its out_dir); every rank exits
+        with 128 + the signal's number, as a shell reports a process ended by it."""
+        if rank == 0:
+            launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+            print(f"{self}; checkpoint written. Resume with: {launcher} {command} --resume auto",
+                  file=sys.stderr)
+        raise SystemExit(128 + self.signum) from None
+
 
 class Watch:
     """What every rank must agree on before each micro-batch, so that all stop or checkpoint at
     the same step: a SIGINT or SIGTERM received by any rank (the run then stops at the next step
     boundary), the entries skipped for an unreadable image (past run.max_bad_images the run
-    stops with an error naming the last ones), a loader that failed on any rank, and rank 0's
-    clock for run.ckpt_minutes. Under DDP one all_reduce of four integers on the CPU (gloo)
-    carries it: no wait for the GPU."""
+    stops with an error naming the last ones), a loader that failed on any rank, and the ranks'
+    clocks for run.ckpt_minutes (the first rank due decides). Under DDP one all_reduce of four
+    integers on the CPU (gloo) carries it: no wait for the GPU."""
 
     def __init__(self, run: RunConfig, world: int, master: bool, entries: int, skipped: dict,
                  log):

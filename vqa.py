@@ -52,9 +52,9 @@ class VQAModel(FusionModel):
         return self.vqa_head(self.fused_cls(batch["image"], batch["question_ids"],
                                             batch["question_mask"]))
 
-    def forward(self, batch):
+    def forward(self, batch, alpha=0.0):
         """answer_scores' batch and "targets" (B, A): the soft score of each answer in the list
-        (tasks.vqa_collate)."""
+        (tasks.vqa_collate). alpha: no teacher here (see CaptionModel.forward)."""
         logits, targets = self.answer_scores(batch), batch["targets"]
         # summed over answers (mean over the batch), as BUTD: a mean over A answers would shrink
         # the gradient of the few answers that matter by the size of the list

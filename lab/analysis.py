@@ -70,7 +70,7 @@ class AnalysisConfig:
 
 @dataclass
 class KeepConfig:
-    preset: str = "full"
+    preset: str = "full"             # full | quick (seconds)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     scenes: int = 200                # the split's first scenes ...
     captions: int = world.CAPTIONS_PER_IMAGE         # ... each with this many of its captions
@@ -91,7 +91,7 @@ class KeepConfig:
 
 @dataclass
 class PictureConfig:
-    preset: str = "full"
+    preset: str = "full"             # full | quick (seconds)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     images: int = 6                  # rows: the split's first scenes, one caption each
     method: str = "elip"             # one of METHODS
@@ -108,7 +108,7 @@ class PictureConfig:
 
 @dataclass
 class KindsConfig:
-    preset: str = "full"
+    preset: str = "full"             # full | quick (seconds)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     scenes: int = 200                # the split's first scenes, each with its captions (the
                                      # default run's zero-shot test)

@@ -52,14 +52,14 @@ WORDS = ("a man woman dog cat red blue small large two people sitting standing o
 
 @dataclass
 class CorpusConfig:
-    preset: str = "default"
+    preset: str = "default"          # default | quick (seconds)
     entries: int = 1_000_000         # entries of the generated JSON
     workers: int = 2                 # DataLoader worker processes reading the entries
     batch: int = 1000                # entries per DataLoader batch
     storage: str = "packed"          # packed: the dataset's own storage; list: a list of dicts
     check_images: bool = False       # also time the existence check of every image file
     dir: str = "out/bench_data"      # where the JSON is written (reused if present)
-    seed: int = 0
+    seed: int = 0                    # of the generated entries
 
     def __post_init__(self):
         if self.storage not in ("packed", "list"):
@@ -68,19 +68,19 @@ class CorpusConfig:
 
 @dataclass
 class LoadingConfig:
-    preset: str = "default"
+    preset: str = "default"          # default | quick (seconds)
     images: int = 64                 # JPEGs written (and read in turn)
-    width: int = 640
-    height: int = 480
-    quality: int = 90
+    width: int = 640                 # of each JPEG written
+    height: int = 480                # (see width)
+    quality: int = 90                # JPEG quality (90: about 120 KB, a web photo's size)
     samples: int = 256               # samples timed per measurement
     workers: int = 2                 # DataLoader runs with 1..workers worker processes
     batch: int = 8                   # samples per DataLoader batch
-    img_size: int = MODEL_PRESETS["albef"]["img_size"]
+    img_size: int = MODEL_PRESETS["albef"]["img_size"]  # the transform's output side (albef's)
     crop_scale: tuple[float, ...] = (0.2, 1.0)   # the albef preset's random-crop area
     randaug_n: int = 2               # the albef preset's RandAugment: operations per image
     randaug_m: int = 7               # and their strength
-    dir: str = "out/bench_data/jpeg"
+    dir: str = "out/bench_data/jpeg" # where the JPEGs are written (reused if present)
     threads: int = 1                 # torch threads per process (DataLoader workers use 1)
 
 

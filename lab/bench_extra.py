@@ -14,8 +14,6 @@ flags are this script's --bench.* flags; any unambiguous suffix works, e.g. --ar
 """
 import dataclasses
 import functools
-import json
-import os
 import statistics
 import sys
 import time
@@ -235,11 +233,7 @@ def run_extra(cfg):
 def main(argv):
     cfg, _ = parse_config(ExtraConfig(), argv, PRESETS, doc=__doc__)
     report = run_extra(cfg)
-    print(format_extra(report))
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {cfg.out}")
+    bench.write_report(format_extra(report), report, cfg.out)
 
 
 if __name__ == "__main__":

@@ -93,9 +93,9 @@ def write_summary(out_dir, summary, table):
 # ---- transfer: pre-trained against from scratch, on every downstream task of the world ----
 @dataclass
 class TransferConfig:
-    preset: str = "full"
+    preset: str = "full"             # full | quick (a small run that checks the harness)
     pretrained: str = "out/pretrain/checkpoint.pt"   # the pre-trained row's checkpoint
-    tasks: tuple[str, ...] = ("retrieval", "vqa", "nlvr", "ve", "caption")
+    tasks: tuple[str, ...] = ("retrieval", "vqa", "nlvr", "ve", "caption")  # the tasks fine-tuned
     seeds: tuple[int, ...] = (0, 1, 2)   # fine-tuning seeds (head and from-scratch weights, data
                                      # order, crops)
     epochs: int = 0                  # of every task; 0: the task's preset (train_downstream.py)
@@ -103,7 +103,7 @@ class TransferConfig:
     world_train: int = 0             # the world's training scenes; 0: the task's preset
     world_test: int = 0              # and test scenes; 0: the task's preset
     threads: int = 1                 # per run
-    out_dir: str = "out/transfer"
+    out_dir: str = "out/transfer"    # every run's out_dir under it, and the summary
     dry_run: bool = False            # print the commands, run nothing
 
 
@@ -245,11 +245,11 @@ def transfer_main(argv):
 # ---- guidance: does the text steer the pruning where it matters? --------------------------
 @dataclass
 class GuidanceConfig:
-    preset: str = "full"
-    methods: tuple[str, ...] = ("elip", "evit", "random", "none")
+    preset: str = "full"             # full | quick (a small run that checks the harness)
+    methods: tuple[str, ...] = ("elip", "evit", "random", "none")  # pruning methods trained
     lams: tuple[float, ...] = (0.8, 0.6, 1.0)   # elip is trained once per lam (Eq. 1; 1.0 is the
                                      # image [CLS] alone, the look-ahead kept)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2)  # the runs' seeds
     init_from: str = "out/pretrain/checkpoint.pt"   # every run continues pre-training from this
                                      # checkpoint (the default run's, which knows the world's
                                      # words and shapes) on the clutter world; empty: from scratch
@@ -257,13 +257,13 @@ class GuidanceConfig:
                                      # and 10: 32, 19 and 9 patches for every method but none
     world_train: int = 1600          # clutter scenes in the training split
     epochs: int = 2                  # (100 steps of 32)
-    batch_size: int = 32
+    batch_size: int = 32             # per step
     world_test: int = 100            # test scenes for zero-shot retrieval
     keep_scenes: int = 60            # test scenes (x 5 captions) for the keep fractions
     cover: float = 0.25              # a patch belongs to an object covering this much of it (a
                                      # small object spans 2x2 patches, about a quarter of each)
     threads: int = 1                 # per run
-    out_dir: str = "out/guidance"
+    out_dir: str = "out/guidance"    # every run's out_dir under it, and the summary
     dry_run: bool = False            # print the commands, run nothing
 
 
@@ -366,13 +366,13 @@ def guidance_main(argv):
 # ---- speed: the default run of two code revisions, side by side -----------------------------
 @dataclass
 class SpeedConfig:
-    preset: str = "full"
+    preset: str = "full"             # full | quick (a small run that checks the harness)
     base: str = ""                   # the older revision (a git commit, tag or branch of this
                                      # repository), run beside the working tree
     reps: int = 1                    # runs of each; the order alternates (base first on even reps)
     max_steps: int = 0               # per run; 0: the whole default run
     threads: int = 0                 # --threads of every run (0: torch's default)
-    out_dir: str = "out/speed"
+    out_dir: str = "out/speed"       # the runs and their timings
 
 
 SPEED_PRESETS = {"full": {}, "quick": dict(max_steps=3)}     # quick: checks the harness
@@ -447,21 +447,21 @@ def speed_main(argv):
 # ---- pooled: what the tiny ViT learns from scratch when told directly ---------------------
 @dataclass
 class PooledConfig:
-    preset: str = "full"
+    preset: str = "full"             # full | quick (a small run that checks the harness)
     steps: int = 900                 # about the default run's 935
-    eval_every: int = 100
-    batch_size: int = 32
+    eval_every: int = 100            # steps between evaluations on the test scenes
+    batch_size: int = 32             # per step
     lr: float = 5e-4                 # AdamW, constant; the default run's peak
-    weight_decay: float = 0.02
+    weight_decay: float = 0.02       # AdamW's
     depth: int = 12                  # the ViT's layers (the tiny preset's 12)
     init_std: float = 0.1            # the tiny preset's
     pool: str = "cls"                # what the labels are read from: cls (the [CLS] token, as ITC
                                      # reads an image) | mean (of the patch tokens)
     world_train: int = 6000          # scenes of the default world to train on
     world_test: int = 400            # and to test on (the test split)
-    seed: int = 0
+    seed: int = 0                    # of the ViT's and the head's initial weights
     threads: int = 0                 # torch.set_num_threads (0: torch's default)
-    out_dir: str = "out/pooled"
+    out_dir: str = "out/pooled"      # the log and the result
 
 
 POOLED_PRESETS = {"full": {}, "quick": dict(steps=30, eval_every=10, depth=2, world_train=200,

@@ -4,7 +4,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from config import config_from_dict, parse_config
+import bench
+import train_downstream
+from config import config_from_dict, config_leaves, field_comments, parse_config
 from train_pretrain import PRESETS, TrainConfig
 
 
@@ -123,3 +125,14 @@ def test_presets_keyed_by_two_fields():
         parse_config(Task(), ["--task", "c"], presets, key=("task", "preset"))
     with pytest.raises(SystemExit, match="--preset 'big' is not one of world with --task 'b'"):
         parse_config(Task(), ["--task", "b", "--preset", "big"], presets, key=("task", "preset"))
+
+
+def undescribed_flags(cfg) -> list:
+    """The flags of cfg (nested configs included) with no comment beside their field."""
+    return [name for name, (owner, attr) in config_leaves(cfg).items()
+            if not field_comments(type(owner)).get(attr)]
+
+
+def test_every_flag_of_every_entry_point_says_what_it_does():
+    for cfg in (TrainConfig(), train_downstream.DownstreamConfig(), bench.BenchConfig()):
+        assert undescribed_flags(cfg) == [], type(cfg).__name__

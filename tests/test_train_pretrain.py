@@ -2,9 +2,12 @@
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import traceback
 
 import pytest
 import torch
@@ -339,7 +342,6 @@ def test_init_from_starts_a_new_run_from_a_checkpoint(tmp_path):
 # ---- runs that lose nothing ------------------------------------------------------------------
 def wait_for_step(out_dir, step, proc, timeout=120):
     """Until out_dir/log.jsonl logs `step` (the run is inside its loop)."""
-    import time
     path, t0 = os.path.join(out_dir, "log.jsonl"), time.time()
     while time.time() - t0 < timeout and proc.poll() is None:
         if os.path.exists(path) and any(json.loads(l).get("step", 0) >= step
@@ -352,7 +354,6 @@ def wait_for_step(out_dir, step, proc, timeout=120):
 def interrupted_then_resumed(tmp_path, launch, signum, flags):
     """A run of `flags` stopped by `signum` after its second step, then resumed to the end:
     (exit code, stderr of the stopped run, the step it stopped at, the resumed final model)."""
-    import signal
     out = str(tmp_path / "stopped")
     proc = subprocess.Popen(launch + [*flags, "--out_dir", out], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT},
@@ -369,7 +370,6 @@ def interrupted_then_resumed(tmp_path, launch, signum, flags):
 
 
 def test_ctrl_c_writes_the_checkpoint_and_a_resume_gives_the_same_model(tmp_path):
-    import signal
     flags = SMALL + ["--world_train", "40", "--max_steps", "30"]
     straight = str(tmp_path / "straight")
     train_pretrain.main(flags + ["--out_dir", straight])
@@ -382,7 +382,6 @@ def test_ctrl_c_writes_the_checkpoint_and_a_resume_gives_the_same_model(tmp_path
 
 
 def test_sigterm_stops_two_ranks_at_one_step_and_the_resume_is_exact(tmp_path):
-    import signal
     flags = SMALL + ["--world_train", "48", "--max_steps", "30"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
               "2", "train_pretrain.py"]
@@ -451,8 +450,7 @@ def test_own_captions_build_their_vocabulary_and_are_scored_zero_shot(tmp_path, 
 def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
     """Between log lines, the loop never waits for the device: no .item() on a tensor of the
     step (on a GPU, a host sync); the losses are read at log_every. Reads made while loading
-    data (torchvision's crops, on the CPU by design) do not count."""
-    import traceback
+    data (torchvision's crops, the DataLoader's seeds: on the CPU by design) do not count."""
     calls = []
     real_item = torch.Tensor.item
 

@@ -13,7 +13,8 @@ from torch.utils.data import DistributedSampler
 
 import ddp_probe
 from test_train_pretrain import torchrun
-from trainer import RunConfig, SkipUnreadable, collate_skipping, lr_at
+from data import SkipUnreadable, collate_skipping
+from trainer import RunConfig, lr_at
 
 
 def albef_rates(epochs, warmup_epochs, steps_per_epoch, lr, warmup_lr, min_lr, at_epoch_start):

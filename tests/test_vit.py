@@ -1,5 +1,4 @@
 """The ViT against timm's, and strict loading of DeiT/timm checkpoints."""
-import math
 
 import pytest
 import torch

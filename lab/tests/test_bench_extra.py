@@ -4,25 +4,11 @@ end-to-end run of `python -m lab.bench_extra`. No timing assertions."""
 import json
 
 import pytest
-import torch
 
-from lab import bench_extra
+from lab import analysis, bench_data, bench_extra, experiments
 from pruning import PruneConfig, token_counts
-from vit import VisionTransformer
-
-
-def tiny_vit(prune):
-    torch.manual_seed(0)
-    return VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=12, num_heads=4,
-                             prune=prune)
-
-
-def vit_loss(vit):
-    def loss(batch):
-        g = torch.Generator().manual_seed(batch)
-        return vit(torch.randn(batch, 3, 32, 32, generator=g),
-                   torch.randn(batch, 48, generator=g)).mean()
-    return loss
+from tests.test_bench import tiny_vit, vit_loss
+from tests.test_config import undescribed_flags
 
 
 def test_elip_plus_search_on_known_memory_curves():
@@ -81,3 +67,12 @@ def test_bench_extra_end_to_end(tmp_path, capsys):
     assert "skipped" in t or min(t["ours_train_flops"], t["timm_train_flops"], t["ours_s"]) > 0
     text = capsys.readouterr().out
     assert "ELIP+ (vit)" in text and "all cuts: " in text
+
+
+def test_every_flag_of_every_lab_command_says_what_it_does():
+    configs = [bench_extra.ExtraConfig(), analysis.KeepConfig(), analysis.PictureConfig(),
+               analysis.KindsConfig(), bench_data.CorpusConfig(), bench_data.LoadingConfig(),
+               experiments.TransferConfig(), experiments.GuidanceConfig(),
+               experiments.SpeedConfig(), experiments.PooledConfig()]
+    for cfg in configs:
+        assert undescribed_flags(cfg) == [], type(cfg).__name__
