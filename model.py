@@ -71,8 +71,6 @@ class ModelConfig:
     # paper presets keep ALBEF's and BLIP's choices
     init_std: float = 0.02           # std of random initial weights, both encoders (timm, BERT);
                                      # see PRESETS["tiny"] for why it is larger there
-    itc_online_batch: bool = False   # ITC's in-batch candidates from the online encoders (CLIP),
-                                     # not the momentum ones (ALBEF); see itc_loss
     itm_hard_negatives: bool = True  # ITM negatives drawn by ITC similarity (ALBEF), or uniformly
 
     def __post_init__(self):
@@ -93,10 +91,11 @@ class ModelConfig:
 
 # Architecture presets; the training scripts add their own (batch, learning rate, steps).
 PRESETS = {
-    # tiny: trained from scratch in minutes, where ALBEF's teacher-based ITC collapses (see
-    # itc_loss): online in-batch ITC candidates, no queue (stale features of an untrained
-    # teacher are negatives that all features escape together), no distillation (an untrained
-    # teacher's soft targets are uniform and pull every feature together). And init_std 0.1:
+    # tiny: trained from scratch in minutes, where ALBEF's teacher-based ITC collapses (its
+    # in-batch candidates become the online features: world_aids.py): no queue (stale features
+    # of an untrained teacher are negatives that all features escape together), no distillation
+    # (an untrained teacher's soft targets are uniform and pull every feature together). And
+    # init_std 0.1:
     # with BERT's 0.02, every caption's [CLS] starts as nearly the same vector (cosine 0.9998
     # between captions: the attention's small weights barely mix the words in), ITC's gradient
     # is as small as those differences, and MLM's far larger gradients on the shared text layers
@@ -106,7 +105,7 @@ PRESETS = {
     # world's counts, exactly) true of the image, and ITM from scratch never left chance on them.
     # The training script adds the embedded world's aids to this preset (world_aids.py).
     "tiny": dict(tome_r=3, text_dropout=0.0, momentum=0.99, queue_size=0, distill=False,
-                 itc_online_batch=True, init_std=0.1, itm_hard_negatives=False),
+                 init_std=0.1, itm_hard_negatives=False),
     # ELIP's pre-training of ALBEF and BLIP: no drop path, ALBEF's 25 text tokens (truncated),
     # BLIP's 30, ELIP's pruning schedule
     "albef": dict(img_size=256, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
@@ -253,7 +252,7 @@ class ELIPModel(nn.Module):
         teacher costs a forward pass of both encoders per step."""
         c = self.cfg
         itc = "itc" in c.losses and (c.queue_size > 0 or c.distill)
-        candidates = ("itc" in c.losses or "itm" in c.losses) and not c.itc_online_batch
+        candidates = "itc" in c.losses or "itm" in c.losses
         return itc or candidates or ("mlm" in c.losses and c.distill)
 
     @torch.no_grad()
@@ -397,11 +396,10 @@ class ELIPModel(nn.Module):
     @torch.no_grad()
     def itm_similarities(self, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's similarities as ITC computes them (ALBEF, BLIP), (sim_i2t, sim_t2i): online
-        image against ITC's candidate texts (momentum ones, or online with itc_online_batch),
-        online text against the candidate images; they weigh ITM's hard negatives."""
+        image against ITC's candidate texts, the momentum ones, online text against the candidate
+        images; they weigh ITM's hard negatives."""
         image_feat, text_feat = enc["image_feat"], enc["text_feat"]
-        image_c, text_c = ((image_feat, text_feat) if self.cfg.itc_online_batch
-                           else (enc["image_feat_m"], enc["text_feat_m"]))
+        image_c, text_c = enc["image_feat_m"], enc["text_feat_m"]
         if self.cfg.negative_all_rank and distributed():
             # BLIP's COCO retrieval: every rank's online features are candidates
             image_c, text_c = all_gather(image_feat), all_gather(text_feat)          # (N, E)
@@ -414,15 +412,9 @@ class ELIPModel(nn.Module):
         temp = self.temp.clamp(0.001, 0.5)
         B = image_feat.shape[0]
         # ALBEF compares the online features with momentum ones only, so each side learns from
-        # the other's slow teacher. From scratch that stalls: both teachers start with one
-        # feature for every input and the features collapse onto it (the tiny preset stayed at
-        # chance). With itc_online_batch the batch's own online features are the candidates, as
-        # in CLIP, and gradient reaches both encoders; the queue still holds momentum features.
-        online = self.cfg.itc_online_batch
-        image_all = torch.cat([(image_feat if online else image_feat_m).T, self.image_queue],
-                              dim=1)                                               # (E, B+Q)
-        text_all = torch.cat([(text_feat if online else text_feat_m).T, self.text_queue],
-                             dim=1)                                                # (E, B+Q)
+        # the other's slow teacher (the candidates: the batch's momentum features, then the queue)
+        image_all = torch.cat([image_feat_m.T, self.image_queue], dim=1)          # (E, B+Q)
+        text_all = torch.cat([text_feat_m.T, self.text_queue], dim=1)             # (E, B+Q)
         if idx is None:   # each image its own positive
             pos = F.pad(torch.eye(B, device=image_feat.device), (0, image_all.shape[1] - B))
         else:             # every caption of the same image is a positive (retrieval fine-tuning)

@@ -8,10 +8,13 @@ aid is on.
 
 Without them the tiny ViT never learnt shapes or places within the run (a probe of its tokens
 named shapes no better than an untrained one's) and zero-shot retrieval stopped at 46% of its
-ceiling. The four aids (docs/tiny-preset.md has what each bought):
+ceiling. The aids (docs/tiny-preset.md has what each bought):
   objects           the world's object labels as a fourth loss: each object's region, pooled
                     from the tokens the pruning kept, names its size, colour, shape and place,
                     as an ImageNet-like pre-training would have taught the ViT
+  itc_online_batch  ITC's in-batch candidates from the online encoders, as CLIP: ALBEF's come
+                    from the momentum teacher, and from scratch both teachers start with one
+                    feature for every input, onto which the features collapse
   itc_all_captions  ITC over all five captions of an image at once, each a different fact
   conv_stem         a convolutional stem in place of the ViT's linear patch map (Xiao et al.
                     2021, "Early convolutions help transformers see better")
@@ -37,6 +40,8 @@ from vit import PatchEmbed, VisionTransformer
 class WorldAids:
     objects: bool = False            # the world's object labels as a fourth loss (object_loss)
     object_weight: float = 3.0       # the weight of that loss in the sum
+    itc_online_batch: bool = False   # ITC's in-batch candidates from the online encoders (CLIP),
+                                     # not the momentum ones (ALBEF); no distillation then
     itc_all_captions: bool = False   # ITC reads every caption of an image at once, all of them
                                      # its positives (itc_all_loss); online batch, no queue
     conv_stem: bool = False          # a convolutional stem in place of the linear patch map
@@ -45,19 +50,23 @@ class WorldAids:
 
     @property
     def on(self) -> bool:
-        return self.objects or self.itc_all_captions or self.conv_stem or self.sincos_pos > 0
+        return (self.objects or self.itc_online_batch or self.itc_all_captions or self.conv_stem
+                or self.sincos_pos > 0)
 
     def check(self, mc: ModelConfig):
         """Refuse a model config the aids cannot serve (called before anything is built)."""
-        if self.itc_all_captions and not (mc.itc_online_batch and mc.queue_size == 0
-                                          and not mc.distill):
-            raise ValueError("itc_all_captions needs itc_online_batch, queue_size 0 and no "
-                             "distill (ITC over the batch's online features only)")
+        if self.itc_online_batch and mc.distill:
+            raise ValueError("itc_online_batch takes no distillation: the soft targets are the "
+                             "teacher's, the candidates the online features (distill false)")
+        if self.itc_all_captions and not (self.itc_online_batch and mc.queue_size == 0):
+            raise ValueError("itc_all_captions needs itc_online_batch and queue_size 0 (ITC "
+                             "over the batch's online features only)")
 
 
 # the tiny preset's aids (train_pretrain.py), and the architecture a fine-tuning from random
 # weights builds to compare with it (tasks.scratch_model_config)
-TINY = WorldAids(objects=True, itc_all_captions=True, conv_stem=True, sincos_pos=0.3)
+TINY = WorldAids(objects=True, itc_online_batch=True, itc_all_captions=True, conv_stem=True,
+                 sincos_pos=0.3)
 
 
 class ConvStem(nn.Module):
@@ -132,11 +141,29 @@ class WorldModel(ELIPModel):
         self.object_head = (nn.Linear(cfg.vision_width, sum(world.OBJECT_CLASSES))
                             if self.aids.objects else None)
 
+    @property
+    def reads_momentum(self) -> bool:
+        """With online candidates (and no distillation, WorldAids.check) only a queue, which
+        holds momentum features, reads the teacher."""
+        if not self.aids.itc_online_batch:
+            return super().reads_momentum
+        return "itc" in self.cfg.losses and self.cfg.queue_size > 0
+
+    def candidates(self, enc: dict) -> dict:
+        """enc with the online features standing where ITC and ITM read their in-batch
+        candidates (the teacher's in ELIPModel); gradient then reaches both encoders."""
+        if not self.aids.itc_online_batch:
+            return enc
+        return {**enc, "image_feat_m": enc["image_feat"], "text_feat_m": enc["text_feat"]}
+
     def itc(self, batch: dict, enc: dict, alpha: float) -> torch.Tensor:
         if not self.aids.itc_all_captions:
-            return super().itc(batch, enc, alpha)
+            return super().itc(batch, self.candidates(enc), alpha)
         return self.itc_all_loss(enc["image_feat"], batch["captions_ids"],
                                  batch["captions_mask"], batch["captions_count"])
+
+    def itm_similarities(self, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().itm_similarities(self.candidates(enc))
 
     def losses(self, batch: dict, enc: dict, alpha: float) -> dict:
         out = super().losses(batch, enc, alpha)

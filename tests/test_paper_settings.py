@@ -66,7 +66,6 @@ OFFICIAL = {
         "model.fusion_layers": 6,
         "model.losses": ("itc", "itm", "mlm"),
         "model.distill": True,              # ALBEF/models/model_pretrain.py:121-128
-        "model.itc_online_batch": False,    # ALBEF/models/model_pretrain.py:114-131
         "model.itm_hard_negatives": True,   # ALBEF/models/model_pretrain.py:148-170
         "model.itm_weight_eps": 0.0,        # ALBEF/models/model_pretrain.py:150-154 softmax,
                                             # diagonal zeroed, nothing added
@@ -122,7 +121,6 @@ OFFICIAL = {
         "model.temp": 0.07,                 # BLIP/models/blip_pretrain.py:88
         "model.losses": ("itc", "itm", "lm"),
         "model.distill": True,              # BLIP/models/blip_pretrain.py:127-134
-        "model.itc_online_batch": False,
         "model.itm_hard_negatives": True,   # BLIP/models/blip_pretrain.py:158-162
         "model.itm_weight_eps": 1e-4,       # BLIP/models/blip_pretrain.py:159,161 +1e-4
         "model.token_types": False,         # BLIP/models/med.py:52-58 word + position only

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import data
 import world
+import world_aids
 from data import PretrainDataset, create_transform, make_collate, pre_caption, swap_left_right
 from model import ELIPModel, ModelConfig
 from pruning import PruneConfig
@@ -86,9 +87,8 @@ def test_objects_loss_against_a_loop_over_objects(method):
 
 
 def test_itc_over_all_captions_against_a_loop():
-    kw = dict(queue_size=0, distill=False, itc_online_batch=True, text_dropout=0.0,
-              prune=PruneConfig(method="none"))
-    m = tiny_world(WorldAids(itc_all_captions=True), **kw).train()
+    kw = dict(queue_size=0, distill=False, text_dropout=0.0, prune=PruneConfig(method="none"))
+    m = tiny_world(WorldAids(itc_online_batch=True, itc_all_captions=True), **kw).train()
     g = torch.Generator().manual_seed(3)
     images, ids = torch.randn(3, 3, 32, 32, generator=g), ids_batch(g, 3, 6)
     counts = torch.tensor([2, 3, 1])                        # every caption of each image
@@ -108,11 +108,13 @@ def test_itc_over_all_captions_against_a_loop():
     want = (torch.stack(i2t).mean() + torch.stack(t2i).mean()) / 2
     assert torch.allclose(out["itc"], want, atol=1e-5)
     # ITC of the one drawn caption (ELIPModel's) is another number: the aid is what ran
-    assert abs(ELIPModel.itc(m, b, m.encode(b), 0.4) - out["itc"]) > 1e-3
+    assert abs(ELIPModel.itc(m, b, m.candidates(m.encode(b)), 0.4) - out["itc"]) > 1e-3
     with pytest.raises(KeyError, match="captions_ids"):
         m({k: v for k, v in b.items() if not k.startswith("captions_")})
     with pytest.raises(ValueError, match="itc_all_captions needs"):
         WorldModel(ModelConfig(vocab_size=40), WorldAids(itc_all_captions=True))   # ALBEF's queue
+    with pytest.raises(ValueError, match="itc_online_batch takes no distillation"):
+        WorldModel(ModelConfig(vocab_size=40), WorldAids(itc_online_batch=True))   # distill on
 
 
 # -----------------------------------------------------------------------------
@@ -288,7 +290,7 @@ def test_a_collated_world_batch_runs_through_world_model():
     """The dataset's keys are the model's: WorldPretrainDataset with every aid, collated, feeds
     WorldModel's forward with every aid (the tiny preset's losses), each loss finite, and the
     objects loss reaches the head."""
-    aids = WorldAids(objects=True, itc_all_captions=True, conv_stem=True, sincos_pos=0.3)
+    aids = world_aids.TINY
     tok = Tokenizer.build([" ".join(World.vocabulary())])
     ds = WorldPretrainDataset(world_entries("pretrain", "train", 4), aids, 8, check_images=False,
                               transform=create_transform(32, train=True, crop_scale=(0.8, 1.0)))
@@ -297,7 +299,7 @@ def test_a_collated_world_batch_runs_through_world_model():
     assert b["object_cover"].shape == (4, world.MAX_OBJECTS, 16)
     m = tiny_world(aids, losses=("itc", "itm", "mlm"), vocab_size=tok.vocab_size,
                    pad_id=tok.pad_id, cls_id=tok.cls_id, mask_id=tok.mask_id, queue_size=0,
-                   distill=False, itc_online_batch=True).train()
+                   distill=False).train()
     out = m(b)
     assert set(out) == {"itc", "itm", "mlm", "objects", "loss"}          # no queue: none to write
     assert all(torch.isfinite(v) for v in out.values())
