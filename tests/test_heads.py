@@ -119,8 +119,9 @@ def test_build_model_builds_the_pretrained_vits_and_loads_a_tiny_checkpoint(task
     cfg = SimpleNamespace(task=task, distill=True, momentum=0.995, vqa_head="classifier",
                           vqa_k=4, prompt="a picture of")
     tok = SimpleNamespace(encode=lambda text: [2, 7, 8, 9, 3], sep_id=3)
+    mc = dataclasses.replace(CFG, queue_size=0, distill=False)   # the tiny preset's ITC
     torch.manual_seed(0)
-    model = tasks.build_model(cfg, CFG, tok, ["yes", "no"], aids)
+    model = tasks.build_model(cfg, mc, tok, ["yes", "no"], aids)
     vits = [m for m in model.modules() if isinstance(m, world_aids.VisionTransformer)]
     assert len(vits) == (1 if task in ("vqa", "caption") else 2)
     grid = int(vits[0].num_patches ** 0.5)
@@ -132,8 +133,8 @@ def test_build_model_builds_the_pretrained_vits_and_loads_a_tiny_checkpoint(task
         assert isinstance(model, world_aids.WorldModel)
         assert not model.aids.objects and not model.aids.itc_all_captions
         return
-    pretrained = world_aids.WorldModel(CFG, dataclasses.replace(aids, objects=False,
-                                                               itc_all_captions=False))
+    pretrained = world_aids.WorldModel(mc, dataclasses.replace(aids, objects=False,
+                                                              itc_all_captions=False))
     weights = load_pretrained(model, pretrained.state_dict())
     assert all(any(p in k for p in model.NEW_PARAMS) for k in weights["initialised"])
     assert any("patch_embed.proj" in k for k in weights["loaded"])

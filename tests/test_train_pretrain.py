@@ -202,7 +202,7 @@ def test_skipping_unread_momentum_encoders_changes_no_online_weight(tmp_path, mo
     path), so running them anyway trains the online weights bit for bit the same."""
     flags = SMALL + ["--queue_size", "0", "--max_steps", "3"]
     train_pretrain.main(flags + ["--out_dir", str(tmp_path / "skip")])
-    monkeypatch.setattr(train_pretrain.ELIPModel, "reads_momentum", True)
+    monkeypatch.setattr(train_pretrain.WorldModel, "reads_momentum", True)   # online ITC
     train_pretrain.main(flags + ["--out_dir", str(tmp_path / "run")])
     skip, run = final_model(str(tmp_path / "skip")), final_model(str(tmp_path / "run"))
     momentum = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.")
