@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from model import ELIPModel, build_text, build_vit
 from pruning import TEXT_GUIDED, PruneConfig
+from text_encoder import VOCAB_KEYS
 from vit import PatchEmbed, interpolate_pos_embed
 
 
@@ -323,13 +324,13 @@ def load_pretrained(model, state):
     head, cross-attention where the encoder has it): 0 for captioning, the first fusion layer for
     ALBEF's VQA decoder. A momentum copy that the checkpoint lacks (a decoder's, a head's) loads
     as its online module does. A key found nowhere must be new by design (model.NEW_PARAMS, e.g.
-    the heads). Position
-    embeddings of a ViT (online and momentum) trained at another resolution are resized to ours
-    (vit.interpolate_pos_embed: bicubic on the grid, [CLS] kept, as ALBEF and BLIP load their
-    checkpoints for fine-tuning at 384 px); any other shape mismatch is an error. Returns
-    dict(loaded, initialised, unused, interpolated) lists of keys: `unused` are the pre-training
-    keys the task drops (queues, projections, ...), `interpolated` the
-    resized position embeddings."""
+    the heads). Position embeddings of a ViT (online and momentum) trained at another resolution
+    are resized to ours (vit.interpolate_pos_embed: bicubic on the grid, [CLS] kept, as ALBEF and
+    BLIP load their checkpoints for fine-tuning at 384 px); the tensors indexed by token id gain
+    the rows of words added for fine-tuning (tasks.grow_vocabulary); any other shape mismatch is
+    an error. Returns dict(loaded, initialised, unused, interpolated, grown) lists of keys:
+    `unused` are the pre-training keys the task drops (queues, projections, ...),
+    `interpolated` the resized position embeddings, `grown` the tensors with added rows."""
     ours = model.state_dict()
     has_decoder = any(k.startswith("text_decoder.") for k in state)
     offset = getattr(model, "decoder_from_layer", 0)
@@ -351,7 +352,7 @@ def load_pretrained(model, state):
     if unexpected:
         raise ValueError(f"the pre-training checkpoint lacks {len(unexpected)} weights of the "
                          f"{type(model).__name__}: {unexpected[:8]}")
-    weights, interpolated = {}, []
+    weights, interpolated, grown = {}, [], []
     for k, s in sources.items():
         if s is None:
             continue
@@ -360,10 +361,16 @@ def load_pretrained(model, state):
         if k.endswith("pos_embed") and theirs != shape and theirs[::2] == shape[::2]:
             weights[k] = interpolate_pos_embed(state[s], shape[1] - 1)   # (1, 1+M, D) -> (1, 1+M', D)
             interpolated.append(k)
+        if k.endswith(VOCAB_KEYS) and theirs[1:] == shape[1:] and theirs[0] < shape[0]:
+            # words added to the vocabulary for fine-tuning: the checkpoint's rows, then our
+            # initialisation of the new ones (Hugging Face's resize_token_embeddings)
+            weights[k] = torch.cat([state[s].to(ours[k].dtype), ours[k][len(state[s]):]])
+            grown.append(k)
         if weights[k].shape != ours[k].shape:
             raise ValueError(f"shape mismatch for {k} (checkpoint {s}): checkpoint "
                              f"{tuple(theirs)} vs model {tuple(shape)}")
     model.load_state_dict(weights, strict=False)
     used = set(sources.values())
     return dict(loaded=[k for k in ours if sources[k] is not None], initialised=initialised,
-                unused=[k for k in state if k not in used], interpolated=interpolated)
+                unused=[k for k in state if k not in used], interpolated=interpolated,
+                grown=grown)

@@ -3,7 +3,8 @@ The downstream tasks of train_downstream.py, piece by piece: each task's data (t
 files or the embedded world), its model on the pre-trained architecture, and its evaluation on a
 test set beside a chance or majority baseline.
 
-    train_set, test_sets, train_collate, test_collate = build_data(cfg, mc, tok)
+    train_set, test_sets, answers = build_sets(cfg, mc)
+    train_collate, test_collate = task_collates(cfg, mc, tok, answers)
     model = build_model(cfg, mc, tok, answers, aids)
     scores, baseline, kind, predictions = evaluate_task(cfg, model, train_set, test_set, ...)
 
@@ -77,8 +78,8 @@ def train_or_test_dataset(cfg, entries, root, transform, train, answers, max_wor
     return data.CaptionDataset(entries, root, transform, train, **kw)
 
 
-def build_data(cfg, mc, tok, answers=None):
-    """(train set or None, {name: test set}, train collate, test collate): the JSON files, or the
+def build_sets(cfg, mc, answers=None):
+    """(train set or None, {name: test set}, VQA's answer list or None): the JSON files, or the
     world's splits (named "world"). Without --train_file an evaluation-only run has no training
     set (and so no majority baseline). `answers`: VQA's answer list when the model fixes it (a
     fine-tuned checkpoint); else --answer_list, the world's, or every answer of the training files."""
@@ -103,13 +104,35 @@ def build_data(cfg, mc, tok, answers=None):
         "world": world.world_entries(task, "test", cfg.world_test, cfg.world_seed)}
     test_sets = {name: task_dataset(cfg, entries, root, test_tf, False, answers,
                                     cfg.eval_max_words) for name, entries in tests.items()}
-    collate = data.make_collate(tok, mc.max_len)
     if task == "vqa":   # the list itself, where --answer_list named a file
         answers = next(iter(test_sets.values())).answer_list
-    train_collate = collate if task != "vqa" or cfg.vqa_head == "decoder" else partial(
-        vqa_collate, tokenizer=tok, max_len=mc.max_len,
-        answer_index={a: i for i, a in enumerate(answers)})
-    return train_set, test_sets, train_collate, collate
+    return train_set, test_sets, answers
+
+
+def task_collates(cfg, mc, tok, answers):
+    """(train collate, test collate): named batches of tokenised text; the VQA classifier trains
+    on soft scores over the answer list (vqa_collate)."""
+    collate = data.make_collate(tok, mc.max_len)
+    if cfg.task != "vqa" or cfg.vqa_head == "decoder":
+        return collate, collate
+    return partial(vqa_collate, tokenizer=tok, max_len=mc.max_len,
+                   answer_index={a: i for i, a in enumerate(answers)}), collate
+
+
+def grow_vocabulary(cfg, tok, train_set, answers):
+    """The tokenizer plus every word of the training texts (captions, questions, sentences,
+    VQA's answers, the caption prompt) that it can only read as [UNK], as new whole-word tokens,
+    most frequent first: fine-tuning then learns an embedding for each, as BLIP adds [DEC] and
+    [ENC] to BERT's vocabulary, instead of one [UNK] for all (answers that all read [UNK]
+    cannot be told apart). Returns (tokenizer, the words added)."""
+    texts = [cfg.prompt] if cfg.task == "caption" else []
+    texts += list(answers or [])
+    for item in train_set.items:
+        for key in ("captions", "question", "answers", "sentence"):
+            value = item.get(key, [])
+            texts += [value] if isinstance(value, str) else list(value)
+    words = tok.unknown_words(texts)
+    return tok.add_tokens(words), words
 
 
 # ---- model -------------------------------------------------------------------------------

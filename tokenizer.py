@@ -111,6 +111,14 @@ class Tokenizer:
         return Tokenizer(self.vocab + [t for t in dict.fromkeys(tokens) if t not in self.token_to_id],
                          self.do_lower_case)
 
+    def unknown_words(self, texts):
+        """The words of `texts` (as basic_tokenize splits them) that this vocabulary can only
+        read as [UNK], most frequent first, ties alphabetical."""
+        counts = Counter(w for t in texts for w in basic_tokenize(t, self.do_lower_case))
+        unknown = [w for w in counts
+                   if w not in self.token_to_id and self._word_pieces(w) == ["[UNK]"]]
+        return sorted(unknown, key=lambda w: (-counts[w], w))
+
     def save(self, path):
         with open(path, "w", encoding="utf-8") as f:
             f.write("".join(t + "\n" for t in self.vocab))

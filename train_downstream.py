@@ -57,8 +57,8 @@ import world_aids
 from config import check_paths, config_from_dict, parse_config
 from heads import load_pretrained
 from model import ModelConfig
-from tasks import (build_data, build_model, downstream_model_config, evaluate_task,
-                   scratch_model_config)
+from tasks import (build_model, build_sets, downstream_model_config, evaluate_task,
+                   grow_vocabulary, scratch_model_config, task_collates)
 from tokenizer import Tokenizer
 from trainer import (RunConfig, alpha_at, autocast_and_scaler, build_optimizer, gather_objects,
                      load_checkpoint, log_json, lr_at)
@@ -312,7 +312,8 @@ def load_weights(cfg, model, ckpt, state, fine_tuned: bool, log) -> dict:
                          f"{weights['unused'][:8]}")
     log(f"loaded {len(weights['loaded'])} tensors from {cfg.pretrained}; newly initialised: "
         f"{weights['initialised']}; position embeddings interpolated to {model.cfg.img_size} px: "
-        f"{weights['interpolated']}; unused tensors: {len(weights['unused'])} "
+        f"{weights['interpolated']}; rows added for new words: {weights['grown']}; unused "
+        f"tensors: {len(weights['unused'])} "
         f"({', '.join(sorted({k.split('.')[0] for k in weights['unused']}))})")
     return weights
 
@@ -371,10 +372,19 @@ def finetune(cfg, ckpt, rank: int, world_size: int, device: torch.device):
             cfg = dataclasses.replace(cfg, vqa_head=tuned.get("vqa_head", "classifier"),
                                       distill=tuned.get("distill", False))
     try:    # every entry is checked when the dataset is built, before any training step
-        train_set, test_sets, train_collate, test_collate = build_data(cfg, mc, tok, answers)
+        train_set, test_sets, answers = build_sets(cfg, mc, answers)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    answers = next(iter(test_sets.values())).answer_list if cfg.task == "vqa" else []
+    answers = answers if cfg.task == "vqa" else []
+    if ckpt is None and not cfg.evaluate:
+        tok, added = grow_vocabulary(cfg, tok, train_set, answers)
+        mc = dataclasses.replace(mc, vocab_size=tok.vocab_size)
+        log(f"vocabulary: {len(added)} words of the training set that the checkpoint's "
+            f"vocabulary reads as [UNK] added as new tokens, their embedding rows initialised "
+            f"afresh ({tok.vocab_size} tokens)" + (f": {', '.join(added[:12])}"
+                                                   f"{' ...' if len(added) > 12 else ''}"
+                                                   if added else ""))
+    train_collate, test_collate = task_collates(cfg, mc, tok, answers)
     model = build_model(cfg, mc, tok, answers, aids).to(device)
     weights = load_weights(cfg, model, ckpt, state, tuned is not None, log)
     del state

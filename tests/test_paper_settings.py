@@ -520,7 +520,7 @@ def test_vqa_presets_reach_the_model_and_the_data(tmp_path):
         rates = [block.drop_path for block in model.visual_encoder.blocks]
         assert rates[0] == 0 and rates[-1] == pytest.approx(drop_path)
         assert model.distill == (not blip)
-        train_set, test_sets, _, _ = tasks.build_data(cfg, mc, tok)
+        train_set, test_sets, _ = tasks.build_sets(cfg, mc)
         assert train_set[0]["weights"] == [1.0] and train_set[1]["weights"] == [vg]  # VQA; VG
         assert len(train_set.items[0]["question"].split()) == train_words
         assert train_set.clean is (data.pre_question_blip if blip else data.pre_question)
