@@ -10,6 +10,7 @@ collective sits behind that check.
 import contextlib
 import dataclasses
 import datetime
+import inspect
 import json
 import math
 import os
@@ -537,12 +538,16 @@ def start_run(ckpt, optimizer, scaler, world: int, out_dir: str, master: bool, l
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, world: int):
-    """DDP over the ranks (gradients averaged in backward); the queues and other buffers agree
-    by all_gather in the model, so DDP need not broadcast them."""
+    """DDP over the ranks (gradients averaged in backward). The buffers (the queues) start as rank
+    0's, as under ALBEF's and BLIP's DDP, and then agree by all_gather in the model, so DDP need
+    not broadcast them at every forward (the flag's name changed in torch 2.14)."""
     if world == 1:
         return model
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
+    renamed = "forward_sync_buffers" in inspect.signature(DDP).parameters
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-               broadcast_buffers=False)
+               **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
 
 
 def write_checkpoint(cfg, model, optimizer, scaler, step: int, watch: Watch, extra: dict):

@@ -289,6 +289,7 @@ def test_two_ranks_skip_unreadable_images_and_stop_together(tmp_path):
     out = str(tmp_path / "out")
     proc = torchrun(["train_pretrain.py", *flags, "--out_dir", out, "--num_workers", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FutureWarning" not in proc.stderr and "DeprecationWarning" not in proc.stderr
     recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert [r["step"] for r in recs if "loss" in r] == [1, 2]
     named = [m for r in recs if "skipped" in r for m in r["skipped"]]
