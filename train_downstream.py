@@ -52,14 +52,16 @@ import torch
 from tqdm import tqdm
 
 import data
+import released
 import trainer
 import world_aids
-from config import check_paths, config_from_dict, parse_config
+from config import apply_preset, check_paths, config_from_dict, parse_config
 from heads import load_pretrained
-from model import ModelConfig
+from model import PRESETS, ModelConfig
+from pruning import PruneConfig
 from tasks import (build_model, build_sets, downstream_model_config, evaluate_task,
                    grow_vocabulary, scratch_model_config, task_collates)
-from tokenizer import Tokenizer
+from tokenizer import BLIP_TOKENS, Tokenizer
 from trainer import (RunConfig, alpha_at, autocast_and_scaler, build_optimizer, gather_objects,
                      load_checkpoint, log_json, lr_at)
 
@@ -74,6 +76,10 @@ class DownstreamConfig:
                                      # the tiny preset's architecture from random weights
     scratch_like: str = ""           # with --pretrained none: a train_pretrain.py checkpoint whose
                                      # architecture and vocabulary (not weights) to start from
+    vocab: str = ""                  # with a released ALBEF, BLIP or ELIP file as --pretrained:
+                                     # the BERT vocab.txt it was trained with (bert-base-uncased)
+    head_dim: int = 64               # with a released file: the width of an attention head,
+                                     # which no weight shows (64 in every released model)
     evaluate: bool = False           # no training: evaluate --pretrained on every test file
     # data: ALBEF/BLIP JSON files (several: comma-separated; test files are scored one by one);
     # none given = the embedded world
@@ -203,11 +209,12 @@ SAFE_ON_RESUME = ("test_file", "eval_k", "eval_batch_size", "eval_max_words", "b
                   "retrieval_score", "vqa_k")
 
 
-def load_source(cfg):
+def load_source(cfg, log=print):
     """The checkpoint given as --pretrained: (model config, the world's aids it was trained with,
     tokenizer, state dict, VQA answer list or None, the config of the run that wrote it if it is
-    a fine-tuned checkpoint of this script, else None); for --pretrained none, the default
-    pre-training's architecture and vocabulary and no state dict."""
+    a fine-tuned checkpoint, else None); for --pretrained none, the default pre-training's
+    architecture and vocabulary and no state dict. A file of the authors' releases (no
+    vocabulary inside) goes through released_source."""
     if cfg.pretrained == "none" and not cfg.evaluate:
         mc, tok, aids = scratch_model_config()
         if cfg.scratch_like:      # main checked that it exists
@@ -228,11 +235,50 @@ def load_source(cfg):
         mc = dataclasses.replace(mc, img_size=cfg.img_size or mc.img_size)
         return (mc, world_aids.aids_of(source), Tokenizer(source["vocab"]), source["model"],
                 source["answer_list"] or None, source["config"])
-    if not {"model", "config", "vocab"} <= source.keys():
+    if "vocab" not in source:
+        return released_source(cfg, source, log)
+    if not {"model", "config"} <= source.keys():
         raise SystemExit(f"error: {cfg.pretrained} is not a checkpoint of train_pretrain.py")
     mc = downstream_model_config(config_from_dict(ModelConfig, source["config"]["model"]), cfg)
     return (mc, world_aids.aids_of(source["config"]), Tokenizer(source["vocab"]), source["model"],
             None, None)
+
+
+def released_source(cfg, checkpoint, log):
+    """load_source for a released ALBEF, BLIP or ELIP checkpoint (released.py): its weights in
+    this project's names, the architecture they imply on the preset of its family (albef or
+    blip), and --vocab (BERT's, plus BLIP's [DEC] and [ENC] for BLIP). A fine-tuned file
+    (retrieval, VQA, SNLI-VE, captioning) also brings its task's heads, loaded strictly."""
+    try:
+        conv = released.to_ours(released.unwrap(checkpoint), head_dim=cfg.head_dim)
+    except ValueError as e:
+        raise SystemExit(f"error: --pretrained {cfg.pretrained}: {e}") from None
+    if not cfg.vocab:
+        raise SystemExit(f"error: --pretrained {cfg.pretrained} is a released {conv.layout} "
+                         f"checkpoint, which holds no vocabulary: give --vocab the BERT vocab.txt "
+                         f"it was trained with (bert-base-uncased)")
+    if cfg.prune:
+        raise SystemExit(f"error: --prune true keeps the pruning schedule a checkpoint of "
+                         f"train_pretrain.py records; the released {conv.layout} file records none")
+    tok = Tokenizer.from_file(cfg.vocab)
+    tok = tok.add_tokens(BLIP_TOKENS) if conv.family == "blip" else tok
+    base = dataclasses.replace(apply_preset(ModelConfig(), PRESETS[conv.family]),
+                               prune=PruneConfig(method="none"))
+    try:
+        mc = released.model_config(conv, base, tok)
+    except ValueError as e:
+        raise SystemExit(f"error: --pretrained {cfg.pretrained} with --vocab {cfg.vocab}: {e}") \
+            from None
+    tuned = None
+    if conv.task != "pretrain":
+        if conv.task != cfg.task:
+            raise SystemExit(f"error: {cfg.pretrained} is a released fine-tuned {conv.task} model "
+                             f"({conv.layout}): use it with --task {conv.task}")
+        tuned = {"task": conv.task, "vqa_head": "decoder", "distill": conv.momentum}
+    log(f"{cfg.pretrained}: a released {conv.layout} checkpoint, converted to this project's "
+        f"names ({len(conv.state)} tensors; {len(conv.dropped)} tied copies and position-id "
+        f"buffers left out)")
+    return downstream_model_config(mc, cfg), world_aids.WorldAids(), tok, conv.state, None, tuned
 
 
 def train(cfg, model, train_set, collate, device, rank, world, log, ckpt=None, extra=None):
@@ -367,7 +413,7 @@ def finetune(cfg, ckpt, rank: int, world_size: int, device: torch.device):
         mc, tok = config_from_dict(ModelConfig, ckpt["model_config"]), Tokenizer(ckpt["vocab"])
         aids = world_aids.aids_of(ckpt)
     else:
-        mc, aids, tok, state, answers, tuned = load_source(cfg)
+        mc, aids, tok, state, answers, tuned = load_source(cfg, log)
         if tuned is not None:     # the heads as the run that wrote the checkpoint built them
             cfg = dataclasses.replace(cfg, vqa_head=tuned.get("vqa_head", "classifier"),
                                       distill=tuned.get("distill", False))
@@ -416,8 +462,8 @@ def main(argv=None):
                               TASK_PRESETS, key=("task", "preset"), doc=__doc__)
     if cfg.evaluate and cfg.run.resume:
         raise SystemExit("error: --evaluate true scores --pretrained; it does not resume")
-    check_paths(cfg, ("train_file", "test_file", "image_root", "answer_list",
-                              "scratch_like"))
+    check_paths(cfg, ("train_file", "test_file", "image_root", "answer_list", "scratch_like",
+                      "vocab"))
     ckpt = None
     if not cfg.evaluate:
         cfg, ckpt = trainer.resume_config(cfg, given, safe=SAFE_ON_RESUME)

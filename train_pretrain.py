@@ -33,6 +33,7 @@ import data
 import eval as evaluation
 import metrics
 import model as model_lib
+import released
 import trainer
 import world_aids
 import world
@@ -78,8 +79,9 @@ class TrainConfig:
                                      # (the embedded world's words by default)
     init_vit: str = ""               # DeiT/timm checkpoint for the ViT (both online and momentum)
     init_bert: str = ""              # Hugging Face BERT weights for the text encoder(s)
-    init_from: str = ""              # a checkpoint of train_pretrain.py to start from: its weights
-                                     # and vocabulary, in a new run (optimizer, schedule, data)
+    init_from: str = ""              # a checkpoint to start from, in a new run (optimizer,
+                                     # schedule, data): this script's (its weights and vocabulary)
+                                     # or a released ALBEF/BLIP/ELIP pre-training file (with --vocab)
     eval_k: int = 16                 # zero-shot retrieval: ITC candidates re-scored by ITM
     model: ModelConfig = field(default_factory=ModelConfig)
     aids: WorldAids = field(default_factory=WorldAids)   # the tiny preset's (world_aids.py)
@@ -177,6 +179,36 @@ def init_weights(model, init_vit, init_bert, log):
             f"unused: {report['unused']}; rows added for new tokens: {report['grown']}")
 
 
+def load_start(cfg, train_set, log) -> dict:
+    """--init_from: a checkpoint of this script, or a released ALBEF, BLIP or ELIP pre-training
+    file (released.py), converted, which must imply the architecture the flags give; its
+    vocabulary is --vocab's (the files hold none)."""
+    start = trainer.load_checkpoint(cfg.init_from)
+    if "vocab" in start:
+        return start
+    mc = cfg.model
+    try:
+        conv = released.to_ours(released.unwrap(start), img_size=mc.img_size,
+                                head_dim=mc.vision_width // mc.vision_heads)
+    except ValueError as e:
+        raise SystemExit(f"error: --init_from {cfg.init_from}: {e}") from None
+    if conv.task != "pretrain":
+        raise SystemExit(f"error: --init_from {cfg.init_from} is a fine-tuned {conv.task} model "
+                         f"({conv.layout}): pre-training starts from a pre-training checkpoint")
+    if not cfg.vocab:
+        raise SystemExit(f"error: --init_from {cfg.init_from} is a released {conv.layout} "
+                         f"checkpoint, which holds no vocabulary: give --vocab the BERT vocab.txt "
+                         f"it was trained with")
+    differ = [f"--{k} {v} (the flags: {getattr(mc, k)})" for k, v in conv.config.items()
+              if k not in ("vocab_size", "losses") and getattr(mc, k) != v]
+    if differ:
+        raise SystemExit(f"error: --init_from {cfg.init_from} holds another architecture than "
+                         f"the flags give: it implies {'; '.join(differ)}")
+    log(f"--init_from {cfg.init_from}: a released {conv.layout} checkpoint, converted "
+        f"({len(conv.dropped)} tied copies and position-id buffers left out)")
+    return {"model": conv.state, "vocab": make_tokenizer(cfg, train_set, log).vocab}
+
+
 def build_model(cfg, ckpt, start, device, log):
     """ELIPModel (or, with the tiny preset's aids, WorldModel) with its weights: a resumed run's,
     --init_from's, or the pretrained ViT and BERT given, else random."""
@@ -190,7 +222,8 @@ def build_model(cfg, ckpt, start, device, log):
         except RuntimeError as e:
             raise SystemExit(f"error: --init_from {cfg.init_from} holds another architecture than "
                              f"the flags give: {str(e).splitlines()[1].strip()}") from None
-        log(f"weights and vocabulary from {cfg.init_from} (its step {start['step']})")
+        log(f"weights and vocabulary from {cfg.init_from}"
+            + (f" (its step {start['step']})" if "step" in start else ""))
     else:
         init_weights(model, cfg.init_vit, cfg.init_bert, log)
     return model
@@ -295,7 +328,7 @@ def pretrain(cfg, ckpt, rank: int, world_size: int, device: torch.device):
     log = tqdm.write if master else (lambda msg: None)
     trainer.setup_process(cfg.run, rank, device)
     train_set = build_train_set(cfg, rank, world_size)
-    start = trainer.load_checkpoint(cfg.init_from) if cfg.init_from and ckpt is None else None
+    start = load_start(cfg, train_set, log) if cfg.init_from and ckpt is None else None
     saved = ckpt or start
     tok = Tokenizer(saved["vocab"]) if saved else make_tokenizer(cfg, train_set, log)
     mc = cfg.model
