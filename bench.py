@@ -12,12 +12,17 @@ in one run on one machine, on the online ViT of a model.PRESETS architecture (--
           runs under no_grad) against pruning.token_counts, and the ratio of removed token-layers
 The --prune flags set the schedule of every scoring method (pruning.SCORERS), so that they
 differ only in how they score tokens; ToMe's r is matched to elip's removed token-layers.
+With --gpu_step albef (or blip) it measures instead what the paper's Table 1 compares: a whole
+training step (forward, backward, AdamW) of that preset's pre-training model at full size and the
+paper's per-GPU batch, fp32 with TF32 matmuls as the presets train, `none` against `elip`: seconds
+per step and peak CUDA memory, their ratios beside the paper's.
 The research extras (the ELIP+ batch, prune_and_merge's share of a step, our ViT against timm's)
 are in lab/bench_extra.py.
 
     python bench.py                                   # ViT-B/16 at 224 px, batch 8
     python bench.py --whole_model true --whole_batch 4
     python bench.py --preset tiny                     # a quick look, seconds
+    python bench.py --gpu_step albef                  # Table 1's time and memory, on a GPU
 """
 import contextlib
 import dataclasses
@@ -34,10 +39,23 @@ import torch
 from torch.utils import flop_counter
 
 import pruning
+import trainer
 from config import parse_config
 from model import PRESETS as MODEL_PRESETS
 from model import ELIPModel, ModelConfig, build_vit
 from pruning import PruneConfig, token_counts
+from tokenizer import BLIP_TOKENS
+
+
+# --gpu_step's batch: the per-GPU batch of ELIP's pre-training configs (ALBEF/configs/
+# Pretrain.yaml 40, BLIP/configs/pretrain.yaml 42, on 4 GPUs): Table 1's latency (minutes per
+# epoch) and memory (of the 4 GPUs) are those of pre-training runs; its TFLOPs alone are counted
+# at batch 36
+PAPER_BATCH = {"albef": 40, "blip": 42}
+# Table 1's rows without and with ELIP: (latency in minutes per epoch, memory in GB on 4 GPUs)
+TABLE1 = {"albef": {"none": (594, 88.1), "elip": (518, 69.6)},
+          "blip": {"none": (1102, 90.8), "elip": (960, 74.7)}}
+BERT_VOCAB = 30522                   # bert-base-uncased's, both presets' (BLIP adds BLIP_TOKENS)
 
 
 @dataclass
@@ -62,6 +80,11 @@ class BenchConfig:
     device: str = "auto"             # auto: cuda when available, else cpu
     seed: int = 0                    # the random weights and inputs
     out: str = "out/bench.json"      # the report, as JSON
+    gpu_step: str = ""               # albef | blip: time that preset's whole training step at
+                                     # full size, none against elip, beside Table 1 (needs CUDA
+                                     # unless --device cpu; "" = off)
+    gpu_batch: int = 0               # --gpu_step's batch (0: the paper's per GPU, that of ELIP's
+                                     # pre-training configs: albef 40, blip 42)
 
     def __post_init__(self):
         if self.arch not in MODEL_PRESETS:
@@ -75,6 +98,9 @@ class BenchConfig:
                              "(ITM draws each negative from the other samples of the batch)")
         if self.whole_vocab <= 5 or self.text_len < 2:
             raise ValueError("whole_vocab must exceed the 5 special tokens; text_len must be >= 2")
+        if self.gpu_step not in ("", *PAPER_BATCH) or self.gpu_batch < 0 or self.gpu_batch == 1:
+            raise ValueError(f"gpu_step {self.gpu_step!r}: one of {', '.join(PAPER_BATCH)} or "
+                             f"empty; gpu_batch {self.gpu_batch}: 0 or >= 2 (ITM's negatives)")
 
     @staticmethod
     def presets() -> dict:
@@ -227,13 +253,15 @@ def cuda_step_peak(loss_fn, module, batch, device):
     return peak
 
 
-def step_seconds(loss_fn, module, batch, device):
-    """Wall time of one training step (forward + backward; the optimizer update, the same for
-    every method, is left out)."""
+def step_seconds(loss_fn, module, batch, device, optimizer=None):
+    """Wall time of one training step: forward + backward, and the optimizer's update when one
+    is given (the method comparisons leave it out: it is the same for every method)."""
     module.train()
     sync(device)
     start = time.perf_counter()
     loss_fn(batch).backward()
+    if optimizer is not None:
+        optimizer.step()
     sync(device)
     seconds = time.perf_counter() - start
     module.zero_grad(set_to_none=True)
@@ -355,6 +383,94 @@ def measure_methods(cfg, build, batch, device, num_patches, prunes, scope):
     return results
 
 
+# ---- Table 1's comparison: a whole training step at full size -------------------------
+def gpu_step_config(cfg):
+    """cfg set to --gpu_step's preset at its own size: its image side, text length and queue,
+    BERT's vocabulary, the paper's per-GPU batch (or --gpu_batch)."""
+    arch = MODEL_PRESETS[cfg.gpu_step]
+    vocab = BERT_VOCAB + (len(BLIP_TOKENS) if arch.get("blip_tokens") else 0)
+    return dataclasses.replace(cfg, arch=cfg.gpu_step, img_size=0, text_len=arch["max_len"],
+                               whole_vocab=vocab, whole_queue=arch["queue_size"],
+                               whole_batch=cfg.gpu_batch or PAPER_BATCH[cfg.gpu_step])
+
+
+def measure_gpu_step(cfg, prune, device):
+    """Seconds per training step (forward, backward, AdamW's update, the momentum encoders' EMA
+    and the queue write) after cfg.warmup untimed steps, and the peak of CUDA memory over the
+    timed ones: weights, gradients, AdamW's state, momentum encoders, queue and activations, all
+    a GPU holds for training (None on a CPU)."""
+    model, _, loss_fn, _ = build_model_bench(cfg, prune, device)
+    optimizer = trainer.build_optimizer(model, 1e-4, 0.02)   # its values do not change its cost
+    for _ in range(cfg.warmup):
+        step_seconds(loss_fn, model, cfg.whole_batch, device, optimizer)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = [step_seconds(loss_fn, model, cfg.whole_batch, device, optimizer)
+             for _ in range(cfg.reps)]
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return dict(step_s=statistics.median(times), step_s_all=times, peak_bytes=peak)
+
+
+def run_gpu_step(cfg):
+    """--gpu_step: `none` and then `elip` (one model on the GPU at a time: two would not fit at
+    the paper's batch), fp32 with TF32 matmuls as the presets train (trainer.setup_process),
+    and elip's ratios to none beside the paper's."""
+    device = pick_device(cfg)
+    if device.type != "cuda" and cfg.device == "auto":
+        raise SystemExit("error: --gpu_step needs a CUDA GPU (--device cpu runs the same step "
+                         "on the CPU, without the memory figure)")
+    trainer.setup_process(trainer.RunConfig(seed=cfg.seed, threads=cfg.threads), 0, device)
+    step_cfg = gpu_step_config(cfg)
+    results = {}
+    for method in ("none", "elip"):
+        log(f"[gpu step] {method}: building; {cfg.warmup} + {cfg.reps} steps")
+        results[method] = measure_gpu_step(step_cfg, dataclasses.replace(cfg.prune, method=method),
+                                           device)
+    ratio = {k: None if results["none"][k] is None else results["elip"][k] / results["none"][k]
+             for k in ("step_s", "peak_bytes")}
+    paper = TABLE1[cfg.gpu_step]
+    report = dict(config=dataclasses.asdict(step_cfg),
+                  model_config=dataclasses.asdict(bench_model_config(step_cfg, cfg.prune)),
+                  machine=machine_info(device),
+                  tf32=device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32,
+                  gpu_step=results, ratio=ratio,
+                  paper=dict(table1=paper, step_s=paper["elip"][0] / paper["none"][0],
+                             peak_bytes=paper["elip"][1] / paper["none"][1]))
+    report["machine"]["load_end"] = [round(x, 2) for x in os.getloadavg()]
+    return report
+
+
+def format_gpu_step(report):
+    """The two methods' seconds per step and peak memory, elip / none, and the paper's ratios."""
+    cfg, mc, machine, paper = (report["config"], report["model_config"], report["machine"],
+                               report["paper"])
+    t1 = paper["table1"]
+
+    def row(name, step, peak, digits):
+        cells = [f"{x:10.{digits}f}" if x is not None else f"{'-':>10}" for x in (step, peak)]
+        return f"{name:<12}" + "".join(cells)
+
+    gib = {m: None if f["peak_bytes"] is None else f["peak_bytes"] / 2 ** 30
+           for m, f in report["gpu_step"].items()}
+    return "\n".join([
+        f"training step of the {cfg['arch']} preset's whole model: {mc['img_size']} px, text "
+        f"{mc['text_layers']} + fusion {mc['fusion_layers']} layers, losses "
+        f"{'+'.join(mc['losses'])}, vocabulary {mc['vocab_size']}, queue {mc['queue_size']};",
+        f"batch {cfg['whole_batch']}, fp32 (TF32 matmuls {'on' if report['tf32'] else 'off'}), "
+        f"AdamW; forward, backward and update",
+        f"on {machine['device']} ({machine['gpu'] or machine['processor']}), torch "
+        f"{machine['torch']}; medians of {cfg['reps']} steps after {cfg['warmup']} warm-up",
+        f"{'':<12}{'s/step':>10}{'peak GiB':>10}",
+        *(row(m, f["step_s"], gib[m], 3) for m, f in report["gpu_step"].items()),
+        row("elip / none", report["ratio"]["step_s"], report["ratio"]["peak_bytes"], 3),
+        row("paper", paper["step_s"], paper["peak_bytes"], 2)
+        + f"   Table 1: {t1['elip'][0]} / {t1['none'][0]} min per epoch, {t1['elip'][1]} / "
+          f"{t1['none'][1]} GB on 4 GPUs",
+        "peak: torch.cuda.max_memory_allocated over the timed steps (weights, gradients, AdamW "
+        "state, momentum encoders, queue, activations);",
+        "the paper's time is a whole epoch's, data loading included"])
+
+
 # ---- the report ------------------------------------------------------------------------
 def format_methods(results):
     """A table of one scope's figures, each with its ratio to `none`, then the lengths."""
@@ -432,8 +548,12 @@ def write_report(text: str, report: dict, out: str):
 
 def main(argv):
     cfg, _ = parse_config(BenchConfig(), argv, PRESETS, doc=__doc__)
-    report = run_bench(cfg)
-    write_report(format_bench(report), report, cfg.out)
+    if cfg.gpu_step:
+        report = run_gpu_step(cfg)
+        write_report(format_gpu_step(report), report, cfg.out)
+    else:
+        report = run_bench(cfg)
+        write_report(format_bench(report), report, cfg.out)
 
 
 if __name__ == "__main__":

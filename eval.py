@@ -10,7 +10,8 @@ the work (a contiguous block of the images, texts, queries or samples), the shar
 and every rank returns the same results. A single process does all of it.
 
 Batches are dicts of named fields (data.collate); the models read them by name
-(model.logits(batch), model.answer_scores(batch)).
+(model.logits(batch), model.answer_scores(batch)). Each loop reads its data with num_workers
+DataLoader workers (the run's --num_workers), into pinned memory when the device is a GPU.
 """
 import torch
 import torch.distributed as dist
@@ -55,15 +56,19 @@ def gather_list(items: list, n: int) -> list:
     return [x for part in parts for x in part][:n]
 
 
-def shard_loader(dataset, batch_size: int, collate=None) -> DataLoader:
-    """The DataLoader over this rank's block of the dataset (share)."""
+def shard_loader(dataset, batch_size: int, collate=None, num_workers: int = 0,
+                 device="cpu") -> DataLoader:
+    """The DataLoader over this rank's block of the dataset (share), read by num_workers worker
+    processes (the images are decoded while the GPU works), into pinned memory when the device
+    is a GPU (faster copies to it)."""
     return DataLoader(Subset(dataset, share(len(dataset)).tolist()), batch_size,
-                      collate_fn=collate)
+                      collate_fn=collate, num_workers=num_workers,
+                      pin_memory=torch.device(device).type == "cuda")
 
 
 # ---- retrieval ----------------------------------------------------------------------------
 @torch.no_grad()
-def embed_retrieval_set(model, dataset, tokenizer, device, max_len, batch_size=64):
+def embed_retrieval_set(model, dataset, tokenizer, device, max_len, batch_size=64, num_workers=0):
     """Unimodal embeddings of every image and caption of a RetrievalEvalDataset, as ALBEF's
     evaluation: the ViT sees all tokens (eval mode), the text encoder runs text-only. Each rank
     embeds its block of the images and of the captions; every rank gets all of them."""
@@ -73,14 +78,15 @@ def embed_retrieval_set(model, dataset, tokenizer, device, max_len, batch_size=6
     text_embeds = torch.cat([model.encode_text(ids[s], mask[s])
                              for s in mine.split(batch_size)])                  # (T / world, L, D)
     image_embeds = torch.cat([model.encode_image(batch["image"].to(device))
-                              for batch in shard_loader(dataset, batch_size)])
+                              for batch in shard_loader(dataset, batch_size, None, num_workers,
+                                                        device)])
     return (gather_rows(image_embeds, len(dataset)), gather_rows(text_embeds, len(ids)),
             ids, mask)
 
 
 @torch.no_grad()
 def evaluate_retrieval(model, dataset, tokenizer, device, k=16, max_len=32, batch_size=64,
-                       add_itc=False):
+                       add_itc=False, num_workers=0):
     """Image-text retrieval as ALBEF and BLIP evaluate it: rank all pairs by ITC similarity,
     re-score the top k candidates of each query with the ITM head's match logit (ALBEF), plus
     their ITC cosine similarity with add_itc (BLIP, train_retrieval.py), report recall@1/5/10.
@@ -90,7 +96,7 @@ def evaluate_retrieval(model, dataset, tokenizer, device, k=16, max_len=32, batc
     was_training = model.training
     model.eval()
     image_embeds, text_embeds, ids, mask = embed_retrieval_set(model, dataset, tokenizer, device,
-                                                               max_len, batch_size)
+                                                               max_len, batch_size, num_workers)
     sim = model.image_feat(image_embeds) @ model.text_feat(text_embeds).T      # (N, T)
     k_i2t, k_t2i = min(k, sim.shape[1]), min(k, sim.shape[0])
 
@@ -118,13 +124,13 @@ def evaluate_retrieval(model, dataset, tokenizer, device, k=16, max_len=32, batc
 
 
 @torch.no_grad()
-def evaluate_classifier(model, dataset, collate, device, batch_size=64):
+def evaluate_classifier(model, dataset, collate, device, batch_size=64, num_workers=0):
     """NLVR2 and SNLI-VE: the argmax of model.logits(batch) against batch["label"].
     Returns ({"accuracy"}, predictions (N,) long)."""
     was_training = model.training
     model.eval()
     preds, labels = [], []
-    for batch in shard_loader(dataset, batch_size, collate):
+    for batch in shard_loader(dataset, batch_size, collate, num_workers, device):
         batch = to_device(batch, device)
         preds.append(model.logits(batch).argmax(1))
         labels.append(batch["label"])
@@ -135,7 +141,7 @@ def evaluate_classifier(model, dataset, collate, device, batch_size=64):
 
 
 @torch.no_grad()
-def evaluate_vqa(model, dataset, collate, device, batch_size=64):
+def evaluate_vqa(model, dataset, collate, device, batch_size=64, num_workers=0):
     """VQA over an answer list: for each question the answer of dataset.answer_list with the
     highest model.answer_scores (a classifier's logit, or the answer decoder's ranking score).
     Returns ({"vqa_score"}, or {} for a split without answers such as VQA test-dev; the
@@ -143,7 +149,7 @@ def evaluate_vqa(model, dataset, collate, device, batch_size=64):
     was_training = model.training
     model.eval()
     preds = []
-    for batch in shard_loader(dataset, batch_size, collate):
+    for batch in shard_loader(dataset, batch_size, collate, num_workers, device):
         preds.append(model.answer_scores(to_device(batch, device)).argmax(1))
     model.train(was_training)
     answers = [dataset.answer_list[i]
@@ -155,7 +161,7 @@ def evaluate_vqa(model, dataset, collate, device, batch_size=64):
 
 @torch.no_grad()
 def evaluate_caption(model, dataset, tokenizer, device, beam=3, max_length=20, min_length=5,
-                     batch_size=64, length_penalty=1.0, repetition_penalty=1.0):
+                     batch_size=64, length_penalty=1.0, repetition_penalty=1.0, num_workers=0):
     """Captioning: greedy and beam-search captions of every image (lengths counting [CLS] and
     the prompt, as BLIP's), each scored with BLEU-4 and CIDEr-D against all of the image's
     references as the file has them, both sides cleaned as the COCO caption evaluation cleans
@@ -166,7 +172,7 @@ def evaluate_caption(model, dataset, tokenizer, device, beam=3, max_length=20, m
     captions = {"greedy": [], "beam": []}
     limits = dict(max_length=max_length, min_length=min_length,
                   repetition_penalty=repetition_penalty)
-    for batch in shard_loader(dataset, batch_size):
+    for batch in shard_loader(dataset, batch_size, None, num_workers, device):
         images = batch["image"].to(device)
         for name, (tokens, _) in (("greedy", model.greedy(images, **limits)),
                                   ("beam", model.beam_search(images, beam, length_penalty=length_penalty,

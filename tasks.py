@@ -199,18 +199,19 @@ def build_model(cfg, mc, tok, answers, aids):
 def evaluate_task(cfg, model, train_set, test_set, collate, tok, device, log):
     """(scores, baseline, what the baseline is, predictions or None) on one test set; the
     baseline needs the training set ({} without one)."""
-    bs, task = cfg.eval_batch_size, cfg.task
+    bs, task, workers = cfg.eval_batch_size, cfg.task, cfg.run.num_workers
     if task == "retrieval":
         scores = evaluation.evaluate_retrieval(model, test_set, tok, device, k=cfg.eval_k,
                                                 max_len=model.cfg.max_len, batch_size=bs,
-                                                add_itc=cfg.retrieval_score == "itm_itc")
+                                                add_itc=cfg.retrieval_score == "itm_itc",
+                                                num_workers=workers)
         chance = metrics.chance_recall(test_set.img2txt)
         log(metrics.format_recall(scores, chance, f"retrieval, {len(test_set)} test images, "
                                      f"{cfg.retrieval_score} re-ranking of the top {cfg.eval_k}"))
         log(metrics.format_recall(scores["itc"], None, "ITC only"))
         return scores, chance, "chance (random ranking)", None
     if task == "vqa":
-        scores, results = evaluation.evaluate_vqa(model, test_set, collate, device, bs)
+        scores, results = evaluation.evaluate_vqa(model, test_set, collate, device, bs, workers)
         truth = [it["answers"] for it in test_set.items]
         if train_set is None or not all(truth):
             return scores, {}, "none", results
@@ -219,7 +220,7 @@ def evaluate_task(cfg, model, train_set, test_set, collate, tok, device, log):
         baseline = {"vqa_score": metrics.vqa_accuracy([majority] * len(truth), truth)}
         return scores, baseline, f"majority answer of the training set ({majority!r})", results
     if task in ("nlvr", "ve"):
-        scores, preds = evaluation.evaluate_classifier(model, test_set, collate, device, bs)
+        scores, preds = evaluation.evaluate_classifier(model, test_set, collate, device, bs, workers)
         predictions = [{"sentence": it["sentence"], "label": it["label"], "prediction": p}
                        for it, p in zip(test_set.items, preds.tolist())]
         if train_set is None:
@@ -230,7 +231,7 @@ def evaluate_task(cfg, model, train_set, test_set, collate, tok, device, log):
         return scores, baseline, f"majority label of the training set ({majority})", predictions
     scores, captions = evaluation.evaluate_caption(
         model, test_set, tok, device, cfg.beam, cfg.max_length, cfg.min_length, bs,
-        cfg.length_penalty, cfg.repetition_penalty)
+        cfg.length_penalty, cfg.repetition_penalty, workers)
     predictions = [{"image": it["images"][0], "greedy": g, "beam": b}
                    for it, g, b in zip(test_set.items, captions["greedy"], captions["beam"])]
     if train_set is None:

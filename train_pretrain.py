@@ -300,7 +300,7 @@ def zero_shot(cfg, model, tok, device, train_time, log):
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     scores = evaluation.evaluate_retrieval(model, test_set, tok, device, k=cfg.eval_k,
-                                           max_len=mc.max_len)
+                                           max_len=mc.max_len, num_workers=cfg.run.num_workers)
     if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):
         chance, oracle = metrics.chance_recall(test_set.img2txt), None
         if not cfg.test_files:    # many captions are true of several test images

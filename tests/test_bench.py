@@ -207,3 +207,86 @@ def test_bench_command_end_to_end(tmp_path, capsys):
         assert scope["elip"]["ratio"]["train_flops"] < 1
     text = capsys.readouterr().out
     assert "tome r = " in text and "= token_counts" in text
+
+
+# ---- --gpu_step: Table 1's comparison --------------------------------------------------------
+# the albef preset at toy width, its losses, queue, distillation and ELIP schedule kept
+SHRUNK_ALBEF = dict(img_size=32, patch_size=8, vision_width=32, vision_heads=2, text_width=32,
+                    text_layers=1, fusion_layers=1, text_heads=2, text_mlp=64, embed_dim=16,
+                    queue_size=64)
+
+
+def test_gpu_step_config_is_the_preset_at_full_size():
+    for arch, size, tokens, vocab, queue, batch in [("albef", 256, 25, 30522, 65536, 40),
+                                                    ("blip", 224, 30, 30524, 57600, 42)]:
+        step = bench.gpu_step_config(bench.BenchConfig(gpu_step=arch))
+        mc = bench.bench_model_config(step, PruneConfig())
+        assert (mc.img_size, mc.max_len, mc.vocab_size, mc.queue_size, step.whole_batch) == \
+            (size, tokens, vocab, queue, batch)
+        assert (mc.vision_width, mc.text_layers + mc.fusion_layers) == (768, 12)
+    assert bench.gpu_step_config(bench.BenchConfig(gpu_step="blip", gpu_batch=4)).whole_batch == 4
+
+
+def test_gpu_step_flags_and_no_cuda(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--gpu_step (str, default '')" in out and "--gpu_batch (int, default 0)" in out
+    for argv in (["--gpu_step", "vit"], ["--gpu_step", "albef", "--gpu_batch", "1"]):
+        with pytest.raises(SystemExit, match="gpu_step"):
+            bench.main(argv)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--gpu_step needs a CUDA GPU"):
+        bench.main(["--gpu_step", "albef"])
+
+
+def test_step_seconds_with_an_optimizer_updates_the_weights():
+    lin = nn.Linear(3, 2)
+    before = lin.weight.detach().clone()
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    bench.step_seconds(lambda b: lin(torch.ones(b, 3)).sum(), lin, 2, torch.device("cpu"), opt)
+    assert not torch.equal(lin.weight, before) and lin.weight.grad is None
+
+
+def test_gpu_step_on_cpu_at_toy_width(tmp_path, monkeypatch, capsys):
+    """The --gpu_step path end to end on the CPU (--device cpu) with the albef preset shrunk:
+    the model of the preset, the two methods, the ratios from the measured medians."""
+    monkeypatch.setitem(MODEL_PRESETS, "albef", {**MODEL_PRESETS["albef"], **SHRUNK_ALBEF})
+    out = tmp_path / "step.json"
+    bench.main(["--gpu_step", "albef", "--device", "cpu", "--gpu_batch", "2", "--reps", "2",
+                "--warmup", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    mc, figs = report["model_config"], report["gpu_step"]
+    assert (mc["img_size"], mc["vocab_size"], mc["queue_size"], mc["max_len"]) == (32, 30522, 64, 25)
+    assert mc["losses"] == ["itc", "itm", "mlm"] and report["config"]["whole_batch"] == 2
+    assert list(figs) == ["none", "elip"] and not report["tf32"]
+    for fig in figs.values():
+        assert len(fig["step_s_all"]) == 2 and fig["peak_bytes"] is None
+        assert fig["step_s"] == pytest.approx(sum(fig["step_s_all"]) / 2)     # median of 2
+    assert report["ratio"] == {"step_s": pytest.approx(figs["elip"]["step_s"] /
+                                                       figs["none"]["step_s"]),
+                               "peak_bytes": None}
+    assert report["paper"]["step_s"] == pytest.approx(518 / 594)
+    assert report["paper"]["peak_bytes"] == pytest.approx(69.6 / 88.1)
+    rows = {line[:12].strip(): line[12:].split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["elip / none"] == [f"{report['ratio']['step_s']:.3f}", "-"]
+    assert rows["paper"][:2] == ["0.87", "0.79"]
+
+
+def test_gpu_step_ratios_come_from_the_measurements(tmp_path, monkeypatch, capsys):
+    """With a memory figure (a GPU's), both ratios are elip's measurement over none's."""
+    measured = {"none": (2.0, 10 * 2 ** 30), "elip": (1.5, 7 * 2 ** 30)}
+
+    def fake(cfg, prune, device):
+        step, peak = measured[prune.method]
+        return dict(step_s=step, step_s_all=[step], peak_bytes=peak)
+
+    monkeypatch.setattr(bench, "measure_gpu_step", fake)
+    report = bench.run_gpu_step(bench.BenchConfig(gpu_step="blip", device="cpu"))
+    assert report["ratio"] == {"step_s": 0.75, "peak_bytes": 0.7}
+    assert report["paper"]["step_s"] == pytest.approx(960 / 1102)
+    text = bench.format_gpu_step(report)
+    rows = {line[:12].strip(): line[12:].split() for line in text.splitlines()}
+    assert rows["none"] == ["2.000", "10.000"] and rows["elip"] == ["1.500", "7.000"]
+    assert rows["elip / none"] == ["0.750", "0.700"] and rows["paper"][:2] == ["0.87", "0.82"]

@@ -1,7 +1,10 @@
 """On a GPU: the main job, a DDP run over 2 GPUs with NCCL, every downstream task and the
 efficiency benchmark, each a few steps on a very small model (mixed precision as `--amp auto`
-picks it). They skip without CUDA;
-on a GPU machine: `python -m pytest -q tests/test_cuda.py`."""
+picks it); the presets' fp32 with TF32 (and without), fp16 with the gradient scaler through a
+resume, DataLoader workers with pinned memory (training and evaluation), ITM negatives and ITC
+queue entries from every rank over NCCL on 2 GPUs, and `bench.py --gpu_step albef` at a small
+batch (the whole albef model at full size: about 5 GB). They skip without CUDA;
+on a GPU machine: `python -m pytest -q -rs tests/test_cuda.py`."""
 import json
 import os
 import socket
@@ -10,10 +13,15 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import bench
+import data
+import eval as evaluation
 import train_downstream
 import train_pretrain
+import trainer
+from model import ELIPModel, ModelConfig
 from test_train_pretrain import ROOT, SMALL
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -111,3 +119,141 @@ def test_bench_on_gpu(tmp_path):
     assert report["machine"]["device"].startswith("cuda") and report["machine"]["gpu"]
     for scope in (report["vit"], report["whole_model"]):
         assert all(fig["cuda_peak_bytes"] > 0 for fig in scope.values())
+
+
+def step_records(out_dir):
+    steps = [r for r in records(out_dir) if "step" in r]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    return [r["step"] for r in steps]
+
+
+@needs_cuda
+@pytest.mark.parametrize("tf32", [True, False])
+def test_fp32_steps_with_and_without_tf32(tmp_path, capsys, monkeypatch, tf32):
+    """The albef preset trains in fp32 (--amp off); --tf32 sets the matmuls' and convolutions'
+    TF32 as each step runs."""
+    seen, add = [], trainer.Meter.add
+
+    def spy(self, out, micro_batches):          # called after each micro-batch's backward
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return add(self, out, micro_batches)
+
+    monkeypatch.setattr(trainer.Meter, "add", spy)
+    out = str(tmp_path / "fp32")
+    run_main(out, "albef", capsys, "--amp", "off", "--tf32", str(tf32).lower())
+    assert seen == [(tf32, tf32)] * 3 and step_records(out) == [1, 2, 3]
+
+
+@needs_cuda
+def test_fp16_with_the_gradient_scaler_through_a_resume(tmp_path, capsys):
+    out = str(tmp_path / "fp16")
+    run_main(out, "albef", capsys, "--amp", "fp16")
+    ckpt = os.path.join(out, "checkpoint.pt")
+    scaler = torch.load(ckpt, weights_only=True, map_location="cpu")["scaler"]
+    assert 0 < scaler["scale"] <= 2.0 ** 16            # GradScaler's start, halved on overflow
+    run_main(out, "albef", capsys, "--amp", "fp16", "--resume", "auto", "--max_steps", "5")
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert step_records(out) == [1, 2, 3, 4, 5] and state["step"] == 5
+    assert 0 < state["scaler"]["scale"] <= 2.0 ** 16
+
+
+@needs_cuda
+def test_loader_workers_with_pinned_memory(tmp_path, capsys, monkeypatch):
+    """Training batches from 2 workers arrive pinned; the evaluation loader pins too."""
+    pinned, to_device = [], data.to_device
+
+    def spy(batch, device):
+        pinned.append(batch["image"].is_pinned())
+        return to_device(batch, device)
+
+    monkeypatch.setattr(data, "to_device", spy)
+    out = str(tmp_path / "workers")
+    run_main(out, "albef", capsys, "--num_workers", "2")
+    assert pinned == [True] * 3 and step_records(out) == [1, 2, 3]
+    images = [{"image": torch.full((3, 8, 8), float(i))} for i in range(5)]
+    loader = evaluation.shard_loader(images, 2, None, 2, torch.device("cuda"))
+    batches = list(loader)
+    assert loader.pin_memory and all(b["image"].is_pinned() for b in batches)
+    assert torch.equal(torch.cat([b["image"] for b in batches])[:, 0, 0, 0], torch.arange(5.0))
+
+
+def negatives_over_nccl(rank, store):
+    """One of two NCCL ranks, each on its own GPU (torch.multiprocessing.spawn), as
+    test_model checks them over gloo: the ITC queue gets both ranks' momentum features, and
+    with negative_all_rank every ITM negative comes from the other rank when the similarities
+    say so, its gradient reaching the rank that owns it."""
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=2)
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    torch.manual_seed(0)                    # the same model on both ranks, as DDP starts
+    m = ELIPModel(ModelConfig(vocab_size=40, img_size=32, queue_size=20, text_dropout=0.0,
+                              max_len=8, negative_all_rank=True)).to(device).train()
+    B, D, other = 3, m.cfg.text_width, 1 - rank
+
+    def batch(r):                           # rank r's own samples
+        g = torch.Generator().manual_seed(100 + r)
+        ids = torch.randint(5, 40, (B, 8), generator=g)
+        ids[:, 0] = m.cfg.cls_id
+        return data.to_device({"image": torch.randn(B, 3, 32, 32, generator=g), "text_ids": ids,
+                               "text_mask": torch.ones_like(ids)}, device)
+
+    with torch.no_grad():                   # every rank's momentum features before the step
+        feats = [(m.image_feat(m.encode_image(b["image"], momentum=True), momentum=True),
+                  m.text_feat(m.encode_text(b["text_ids"], b["text_mask"], momentum=True),
+                              momentum=True)) for b in map(batch, range(2))]
+    torch.manual_seed(rank)
+    out = m(batch(rank))
+    out["loss"].backward()                  # negatives' gradients all_reduced over NCCL
+    assert torch.isfinite(out["loss"]) and all(
+        torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    m.momentum_step([out.pop("queue")])
+    assert int(m.queue_ptr) == 2 * B
+    for queue, k in ((m.image_queue, 0), (m.text_queue, 1)):
+        expect = torch.cat([f[k] for f in feats]).T                              # (E, 2B)
+        assert (queue[:, :2 * B] - expect).abs().max() < 1e-3
+    # ITM: each sample's image and text lie along the other rank's text and image
+    e = torch.eye(16, device=device)
+    image_feat, text_feat = e[[other] * B], e[[rank] * B]                        # (B, 16)
+    image_embeds = torch.randn(B, 17, D, device=device, requires_grad=True)
+    text_embeds = torch.randn(B, 8, D, device=device, requires_grad=True)
+    ids = torch.randint(5, 40, (B, 8), device=device)
+    everyone = [torch.empty(B, 16, device=device) for _ in range(2)]
+    dist.all_gather(everyone, text_feat)
+    sim_i2t = image_feat @ torch.cat(everyone).T / 0.001                         # (B, 2B)
+    dist.all_gather(everyone, image_feat)
+    sim_t2i = text_feat @ torch.cat(everyone).T / 0.001                          # (B, 2B)
+    image_neg, text_neg, _, _, (neg_image, neg_text) = m.itm_negatives(
+        image_embeds, text_embeds, ids, torch.ones_like(ids), sim_i2t, sim_t2i)
+    assert all(r // B == other for r in neg_image.tolist() + neg_text.tolist())
+    everything = [torch.empty(B, 17, D, device=device) for _ in range(2)]
+    dist.all_gather(everything, image_embeds.detach())
+    assert torch.equal(image_neg, everything[other][neg_image - other * B])
+    (image_neg.sum() + text_neg.sum()).backward()
+    drawn = [torch.empty(B, dtype=torch.long, device=device) for _ in range(2)]
+    for embeds, neg in ((image_embeds, neg_image), (text_embeds, neg_text)):
+        dist.all_gather(drawn, neg)
+        times = torch.bincount(drawn[other] - rank * B, minlength=B).float()    # (B,)
+        assert torch.equal(embeds.grad, times[:, None, None].expand_as(embeds))
+    dist.destroy_process_group()
+
+
+@needs_two_gpus
+def test_negatives_from_every_rank_over_nccl(tmp_path):
+    torch.multiprocessing.spawn(negatives_over_nccl, args=(str(tmp_path / "store"),), nprocs=2)
+
+
+@needs_cuda
+def test_gpu_step_of_the_albef_preset(tmp_path, capsys):
+    """bench.py --gpu_step albef at full size, batch 4: both methods' memory peaks and ratios."""
+    out = tmp_path / "step.json"
+    bench.main(["--gpu_step", "albef", "--gpu_batch", "4", "--warmup", "1", "--reps", "2",
+                "--out", str(out)])
+    report = json.loads(out.read_text())
+    figs, mc = report["gpu_step"], report["model_config"]
+    assert report["machine"]["gpu"] and report["tf32"]
+    assert (mc["img_size"], mc["vocab_size"], mc["queue_size"]) == (256, 30522, 65536)
+    assert report["config"]["whole_batch"] == 4 and list(figs) == ["none", "elip"]
+    assert all(f["peak_bytes"] > 0 and len(f["step_s_all"]) == 2 for f in figs.values())
+    for key in ("step_s", "peak_bytes"):
+        assert report["ratio"][key] == pytest.approx(figs["elip"][key] / figs["none"][key])
+    assert "elip / none" in capsys.readouterr().out

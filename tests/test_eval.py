@@ -11,7 +11,8 @@ from torch import nn
 
 import ddp_probe
 import train_pretrain
-from eval import evaluate_caption, evaluate_classifier, evaluate_retrieval, evaluate_vqa
+from eval import (evaluate_caption, evaluate_classifier, evaluate_retrieval, evaluate_vqa,
+                  shard_loader)
 from metrics import accuracy, bleu4, cider_d, recall_at_k, vqa_accuracy
 from test_train_pretrain import SMALL, torchrun
 
@@ -186,6 +187,28 @@ def test_caption_scores_greedy_and_beam_against_the_raw_references():
         "greedy_bleu4": bleu4(["a red"] * 3, clean), "greedy_cider_d": cider_d(["a red"] * 3, clean),
         "beam_bleu4": bleu4(["a cube"] * 3, clean), "beam_cider_d": cider_d(["a cube"] * 3, clean)})
     assert model.limits == [(20, 5, 1.0), (3, 20, 5, 1.0, 1.0)] * 2          # two batches
+
+
+def test_shard_loader_takes_workers_and_pins_for_a_gpu():
+    dataset = ListDataset(list(range(10)))
+    loader = shard_loader(dataset, 4, None, 2, "cpu")
+    assert loader.num_workers == 2 and not loader.pin_memory
+    assert shard_loader(dataset, 4, None, 0, torch.device("cuda", 0)).pin_memory
+    assert [b.tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_workers_give_the_results_of_none():
+    """Retrieval (its image loader) and the classifier (its collate) with 2 DataLoader workers
+    return exactly what they return reading in the main process."""
+    model, dataset, _, _ = retrieval_case()
+    runs = [evaluate_retrieval(model, dataset, index_tokenizer, "cpu", k=3, batch_size=4,
+                               num_workers=w) for w in (0, 2)]
+    assert runs[0] == runs[1]
+    x, y = torch.arange(10), torch.arange(10) * 2
+    samples = ListDataset([{"x": x[i], "y": y[i], "label": i % 3} for i in range(10)])
+    (m0, p0), (m2, p2) = (evaluate_classifier(Classifier(), samples, None, "cpu", batch_size=3,
+                                              num_workers=w) for w in (0, 2))
+    assert m0 == m2 and torch.equal(p0, p2) and len(p0) == 10
 
 
 def test_two_ranks_give_the_results_of_one(tmp_path):
