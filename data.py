@@ -141,6 +141,11 @@ def _field(entry, key, types, what):
     return entry[key]
 
 
+def _optional(entry, key, types, what):
+    """entry[key], checked as _field checks it, or None where the entry has no such key."""
+    return _field(entry, key, types, what) if key in entry else None
+
+
 def _texts(entry, key, clean, max_words):
     """A str or a non-empty list of str, cleaned; a text that cleans to nothing is an error."""
     value = _field(entry, key, (str, list), "a string or a list of strings")
@@ -353,7 +358,8 @@ class RetrievalEvalDataset(PretrainDataset):
 class CaptionDataset(PretrainDataset):
     """Captioning on the retrieval files. train: {"image", "text"} like PretrainDataset; eval:
     {"image", "index"}, the cleaned reference captions of image i in .references[i] and the captions
-    as the file has them in .raw_references[i] (the COCO evaluation cleans them its own way)."""
+    as the file has them in .raw_references[i] (the COCO evaluation cleans them its own way); an
+    entry's "image_id", if it has one, in its item."""
 
     def __init__(self, source, image_root=None, transform=None, train=True, max_words=30,
                  check_images=True, clean=pre_caption):
@@ -365,7 +371,8 @@ class CaptionDataset(PretrainDataset):
     def parse(self, entry):
         item = super().parse(entry)
         return {**item, "raw": [entry["caption"]] if isinstance(entry["caption"], str)
-                else list(entry["caption"])}
+                else list(entry["caption"]),
+                "image_id": _optional(entry, "image_id", (str, int), "a string or an int")}
 
     def __getitem__(self, i):
         if self.train:
@@ -376,7 +383,8 @@ class CaptionDataset(PretrainDataset):
 
 class VQADataset(JSONDataset):
     """{"question_id", "question", "answer": [str, ...], "image"}, and optionally "dataset": "vqa"
-    or "vg" (Visual Genome QA, whose "answer" may be one string), as ALBEF's files.
+    or "vg" (Visual Genome QA, whose "answer" may be one string), as ALBEF's files; an entry
+    without "question_id" has None in .question_ids.
     train -> {"image", "question", "answers", "weights"}: each distinct answer once, with its weight:
     weighting "score", the VQA soft score min(1, count / 3) (a classifier's target), or "share",
     count / number of answers (ALBEF's and BLIP's decoder); a VG answer weighs vg_weight (ALBEF
@@ -410,7 +418,7 @@ class VQADataset(JSONDataset):
         if (self.train and not answers) or not all(isinstance(a, str) for a in answers):
             raise ValueError("'answer' must be a non-empty list of strings")
         return {"images": [_field(entry, "image", str, "a string")],
-                "question_id": _field(entry, "question_id", (str, int), "a string or an int"),
+                "question_id": _optional(entry, "question_id", (str, int), "a string or an int"),
                 "question": _texts(entry, "question", self.clean, self.max_words)[0],
                 "answers": answers, "dataset": dataset}
 
@@ -430,7 +438,8 @@ class VQADataset(JSONDataset):
 
 
 class NLVRDataset(JSONDataset):
-    """{"images": [left, right], "sentence", "label": bool or "True"/"False"} ->
+    """{"images": [left, right], "sentence", "label": bool or "True"/"False"}, and optionally
+    NLVR2's "identifier" (kept in the item) ->
     {"image0", "image1", "text", "label": 0/1}. Never flipped: in NLVR2 'left' may name an image or a
     direction, and mirroring one image without the other keeps neither reading true."""
 
@@ -447,7 +456,8 @@ class NLVRDataset(JSONDataset):
             raise ValueError(f"'label' must be a bool or 'True'/'False', got {label!r}")
         return {"images": images,
                 "sentence": _texts(entry, "sentence", pre_caption, self.max_words)[0],
-                "label": int(label in (True, "True"))}
+                "label": int(label in (True, "True")),
+                "identifier": _optional(entry, "identifier", str, "a string")}
 
     def __getitem__(self, i):
         (image0, image1), (sentence,) = self.load(i, self.items[i]["sentence"])

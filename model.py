@@ -65,6 +65,8 @@ class ModelConfig:
     itm_weight_eps: float = 0.0      # added to every hard-negative weight (BLIP 1e-4, ALBEF 0)
     negative_all_rank: bool = False  # ITM negatives drawn from every DDP rank's batch (BLIP's
                                      # COCO retrieval fine-tuning), not the local batch only
+    itm_online_candidates: bool = False  # ITM negatives weighed by online image x online text
+                                     # similarities (BLIP's retrieval fine-tuning), not ITC's
     label_smoothing: float = 0.1     # LM loss (BLIP)
     prune: PruneConfig = field(default_factory=PruneConfig)
     # this project's options for a model trained from random weights (the tiny preset); the
@@ -397,12 +399,15 @@ class ELIPModel(nn.Module):
     def itm_similarities(self, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's similarities as ITC computes them (ALBEF, BLIP), (sim_i2t, sim_t2i): online
         image against ITC's candidate texts, the momentum ones, online text against the candidate
-        images; they weigh ITM's hard negatives."""
+        images; they weigh ITM's hard negatives. BLIP's retrieval fine-tuning compares online
+        with online features instead (cfg.itm_online_candidates, negative_all_rank)."""
         image_feat, text_feat = enc["image_feat"], enc["text_feat"]
         image_c, text_c = enc["image_feat_m"], enc["text_feat_m"]
         if self.cfg.negative_all_rank and distributed():
             # BLIP's COCO retrieval: every rank's online features are candidates
             image_c, text_c = all_gather(image_feat), all_gather(text_feat)          # (N, E)
+        elif self.cfg.itm_online_candidates:     # BLIP's retrieval on one rank's batch
+            image_c, text_c = image_feat, text_feat                                  # (B, E)
         temp = self.temp.clamp(0.001, 0.5)
         return similarity(image_feat, text_c.T, temp), similarity(text_feat, image_c.T, temp)
 

@@ -7,11 +7,16 @@ test set beside a chance or majority baseline.
     train_collate, test_collate = task_collates(cfg, mc, tok, answers)
     model = build_model(cfg, mc, tok, answers, aids)
     scores, baseline, kind, predictions = evaluate_task(cfg, model, train_set, test_set, ...)
+    file_name, text, id_name, missing = official_results(task, test_set, predictions)
 
 Every test file is a test set of its own (`--test_file val.json,test.json`: metrics per file);
 several training files are one training set (ALBEF's VQA trains on vqa_train + vqa_val + vg_qa).
+VQA, captioning and NLVR2 predictions also come as the file their official evaluation reads
+(official_results).
 """
 import dataclasses
+import json
+import os
 from collections import Counter
 from functools import partial
 
@@ -50,9 +55,11 @@ def vqa_collate(batch, tokenizer, max_len, answer_index):
 
 
 def task_dataset(cfg, entries, root, transform, train, answers, max_words):
-    """One dataset of the task; `answers` is VQA's answer list (None: every answer seen). A test
+    """One dataset of the task; `answers` is VQA's answer list (None: every answer seen). A
+    mirrored training image swaps left and right in its texts with --swap_left_right. A test
     set scores an unreadable image as a black one (data.for_evaluation)."""
     dataset = train_or_test_dataset(cfg, entries, root, transform, train, answers, max_words)
+    dataset.swap_words = cfg.swap_left_right
     return dataset if train else data.for_evaluation(dataset)
 
 
@@ -113,6 +120,8 @@ def task_collates(cfg, mc, tok, answers):
     """(train collate, test collate): named batches of tokenised text; the VQA classifier trains
     on soft scores over the answer list (vqa_collate)."""
     collate = data.make_collate(tok, mc.max_len)
+    if cfg.task == "caption":   # BLIP cuts prompt + caption at max_len tokens (BLIP/models/blip.py:110)
+        return data.make_collate(tok, mc.max_len - len(tok.encode(cfg.prompt)) + 2), collate
     if cfg.task != "vqa" or cfg.vqa_head == "decoder":
         return collate, collate
     return partial(vqa_collate, tokenizer=tok, max_len=mc.max_len,
@@ -148,12 +157,18 @@ def downstream_model_config(mc, cfg):
     else:
         text_free_eval = cfg.task == "retrieval" and mc.prune.method in TEXT_GUIDED
         prune = dataclasses.replace(mc.prune, in_eval=not text_free_eval)
+    # BLIP's retrieval fine-tuning (a BLIP backbone: cross-attention in every layer) weighs its
+    # ITM negatives by the online image x online text similarities of the batch (every rank's
+    # with negative_all_rank), without pre-training's 1e-4 (BLIP/models/blip_retrieval.py:136-184)
+    blip_retrieval = cfg.task == "retrieval" and mc.fusion_layers == 0
     # ("itc", "itm"): the retrieval objectives (one caption per sample); for every task, a text
     # encoder without MLM head
     return dataclasses.replace(mc, prune=prune, losses=("itc", "itm"),
                                img_size=cfg.img_size or mc.img_size,
                                max_len=cfg.max_len or mc.max_len, drop_path=cfg.drop_path,
-                               negative_all_rank=cfg.negative_all_rank)
+                               negative_all_rank=cfg.negative_all_rank,
+                               itm_online_candidates=blip_retrieval,
+                               itm_weight_eps=0.0 if blip_retrieval else mc.itm_weight_eps)
 
 
 def scratch_model_config():
@@ -182,7 +197,7 @@ def build_model(cfg, mc, tok, answers, aids):
     elif task == "vqa":   # BLIP's VQA fine-tunes without distillation
         model = VQADecoderModel(mc, *tok(answers, mc.max_len), cfg.vqa_k,
                                 distill=cfg.distill and mc.fusion_layers > 0,
-                                momentum=cfg.momentum, **embed)
+                                momentum=cfg.momentum, answer_seps=cfg.vqa_answer_seps, **embed)
     elif task == "nlvr":
         model = NLVRModel(mc, **distill, **embed)
     elif task == "ve":
@@ -245,3 +260,53 @@ def evaluate_task(cfg, model, train_set, test_set, collate, tok, device, log):
                 for metric, value in metrics.caption_scores(caps, refs).items()}
     return scores, baseline, f"bleu4, cider_d: the most frequent training caption ({common!r}) " \
         "for every image; chance_*: a true caption of another image", predictions
+
+
+# ---- the official evaluations' files -----------------------------------------------------
+def official_id(value):
+    """An id as the official evaluations read it, an int (from an int or a string of digits);
+    None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
+def image_number(path):
+    """COCO's image id, the file name's trailing number, as BLIP reads it for the COCO caption
+    evaluation (COCO_val2014_000000391895.jpg -> 391895; BLIP/data/coco_karpathy_dataset.py:80);
+    None if the name does not end in one."""
+    return official_id(os.path.splitext(os.path.basename(path))[0].split("_")[-1])
+
+
+def official_results(task, test_set, predictions):
+    """(file name with {} for the test set's name, its text, the id it needs, how many entries
+    lacked one) of what the official evaluation of `task` reads, or None (retrieval, SNLI-VE).
+    VQA: the VQA server's [{"question_id": int, "answer": str}] (as ALBEF's and BLIP's result
+    files); captioning: the COCO caption evaluation's [{"image_id": int, "caption": str}], the
+    beam-search caption, one per image id (BLIP's save_result drops repeats); NLVR2: the lines
+    "identifier,True|False" that nlvr2/eval/metrics.py of the NLVR2 repository reads. An entry
+    without the id gets its index in the test file instead: the caller says so."""
+    items = list(test_set.items)
+    if task == "vqa":
+        ids = [official_id(q) for q in test_set.question_ids]
+        rows = [{"question_id": i if q is None else q, "answer": p["answer"]}
+                for i, (q, p) in enumerate(zip(ids, predictions))]
+        return "vqa_result_{}.json", json.dumps(rows), "question_id", ids.count(None)
+    if task == "caption":
+        ids = [official_id(it["image_id"]) for it in items]
+        ids = [image_number(it["images"][0]) if n is None else n for n, it in zip(ids, items)]
+        rows, seen = [], set()
+        for i, (image_id, p) in enumerate(zip(ids, predictions)):
+            image_id = i if image_id is None else image_id
+            if image_id not in seen:
+                seen.add(image_id)
+                rows.append({"image_id": image_id, "caption": p["beam"]})
+        return ("caption_result_{}.json", json.dumps(rows), "image_id (or a file name ending in "
+                "a number)", ids.count(None))
+    if task == "nlvr":
+        ids = [it["identifier"] for it in items]
+        lines = [f"{i if n is None else n},{bool(p['prediction'])}"
+                 for i, (n, p) in enumerate(zip(ids, predictions))]
+        text = "".join(line + "\n" for line in lines)
+        return "nlvr_result_{}.csv", text, "identifier", ids.count(None)
+    return None

@@ -37,8 +37,11 @@ pre-trained one: the heads stay untrained) given as --pretrained, on every --tes
 
 Writes to out_dir (out/<task>): checkpoint.pt (the fine-tuned model; --resume auto continues it),
 log.jsonl, metrics.json (per test file: the metrics beside a chance or majority baseline and the
-evaluation time; the training time and the weight-loading report) and predictions.json (per test
-file; none for retrieval).
+evaluation time; the training time and the weight-loading report), predictions.json (per test
+file; none for retrieval) and, per test file <name> (its file name without extension; "world"),
+what the official evaluation reads: vqa_result_<name>.json for the VQA server,
+caption_result_<name>.json for the COCO caption evaluation, nlvr_result_<name>.csv for NLVR2's
+scorer (tasks.official_results).
 """
 import contextlib
 import dataclasses
@@ -60,7 +63,7 @@ from heads import load_pretrained
 from model import PRESETS, ModelConfig
 from pruning import PruneConfig
 from tasks import (build_model, build_sets, downstream_model_config, evaluate_task,
-                   grow_vocabulary, scratch_model_config, task_collates)
+                   grow_vocabulary, official_results, scratch_model_config, task_collates)
 from tokenizer import BLIP_TOKENS, Tokenizer
 from trainer import (RunConfig, alpha_at, autocast_and_scaler, build_optimizer, gather_objects,
                      load_checkpoint, log_json, lr_at)
@@ -106,9 +109,13 @@ class DownstreamConfig:
     crop_scale: tuple[float, ...] = (0.8, 1.0)   # random-crop area (ALBEF: 0.5,1.0)
     randaug_n: int = 0               # RandAugment operations per training image (ALBEF, BLIP: 2)
     randaug_m: int = 7               # and their strength, of 10 (ALBEF 7, BLIP 5)
+    swap_left_right: bool = True     # a mirrored training image's texts swap left and right, so
+                                     # they stay true (ALBEF and BLIP mirror the image alone)
     prune: bool = False              # keep the pre-training pruning schedule, in evaluation too
     negative_all_rank: bool = False  # retrieval: ITM negatives from every rank (BLIP on COCO)
     vqa_head: str = "decoder"        # VQA: decoder (ALBEF/BLIP's answer decoder) | classifier
+    vqa_answer_seps: int = 1         # VQA decoder: [SEP] tokens ending each answer (ALBEF: 2, the
+                                     # "[SEP]" it appends and the tokenizer's own; BLIP: 1)
     vg_weight: float = 0.5           # VQA: the weight of a Visual Genome answer (BLIP: 0.2)
     distill: bool = True             # ALBEF's momentum distillation in nlvr, ve and vqa with an
                                      # ALBEF checkpoint's decoder (BLIP's VQA has none)
@@ -135,6 +142,8 @@ class DownstreamConfig:
             raise ValueError(f"vqa_head {self.vqa_head!r} is not decoder or classifier")
         if self.caption_style not in ("albef", "blip"):
             raise ValueError(f"caption_style {self.caption_style!r} is not one of albef, blip")
+        if self.vqa_answer_seps < 1:
+            raise ValueError(f"vqa_answer_seps {self.vqa_answer_seps} must be >= 1")
         if min(self.max_words, self.eval_max_words) < 1:
             raise ValueError(f"max_words {self.max_words} and eval_max_words "
                              f"{self.eval_max_words} must be >= 1")
@@ -142,16 +151,18 @@ class DownstreamConfig:
 
 # The official fine-tuning of each backbone (ELIP's ALBEF/configs/*.yaml and BLIP/configs/*.yaml;
 # ALBEF's VQA.yaml and VE.yaml as salesforce/ALBEF has them): 384 px, random crops of 50-100% of
-# the area, RandAugment; ALBEF: AdamW wd 0.02 (its optim_factory rule), timm's cosine stepped per
-# epoch after warmup_epochs x 100 steps from warmup_lr; BLIP: AdamW wd 0.05 on every parameter,
-# cosine per epoch from lr to 0, its own text cleaning (BLIP/data/utils.py). alpha ramps up over
-# epoch 0 (SNLI-VE: warm_up False).
+# the area, RandAugment, a flip that mirrors the image alone (the world's presets also swap left
+# and right in its texts, which name sides: the mirrored scene would make them false); ALBEF:
+# AdamW wd 0.02 (its optim_factory rule), timm's cosine stepped per epoch after warmup_epochs x
+# 100 steps from warmup_lr; BLIP: AdamW wd 0.05 on every parameter, cosine per epoch from lr to
+# 0, its own text cleaning (BLIP/data/utils.py). alpha ramps up over epoch 0 (SNLI-VE: warm_up
+# False).
 ALBEF = dict(img_size=384, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=7, weight_decay=0.02,
              decay="albef", schedule="albef", warmup_lr=1e-5, warmup_steps=100, min_lr=1e-6,
-             alpha=0.4, alpha_ramp_epochs=1.0, num_workers=4)
+             alpha=0.4, alpha_ramp_epochs=1.0, num_workers=4, swap_left_right=False)
 BLIP = dict(img_size=384, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=5, weight_decay=0.05,
             decay="all", schedule="epoch_cosine", lr=1e-5, min_lr=0.0, alpha=0.4,
-            alpha_ramp_epochs=1.0, num_workers=4, caption_style="blip")
+            alpha_ramp_epochs=1.0, num_workers=4, caption_style="blip", swap_left_right=False)
 TASK_PRESETS = {
     # the embedded world: each task fine-tunes and evaluates in minutes on a 2-core CPU from the
     # tiny pre-training checkpoint (NLVR2, the longest, 14 on one thread). Explicit flags
@@ -178,7 +189,7 @@ TASK_PRESETS = {
     # here both are cut at 25
     ("vqa", "albef"): {**ALBEF, "out_dir": "out/vqa_albef", "lr": 2e-5, "warmup_steps": 400,
                        "batch_size": 16, "eval_batch_size": 16, "epochs": 8, "max_len": 25,
-                       "eval_max_words": 50},
+                       "eval_max_words": 50, "vqa_answer_seps": 2},
     # ALBEF's SNLI-VE and NLVR2 tokenize without truncation: 512 (BERT's positions) cuts nothing
     ("ve", "albef"): {**ALBEF, "out_dir": "out/ve_albef", "lr": 2e-5, "batch_size": 16,
                       "eval_batch_size": 32, "epochs": 3, "alpha_ramp_epochs": 0.0,
@@ -274,7 +285,8 @@ def released_source(cfg, checkpoint, log):
         if conv.task != cfg.task:
             raise SystemExit(f"error: {cfg.pretrained} is a released fine-tuned {conv.task} model "
                              f"({conv.layout}): use it with --task {conv.task}")
-        tuned = {"task": conv.task, "vqa_head": "decoder", "distill": conv.momentum}
+        tuned = {"task": conv.task, "vqa_head": "decoder", "distill": conv.momentum,
+                 "vqa_answer_seps": 2 if conv.family == "albef" else 1}
     log(f"{cfg.pretrained}: a released {conv.layout} checkpoint, converted to this project's "
         f"names ({len(conv.state)} tensors; {len(conv.dropped)} tied copies and position-id "
         f"buffers left out)")
@@ -364,10 +376,24 @@ def load_weights(cfg, model, ckpt, state, fine_tuned: bool, log) -> dict:
     return weights
 
 
+def write_official(out_dir, name, result, log) -> str:
+    """Writes tasks.official_results' file for test set `name` (named by its file's base name)
+    and returns the file's name; says how many entries lacked the id the file needs."""
+    file_name, text, id_name, missing = result
+    file_name = file_name.format(os.path.splitext(os.path.basename(name))[0])
+    with open(os.path.join(out_dir, file_name), "w") as f:
+        f.write(text)
+    if missing:
+        log(f"warning: {missing} entries of {name} have no {id_name}: {file_name} gives their "
+            f"index in the file instead, which the official evaluation will not match")
+    return file_name
+
+
 def test_and_report(cfg, model, train_set, test_sets, collate, tok, device, world, log, extra):
     """Every rank evaluates its share of each test set (eval.py); rank 0 writes metrics.json
-    (and predictions.json) beside the log. Returns the names of the files written."""
-    files, predictions = {}, {}
+    (and predictions.json, and the official evaluation's files) beside the log. Returns the
+    names of the files written."""
+    files, predictions, official = {}, {}, {}
     for name, test_set in test_sets.items():
         t0 = time.time()
         scores, baseline, kind, preds = evaluate_task(cfg, model, train_set, test_set,
@@ -383,6 +409,7 @@ def test_and_report(cfg, model, train_set, test_sets, collate, tok, device, worl
                 + (" ..." if len(blank) > 5 else ""))
         if preds is not None:
             predictions[name] = preds
+            official[name] = official_results(cfg.task, test_set, preds)
         log(f"{cfg.task} {name}: {json.dumps({k: v for k, v in scores.items() if k != 'itc'})}"
             f"; baseline ({kind}): {json.dumps(baseline)}")
     if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
@@ -399,7 +426,9 @@ def test_and_report(cfg, model, train_set, test_sets, collate, tok, device, worl
         return ["metrics.json"]
     with open(os.path.join(cfg.run.out_dir, "predictions.json"), "w") as f:
         json.dump(predictions, f, indent=1)
-    return ["metrics.json", "predictions.json"]
+    return ["metrics.json", "predictions.json"] + [
+        write_official(cfg.run.out_dir, name, result, log)
+        for name, result in official.items() if result is not None]
 
 
 def finetune(cfg, ckpt, rank: int, world_size: int, device: torch.device):
@@ -416,7 +445,8 @@ def finetune(cfg, ckpt, rank: int, world_size: int, device: torch.device):
         mc, aids, tok, state, answers, tuned = load_source(cfg, log)
         if tuned is not None:     # the heads as the run that wrote the checkpoint built them
             cfg = dataclasses.replace(cfg, vqa_head=tuned.get("vqa_head", "classifier"),
-                                      distill=tuned.get("distill", False))
+                                      distill=tuned.get("distill", False),
+                                      vqa_answer_seps=tuned.get("vqa_answer_seps", 1))
     try:    # every entry is checked when the dataset is built, before any training step
         train_set, test_sets, answers = build_sets(cfg, mc, answers)
     except (ValueError, OSError) as e:

@@ -23,9 +23,9 @@ answer_scores ranks the answer list as the official code does: the k_test answer
 token is likeliest after bos, then each by its whole sequence, ALBEF's score log p(first) -
 seq_loss (the first token counted twice, as ALBEF/models/model_vqa.py:149-206 has it), BLIP's
 -seq_loss with its label smoothing (BLIP/models/blip_vqa.py:120-167); the argmax is the answer.
-One difference: ALBEF appends its eos, the text "[SEP]", to every answer before the tokenizer
-adds its own, so its answers end in two [SEP] tokens and ours in one; its scores carry the second
-[SEP]'s log-likelihood as well, near zero once the decoder has learnt to end an answer.
+ALBEF appends its eos, the text "[SEP]", to every answer before the tokenizer adds its own, so
+its answers end in two [SEP] tokens (ALBEF/dataset/vqa_dataset.py:68, ALBEF/VQA.py:82), learnt
+and scored: answer_seps=2; BLIP's end in one.
 """
 import torch
 import torch.nn.functional as F
@@ -73,15 +73,27 @@ def answer_decoder(cfg, num_layers):
         initializer_range=cfg.init_std))
 
 
+def with_seps(ids, mask, extra: int, pad_id: int):
+    """(N, L) token ids and mask of texts ending in [SEP] -> (N, L + extra): each text's last
+    token, its [SEP], repeated `extra` times more (ALBEF's answers end in two)."""
+    if extra == 0:
+        return ids, mask
+    ends = mask.sum(1, keepdim=True) + torch.arange(extra, device=ids.device)   # (N, extra)
+    sep = ids.gather(1, ends[:, :1] - 1).expand(-1, extra)                       # (N, extra)
+    ids = F.pad(ids, (0, extra), value=pad_id).scatter(1, ends, sep)             # (N, L+extra)
+    return ids, F.pad(mask, (0, extra)).scatter(1, ends, 1)
+
+
 class VQADecoderModel(FusionModel):
     """The answer decoder over the fusion states (see the module's docstring). answer_ids,
     answer_mask (A, L): the tokenized answer list ([CLS] answer [SEP] [PAD]...), ranked by
     answer_scores, whose [CLS] becomes the bos; k_test answers are re-scored by their whole
-    sequence."""
+    sequence. answer_seps: the [SEP] tokens that end an answer in training and ranking (ALBEF:
+    2, BLIP: 1)."""
     NEW_PARAMS = ()     # everything loads from pre-training
 
     def __init__(self, cfg, answer_ids, answer_mask, k_test=128, distill=False, momentum=0.995,
-                 embed_layer=PatchEmbed):
+                 embed_layer=PatchEmbed, answer_seps=1):
         super().__init__(cfg, distill, momentum, embed_layer)
         self.albef = cfg.fusion_layers > 0
         layers = cfg.fusion_layers if self.albef else cfg.text_layers
@@ -90,15 +102,19 @@ class VQADecoderModel(FusionModel):
         self.decoder_from_layer = cfg.text_layers if self.albef else 0
         self.label_smoothing = 0.0 if self.albef else cfg.label_smoothing
         self.bos_id = cfg.dec_id if cfg.blip_tokens else cfg.cls_id
-        self.k_test = k_test
+        self.k_test, self.extra_seps = k_test, answer_seps - 1
         # the answer list, [bos] answer [SEP] [PAD]... (A, L): part of the model, not a parameter
-        self.register_buffer("answer_ids", self.with_bos(answer_ids), persistent=False)
+        answer_ids, answer_mask = self.answer_tokens(answer_ids, answer_mask)
+        self.register_buffer("answer_ids", answer_ids, persistent=False)
         self.register_buffer("answer_mask", answer_mask, persistent=False)
         if distill:
             self.add_momentum("text_decoder")
 
-    def with_bos(self, ids):
-        return with_first_token(ids, self.bos_id)
+    def answer_tokens(self, ids, mask):
+        """Tokenized answers, [CLS] answer [SEP] [PAD]... (N, L) -> [bos] answer [SEP]... as the
+        decoder learns and ranks them (answer_seps [SEP] tokens), and their mask."""
+        ids, mask = with_seps(ids, mask, self.extra_seps, self.cfg.pad_id)
+        return with_first_token(ids, self.bos_id), mask
 
     def decode(self, ids, mask, states, states_mask, momentum=False):
         """(N, L) answer prefixes reading their question's states (N, T, D) -> (N, L, V): the
@@ -122,10 +138,9 @@ class VQADecoderModel(FusionModel):
         "loss" = sum_i w_i ((1 - alpha) CE_i + alpha KD_i) / B."""
         images, input_ids, attention_mask = (batch["image"], batch["question_ids"],
                                              batch["question_mask"])
-        answer_ids, answer_mask = batch["answers_ids"], batch["answers_mask"]
+        ids, answer_mask = self.answer_tokens(batch["answers_ids"], batch["answers_mask"])
         counts, weights = batch["answers_count"], batch["weights"]
-        B, N = images.shape[0], answer_ids.shape[0]
-        ids = self.with_bos(answer_ids)
+        B, N = images.shape[0], ids.shape[0]
         # each question's states once per answer; N given, so no device-to-host sync for it
         states = self.fused_states(images, input_ids, attention_mask)
         states = states.repeat_interleave(counts, dim=0, output_size=N)             # (N, T, D)

@@ -282,6 +282,15 @@ def test_flip_without_swapping_words():
     images = [np.asarray(ds[0]["image"]) for _ in range(20)]
     assert any(not np.array_equal(im, plain) for im in images)               # some mirrored
     assert all(ds[0]["text"] == entries[0]["caption"] for _ in range(20))    # text untouched
+    # the downstream datasets take it as their attribute (tasks.task_dataset sets it)
+    vqa = VQADataset([{"question": "what is on the left", "answer": ["left"],
+                       "image": entries[0]["image"]}])
+    assert vqa.question_ids == [None]                 # an entry may lack its question_id
+    vqa.swap_words = False
+    samples = [vqa[0] for _ in range(20)]
+    assert all((s["question"], s["answers"]) == ("what is on the left", ["left"]) for s in samples)
+    vqa.swap_words = True
+    assert any(vqa[0]["answers"] == ["right"] for _ in range(20))
 
 
 def test_transforms_shapes_and_normalisation():

@@ -679,3 +679,168 @@ def test_from_scratch_like_a_checkpoint_takes_its_architecture_not_its_weights(t
     with pytest.raises(SystemExit, match="--scratch_like nowhere.pt does not exist"):
         train_downstream.main(["--task", "vqa", "--pretrained", "none", "--scratch_like",
                                "nowhere.pt", "--out_dir", str(tmp_path / "x")])
+
+
+# ---- the official evaluations' files --------------------------------------------------------
+OFFICIAL = {"vqa": "vqa_result_{}.json", "caption": "caption_result_{}.json",
+            "nlvr": "nlvr_result_{}.csv"}
+
+
+def official_rows(out, task, name):
+    """The official file of a run, checked for its format: VQA and captioning a JSON list of
+    {"question_id": int, "answer": str} / {"image_id": int, "caption": str}; NLVR2 lines
+    "identifier,True|False" read as NLVR2's scorer reads them. Returns its rows as
+    (id, answer) pairs."""
+    text = (out / OFFICIAL[task].format(name)).read_text()
+    if task == "nlvr":
+        rows = [line.strip().split(",") for line in text.splitlines()]
+        assert all(len(r) == 2 and r[1] in ("True", "False") for r in rows), text
+        return [tuple(r) for r in rows]
+    keys = ("question_id", "answer") if task == "vqa" else ("image_id", "caption")
+    rows = json.loads(text)
+    assert isinstance(rows, list) and all(set(r) == set(keys) for r in rows), rows
+    assert all(type(r[keys[0]]) is int and isinstance(r[keys[1]], str) for r in rows), rows
+    return [(r[keys[0]], r[keys[1]]) for r in rows]
+
+
+@pytest.mark.parametrize("task", ["vqa", "caption", "nlvr"])
+def test_official_result_files_from_json_with_ids(tmp_path, pretrained, task, capsys):
+    """Each test file's predictions as the official evaluation reads them, under the entries'
+    own ids: VQA's question_id; captioning's image_id, else the COCO file name's number (one
+    caption per image); NLVR2's identifier. An entry without one gets its index, and the log
+    says so."""
+    flags = write_task(tmp_path, task)
+    root, test = tmp_path / "images", tmp_path / "test.json"
+    entries = json.loads(test.read_text())
+    if task == "caption":
+        (root / "COCO_val2014_000000391895.png").write_bytes((root / "im1.png").read_bytes())
+        entries[1]["image"] = "COCO_val2014_000000391895.png"
+        entries[0]["image_id"], entries[2]["image_id"] = 7, "42"
+        entries.append({**entries[0], "caption": ["again image 7"]})
+        expected = [7, 391895, 42, 3]     # the fourth entry has no id: its index
+    elif task == "nlvr":
+        for i, e in enumerate(entries[:3]):
+            e["identifier"] = f"dev-{850 + i}-0-0"
+        expected = ["dev-850-0-0", "dev-851-0-0", "dev-852-0-0", "3"]
+    else:
+        del entries[3]["question_id"]
+        expected = [100, 101, 102, 3]
+    test.write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    train_downstream.main(["--task", task, "--pretrained", pretrained, *flags, "--out_dir",
+                           str(out), "--batch_size", "4", "--max_steps", "1", "--warmup_steps",
+                           "1", "--eval_batch_size", "3", "--beam", "2", "--max_length", "8"])
+    rows = official_rows(out, task, "test")
+    assert [r[0] for r in rows] == expected
+    assert f"warning: 1 entries of {test} have no" in capsys.readouterr().out
+    preds = json.loads((out / "predictions.json").read_text())[str(test)]
+    if task == "vqa":
+        assert [r[1] for r in rows] == [p["answer"] for p in preds]
+    elif task == "caption":
+        assert [r[1] for r in rows] == [p["beam"] for p in preds[:4]]
+    else:
+        assert [r[1] == "True" for r in rows] == [p["prediction"] == 1 for p in preds]
+        accuracy = json.loads((out / "metrics.json").read_text())["test"][str(test)]["metrics"]
+        labels = [e["label"] in (True, "True") for e in entries]
+        assert sum((r[1] == "True") == y for r, y in zip(rows, labels)) / 4 == \
+            accuracy["accuracy"]
+
+
+@pytest.mark.parametrize("task", ["vqa", "caption", "nlvr"])
+def test_official_result_files_on_the_world(tmp_path, pretrained, task, capsys):
+    """The embedded world's test split ("world"): VQA keeps the world's question ids, captioning
+    reads the image id from the image's name (world:<seed>/test/<index>), NLVR2 has no
+    identifier: each entry's index, said in the log."""
+    out = tmp_path / "out"
+    train_downstream.main(["--task", task, "--pretrained", pretrained, "--evaluate", "true",
+                           "--world_train", "4", "--world_test", "2", "--out_dir", str(out),
+                           "--eval_batch_size", "4",
+                           "--beam", "2", "--max_length", "8"])
+    ids = [r[0] for r in official_rows(out, task, "world")]
+    log = capsys.readouterr().out
+    if task == "vqa":
+        questions = tasks.world.world_entries("vqa", "test", 2)
+        assert ids == [e["question_id"] for e in questions] and "no question_id" not in log
+    elif task == "caption":
+        assert ids == [0, 1] and "no image_id" not in log
+    else:
+        assert ids == ["0", "1", "2", "3"] and "have no identifier" in log
+
+
+# ---- the real-data presets as the official fine-tuning ------------------------------------
+def preset(task, name, *flags):
+    cfg, _ = train_downstream.parse_config(train_downstream.DownstreamConfig(),
+                                           ["--task", task, "--preset", name, *flags],
+                                           train_downstream.TASK_PRESETS, key=("task", "preset"))
+    return cfg
+
+
+def test_real_data_presets_mirror_the_image_alone(tmp_path):
+    """ALBEF and BLIP flip the image and leave its text alone; the world's presets swap left and
+    right, as the world's texts name sides. The flag reaches every training dataset."""
+    for task, name in train_downstream.TASK_PRESETS:
+        assert preset(task, name).swap_left_right == (name == "world"), (task, name)
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.jpg")
+    entries = [{"image": "0.jpg", "caption": "a cube on the left", "image_id": 0}]
+    for name, swap in (("world", True), ("blip", False)):
+        cfg = preset("caption", name)
+        dataset = tasks.task_dataset(cfg, entries, str(tmp_path), None, True, None, 30)
+        assert dataset.swap_words is swap and dataset.flip
+
+
+def tiny_model_config(blip, **kw):
+    return ModelConfig(img_size=16, patch_size=8, vision_width=32, vision_depth=2,
+                       vision_heads=2, text_width=32, text_heads=2, text_mlp=64, embed_dim=16,
+                       text_layers=3 if blip else 1, fusion_layers=0 if blip else 2,
+                       queue_size=8, itm_weight_eps=1e-4 if blip else 0.0, vocab_size=20,
+                       prune=PruneConfig(method="none"), **kw)
+
+
+def test_blip_retrieval_weighs_itm_negatives_by_online_features():
+    """BLIP's retrieval fine-tuning draws its ITM negatives by softmax(online image x online
+    text / temp) of the batch without the 1e-4 (BLIP/models/blip_retrieval.py:174-184); ALBEF's,
+    and every pre-training, by ITC's online x momentum similarities."""
+    for blip in (True, False):
+        cfg = train_downstream.DownstreamConfig(task="retrieval")
+        mc = tasks.downstream_model_config(tiny_model_config(blip), cfg)
+        assert mc.itm_online_candidates is blip and mc.itm_weight_eps == 0.0
+        assert not tasks.downstream_model_config(
+            tiny_model_config(blip), dataclasses.replace(cfg, task="vqa")).itm_online_candidates
+    assert not train_pretrain.TrainConfig().model.itm_online_candidates   # pre-training
+    torch.manual_seed(0)
+    feats = {k: F.normalize(torch.randn(4, 16), dim=1) for k in
+             ("image_feat", "text_feat", "image_feat_m", "text_feat_m")}
+    for online in (True, False):
+        model = ELIPModel(tiny_model_config(True, itm_online_candidates=online))
+        i2t, t2i = model.itm_similarities(feats)
+        image_c, text_c = ((feats["image_feat"], feats["text_feat"]) if online else
+                           (feats["image_feat_m"], feats["text_feat_m"]))
+        assert torch.allclose(i2t, feats["image_feat"] @ text_c.T / 0.07)
+        assert torch.allclose(t2i, feats["text_feat"] @ image_c.T / 0.07)
+
+
+def test_blip_caption_length_counts_the_prompt(tmp_path):
+    """BLIP cuts prompt + caption at 40 tokens ([CLS] a picture of ... [SEP]), so a training
+    caption keeps 35 of its tokens: the collated caption is 37 long, 40 once CaptionModel puts
+    the 3 prompt tokens after its [CLS]."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.jpg")
+    words = [f"w{i}," for i in range(50)]            # two tokens a word: BLIP keeps commas
+    (tmp_path / "train.json").write_text(json.dumps(
+        [{"image": "0.jpg", "caption": " ".join(words), "image_id": 0}]))
+    (tmp_path / "test.json").write_text(json.dumps([{"image": "0.jpg", "caption": ["w1"]}]))
+    cfg = preset("caption", "blip", "--train_file", str(tmp_path / "train.json"), "--test_file",
+                 str(tmp_path / "test.json"), "--image_root", str(tmp_path))
+    tok = Tokenizer.build([" ".join(words + ["a", "picture", "of"])])
+    mc = dataclasses.replace(tiny_model_config(True), max_len=cfg.max_len,
+                             vocab_size=tok.vocab_size)
+    train_set, _, answers = tasks.build_sets(cfg, mc)
+    collate, _ = tasks.task_collates(cfg, mc, tok, answers)
+    ids = collate([train_set[0]])["text_ids"][0]
+    assert cfg.max_len == 40 and len(ids) == 37 and ids[-1] == tok.sep_id
+    assert ids[1:-1].tolist() == tok.encode(" ".join(words[:30]))[1:36]   # 30 words, 35 kept
+    model = CaptionModel(mc, tok.encode(cfg.prompt)[:-1], tok.sep_id)
+    seen = []
+    model.text_decoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    model({"image": torch.randn(1, 3, 16, 16), "text_ids": ids[None],
+           "text_mask": torch.ones(1, 37, dtype=torch.long)})
+    assert seen == [40]

@@ -326,6 +326,7 @@ ALBEF_FT = {
     "drop_path": 0.0,                   # ALBEF/models/model_retrieval.py:21-23: ViT default 0
     "prune": False,                     # ALBEF/models/model_retrieval.py:21-23: no prune_state
     "caption_style": "albef",           # ALBEF/dataset/utils.py pre_caption, pre_question
+    "swap_left_right": False,           # ALBEF/dataset/__init__.py:27 flips the image alone
 }
 ALBEF_DISTILL = {
     "distill": True,                    # ALBEF/configs/{VQA,VE,NLVR}.yaml distill: True
@@ -346,6 +347,7 @@ BLIP_FT = {
     "drop_path": 0.0,                   # BLIP/models/blip_retrieval.py:30 create_vit(.., 0)
     "prune": False,                     # BLIP/models/blip_retrieval.py:30: no prune_state
     "caption_style": "blip",            # BLIP/data/utils.py pre_caption, pre_question
+    "swap_left_right": False,           # BLIP/data/__init__.py:17 flips the image alone
 }
 OFFICIAL_DOWNSTREAM = {
     ("retrieval", "albef_coco"): {
@@ -372,6 +374,7 @@ OFFICIAL_DOWNSTREAM = {
     },
     ("vqa", "albef"): {
         **ALBEF_FT, **ALBEF_DISTILL,
+        "vqa_answer_seps": 2,           # ALBEF/VQA.py:82-83 answer + '[SEP]', then the tokenizer's
         "run.batch_size": 16,           # ALBEF/configs/VQA.yaml:12
         "eval_batch_size": 16,          # ALBEF/configs/VQA.yaml:13
         "vqa_k": 128,                   # ALBEF/configs/VQA.yaml:14 k_test

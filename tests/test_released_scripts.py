@@ -22,7 +22,8 @@ ALBEF_FLAGS = ["--preset", "albef", "--img_size", "32", "--patch_size", "8", "--
                "2", "--vision_heads", "2", "--text_width", "32", "--text_heads", "2", "--text_mlp",
                "64", "--text_layers", "2", "--fusion_layers", "2", "--embed_dim", "16",
                "--queue_size", "8", "--batch_size", "4", "--world_train", "8", "--world_test", "0",
-               "--warmup_steps", "100", "--max_steps", "1", "--prune.method", "none"]
+               "--warmup_steps", "100", "--max_steps", "1", "--prune.method", "none",
+               "--num_workers", "0"]
 
 
 def save(tmp_path, family, task):
