@@ -25,13 +25,15 @@ import torch
 import data
 import eval as evaluation
 import metrics
+import released
 import world
 import world_aids
-from config import apply_preset
+from config import apply_preset, config_from_dict
 from heads import CaptionModel, NLVRModel, VEModel
 from model import PRESETS, ModelConfig
 from pruning import TEXT_GUIDED, PruneConfig
-from tokenizer import Tokenizer
+from tokenizer import BLIP_TOKENS, Tokenizer
+from trainer import load_checkpoint
 from vqa import VQADecoderModel, VQAModel
 
 TASKS = ("retrieval", "vqa", "nlvr", "ve", "caption")
@@ -208,6 +210,80 @@ def build_model(cfg, mc, tok, answers, aids):
     # afterwards replace it
     world_aids.init_positions(model, aids)
     return model
+
+
+# ---- the source checkpoint ---------------------------------------------------------------
+def load_source(cfg, log=print):
+    """The checkpoint given as --pretrained: (model config, the world's aids it was trained with,
+    tokenizer, state dict, VQA answer list or None, the config of the run that wrote it if it is
+    a fine-tuned checkpoint, else None); for --pretrained none, the default pre-training's
+    architecture and vocabulary and no state dict. A file of the authors' releases (no
+    vocabulary inside) goes through released_source."""
+    if cfg.pretrained == "none" and not cfg.evaluate:
+        mc, tok, aids = scratch_model_config()
+        if cfg.scratch_like:      # main checked that it exists
+            like = load_checkpoint(cfg.scratch_like)
+            mc = config_from_dict(ModelConfig, like["config"]["model"])
+            tok, aids = Tokenizer(like["vocab"]), world_aids.aids_of(like["config"])
+        return downstream_model_config(mc, cfg), aids, tok, None, None, None
+    if not os.path.isfile(cfg.pretrained):
+        raise SystemExit(f"error: --pretrained {cfg.pretrained} does not exist (make one with "
+                         f"python train_pretrain.py)")
+    source = load_checkpoint(cfg.pretrained)
+    if "model_config" in source:          # fine-tuned here: its own architecture and heads
+        if not cfg.evaluate or source["config"]["task"] != cfg.task:
+            raise SystemExit(f"error: {cfg.pretrained} is a fine-tuned {source['config']['task']} "
+                             f"checkpoint: evaluate it with --task {source['config']['task']} "
+                             f"--evaluate true, or continue it with --resume")
+        mc = config_from_dict(ModelConfig, source["model_config"])
+        mc = dataclasses.replace(mc, img_size=cfg.img_size or mc.img_size)
+        return (mc, world_aids.aids_of(source), Tokenizer(source["vocab"]), source["model"],
+                source["answer_list"] or None, source["config"])
+    if "vocab" not in source:
+        return released_source(cfg, source, log)
+    if not {"model", "config"} <= source.keys():
+        raise SystemExit(f"error: {cfg.pretrained} is not a checkpoint of train_pretrain.py")
+    mc = downstream_model_config(config_from_dict(ModelConfig, source["config"]["model"]), cfg)
+    return (mc, world_aids.aids_of(source["config"]), Tokenizer(source["vocab"]), source["model"],
+            None, None)
+
+
+def released_source(cfg, checkpoint, log):
+    """load_source for a released ALBEF, BLIP or ELIP checkpoint (released.py): its weights in
+    this project's names, the architecture they imply on the preset of its family (albef or
+    blip), and --vocab (BERT's, plus BLIP's [DEC] and [ENC] for BLIP). A fine-tuned file
+    (retrieval, VQA, SNLI-VE, captioning) also brings its task's heads, loaded strictly."""
+    try:
+        conv = released.to_ours(released.unwrap(checkpoint), head_dim=cfg.head_dim)
+    except ValueError as e:
+        raise SystemExit(f"error: --pretrained {cfg.pretrained}: {e}") from None
+    if not cfg.vocab:
+        raise SystemExit(f"error: --pretrained {cfg.pretrained} is a released {conv.layout} "
+                         f"checkpoint, which holds no vocabulary: give --vocab the BERT vocab.txt "
+                         f"it was trained with (bert-base-uncased)")
+    if cfg.prune:
+        raise SystemExit(f"error: --prune true keeps the pruning schedule a checkpoint of "
+                         f"train_pretrain.py records; the released {conv.layout} file records none")
+    tok = Tokenizer.from_file(cfg.vocab)
+    tok = tok.add_tokens(BLIP_TOKENS) if conv.family == "blip" else tok
+    base = dataclasses.replace(apply_preset(ModelConfig(), PRESETS[conv.family]),
+                               prune=PruneConfig(method="none"))
+    try:
+        mc = released.model_config(conv, base, tok)
+    except ValueError as e:
+        raise SystemExit(f"error: --pretrained {cfg.pretrained} with --vocab {cfg.vocab}: {e}") \
+            from None
+    tuned = None
+    if conv.task != "pretrain":
+        if conv.task != cfg.task:
+            raise SystemExit(f"error: {cfg.pretrained} is a released fine-tuned {conv.task} model "
+                             f"({conv.layout}): use it with --task {conv.task}")
+        tuned = {"task": conv.task, "vqa_head": "decoder", "distill": conv.momentum,
+                 "vqa_answer_seps": 2 if conv.family == "albef" else 1}
+    log(f"{cfg.pretrained}: a released {conv.layout} checkpoint, converted to this project's "
+        f"names ({len(conv.state)} tensors; {len(conv.dropped)} tied copies and position-id "
+        f"buffers left out)")
+    return downstream_model_config(mc, cfg), world_aids.WorldAids(), tok, conv.state, None, tuned
 
 
 # ---- evaluation --------------------------------------------------------------------------

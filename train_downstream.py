@@ -35,13 +35,23 @@ to --img_size on load. The training loop is train() below; trainer.py holds its 
 --evaluate true skips training: it scores a fine-tuned checkpoint of this script (or a
 pre-trained one: the heads stay untrained) given as --pretrained, on every --test_file.
 
+Model selection over the epochs (--select; each preset as its official script):
+  last              test once after the last epoch (ALBEF's and BLIP's VQA; the world's presets)
+  best              after every epoch, score the validation set (--val_file; on the embedded
+                    world its val split); keep best.pt beside checkpoint.pt whenever the selection
+                    metric (SELECT_METRIC) improves; test the best epoch's weights (ALBEF's SNLI-VE
+                    and NLVR2; also salesforce ALBEF's and BLIP's own retrieval and captioning)
+  test_every_epoch  test after every epoch, report the last (ELIP's retrieval and captioning: its
+                    copies of those scripts comment the validation out)
+
 Writes to out_dir (out/<task>): checkpoint.pt (the fine-tuned model; --resume auto continues it),
-log.jsonl, metrics.json (per test file: the metrics beside a chance or majority baseline and the
-evaluation time; the training time and the weight-loading report), predictions.json (per test
-file; none for retrieval) and, per test file <name> (its file name without extension; "world"),
-what the official evaluation reads: vqa_result_<name>.json for the VQA server,
-caption_result_<name>.json for the COCO caption evaluation, nlvr_result_<name>.csv for NLVR2's
-scorer (tasks.official_results).
+best.pt (--select best: the best epoch's weights; --evaluate true scores it), log.jsonl (with a
+record of every epoch's evaluation), metrics.json (per test file: the metrics beside a chance or
+majority baseline and the evaluation time; the training time, the weight-loading report and the
+epochs' scores), predictions.json (per test file; none for retrieval) and, per test file <name>
+(its file name without extension; "world"), what the official evaluation reads:
+vqa_result_<name>.json for the VQA server, caption_result_<name>.json for the COCO caption
+evaluation, nlvr_result_<name>.csv for NLVR2's scorer (tasks.official_results).
 """
 import contextlib
 import dataclasses
@@ -50,23 +60,32 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from tqdm import tqdm
 
 import data
-import released
 import trainer
+import world
 import world_aids
-from config import apply_preset, check_paths, config_from_dict, parse_config
+from config import check_paths, config_from_dict, parse_config
 from heads import load_pretrained
-from model import PRESETS, ModelConfig
-from pruning import PruneConfig
-from tasks import (build_model, build_sets, downstream_model_config, evaluate_task,
-                   grow_vocabulary, official_results, scratch_model_config, task_collates)
-from tokenizer import BLIP_TOKENS, Tokenizer
+from model import ModelConfig
+from tasks import (build_model, build_sets, evaluate_task, grow_vocabulary, load_source,
+                   official_results, task_collates, task_dataset)
+from tokenizer import Tokenizer
 from trainer import (RunConfig, alpha_at, autocast_and_scaler, build_optimizer, gather_objects,
                      load_checkpoint, log_json, lr_at)
+
+
+# what --select best maximises on the validation set (the sum of these scores, averaged over the
+# validation files), as the official scripts select: retrieval R mean, the mean of the six
+# recalls (ALBEF's Retrieval.py, BLIP's train_retrieval.py: val r_mean); SNLI-VE and NLVR2
+# accuracy (ALBEF's VE.py, NLVR.py); captioning CIDEr + BLEU-4 of the beam search (BLIP's
+# train_caption.py). VQA has none: ALBEF and BLIP train on its val split.
+SELECT_METRIC = {"retrieval": ("r_mean",), "ve": ("accuracy",), "nlvr": ("accuracy",),
+                 "caption": ("beam_cider_d", "beam_bleu4")}
 
 
 @dataclass
@@ -88,12 +107,16 @@ class DownstreamConfig:
     # none given = the embedded world
     train_file: tuple[str, ...] = ()    # the task's training files
     test_file: tuple[str, ...] = ()     # its test files, each scored on its own
+    val_file: tuple[str, ...] = ()      # --select best: the validation files (the selection
+                                        # metric is their mean); none = the world's val split
     image_root: str = ""             # image paths in the JSON files are relative to this
     answer_list: str = ""            # VQA: a JSON list of answers; empty = the world's answers,
                                      # or every answer of the training files
     world_seed: int = 0              # the embedded world's seed
     world_train: int = 1000          # scenes (image pairs for nlvr) in the world's train split
     world_test: int = 200            # and in its test split
+    world_val: int = 200             # and in its val split (--select best), whose compositions
+                                     # are in neither of the others
     img_size: int = 0                # fine-tuning resolution (ALBEF, BLIP: 384); 0 = pre-training's
     max_len: int = 0                 # text tokens, a longer text is cut (ALBEF: retrieval 30, VQA
                                      # 25, SNLI-VE and NLVR2 512, i.e. uncut; BLIP: retrieval and
@@ -121,6 +144,9 @@ class DownstreamConfig:
                                      # ALBEF checkpoint's decoder (BLIP's VQA has none)
     momentum: float = 0.995          # the momentum model's EMA rate, once per optimizer step
     # evaluation
+    select: str = "last"             # which epoch is tested: last | best (on the validation set,
+                                     # kept as best.pt) | test_every_epoch (test after every
+                                     # epoch, report the last)
     retrieval_score: str = "itm"     # itm: the ITM match logit (ALBEF); itm_itc: plus ITC (BLIP)
     eval_k: int = 16                 # retrieval: ITC candidates re-scored (ALBEF, BLIP: 256 COCO,
                                      # 128 Flickr30K)
@@ -144,6 +170,17 @@ class DownstreamConfig:
             raise ValueError(f"caption_style {self.caption_style!r} is not one of albef, blip")
         if self.vqa_answer_seps < 1:
             raise ValueError(f"vqa_answer_seps {self.vqa_answer_seps} must be >= 1")
+        if self.select not in ("last", "best", "test_every_epoch"):
+            raise ValueError(f"select {self.select!r} is not one of last, best, test_every_epoch")
+        if self.select == "best" and self.task not in SELECT_METRIC:
+            raise ValueError(f"select best: {self.task} has no selection metric (ALBEF and BLIP "
+                             f"train VQA on its val split and test after the last epoch)")
+        if self.val_file and self.select != "best":
+            raise ValueError("val_file is read with select best only")
+        if self.select == "best" and not (self.val_file or self.evaluate) and (
+                self.train_file or self.world_val < 1):
+            raise ValueError("select best needs validation data: val_file (on the embedded "
+                             "world, world_val >= 1 scenes of its val split)")
         if min(self.max_words, self.eval_max_words) < 1:
             raise ValueError(f"max_words {self.max_words} and eval_max_words "
                              f"{self.eval_max_words} must be >= 1")
@@ -156,7 +193,12 @@ class DownstreamConfig:
 # AdamW wd 0.02 (its optim_factory rule), timm's cosine stepped per epoch after warmup_epochs x
 # 100 steps from warmup_lr; BLIP: AdamW wd 0.05 on every parameter, cosine per epoch from lr to
 # 0, its own text cleaning (BLIP/data/utils.py). alpha ramps up over epoch 0 (SNLI-VE: warm_up
-# False).
+# False). The tested epoch (--select) as ELIP's scripts choose it:
+# ALBEF's SNLI-VE and NLVR2 validate every epoch and keep the best (VE.py:184-216,
+# NLVR.py:173-193); ELIP's retrieval and captioning (ALBEF/Retrieval.py:320-357,
+# BLIP/train_retrieval.py:278-298, train_caption.py:139-167) test every epoch with the
+# validation commented out, where ALBEF's and BLIP's own keep the best on validation (--select
+# best --val_file); VQA tests once after the last epoch (ALBEF/VQA.py:227, BLIP's train_vqa.py).
 ALBEF = dict(img_size=384, crop_scale=(0.5, 1.0), randaug_n=2, randaug_m=7, weight_decay=0.02,
              decay="albef", schedule="albef", warmup_lr=1e-5, warmup_steps=100, min_lr=1e-6,
              alpha=0.4, alpha_ramp_epochs=1.0, num_workers=4, swap_left_right=False)
@@ -181,10 +223,11 @@ TASK_PRESETS = {
     # max_length 30 without truncation, which cuts nothing: here both cut at 30
     ("retrieval", "albef_coco"): {**ALBEF, "out_dir": "out/retrieval_albef_coco", "lr": 1e-5,
                                   "batch_size": 16, "eval_batch_size": 64, "epochs": 5,
-                                  "eval_k": 256, "max_len": 30},
+                                  "eval_k": 256, "max_len": 30, "select": "test_every_epoch"},
     ("retrieval", "albef_flickr"): {**ALBEF, "out_dir": "out/retrieval_albef_flickr", "lr": 1e-5,
                                     "batch_size": 16, "eval_batch_size": 64, "epochs": 5,
-                                    "eval_k": 128, "max_len": 30},
+                                    "eval_k": 128, "max_len": 30,
+                                    "select": "test_every_epoch"},
     # ALBEF cuts a training question at 25 tokens and keeps a test question (<= 50 words) whole:
     # here both are cut at 25
     ("vqa", "albef"): {**ALBEF, "out_dir": "out/vqa_albef", "lr": 2e-5, "warmup_steps": 400,
@@ -193,19 +236,22 @@ TASK_PRESETS = {
     # ALBEF's SNLI-VE and NLVR2 tokenize without truncation: 512 (BERT's positions) cuts nothing
     ("ve", "albef"): {**ALBEF, "out_dir": "out/ve_albef", "lr": 2e-5, "batch_size": 16,
                       "eval_batch_size": 32, "epochs": 3, "alpha_ramp_epochs": 0.0,
-                      "max_len": 512},
+                      "max_len": 512, "select": "best"},
     ("nlvr", "albef"): {**ALBEF, "out_dir": "out/nlvr_albef", "lr": 2e-5, "batch_size": 8,
-                        "eval_batch_size": 8, "epochs": 10, "max_len": 512},
+                        "eval_batch_size": 8, "epochs": 10, "max_len": 512,
+                        "select": "best"},
     ("retrieval", "blip_coco"): {**BLIP, "out_dir": "out/retrieval_blip_coco", "batch_size": 16,
                                  "eval_batch_size": 32, "epochs": 3, "eval_k": 256,
                                  "negative_all_rank": True, "retrieval_score": "itm_itc",
-                                 "max_len": 35},
+                                 "max_len": 35, "select": "test_every_epoch"},
     ("retrieval", "blip_flickr"): {**BLIP, "out_dir": "out/retrieval_blip_flickr",
                                    "batch_size": 16, "eval_batch_size": 32, "epochs": 5,
-                                   "eval_k": 128, "retrieval_score": "itm_itc", "max_len": 35},
+                                   "eval_k": 128, "retrieval_score": "itm_itc", "max_len": 35,
+                                   "select": "test_every_epoch"},
     ("caption", "blip"): {**BLIP, "out_dir": "out/caption_blip", "batch_size": 16,
                           "eval_batch_size": 32, "epochs": 6, "max_len": 40, "beam": 3,
-                          "max_length": 20, "min_length": 5, "repetition_penalty": 1.0},
+                          "max_length": 20, "min_length": 5, "repetition_penalty": 1.0,
+                          "select": "test_every_epoch"},
     # ELIP released no BLIP VQA: these are BLIP's own (its configs/vqa.yaml, train_vqa.py,
     # models/blip_vqa.py, data/vqa_dataset.py): 480 px, drop path 0.1 in the ViT, a Visual
     # Genome answer weighs 0.2, questions of <= 50 words cut at 35 tokens, no distillation
@@ -220,84 +266,13 @@ SAFE_ON_RESUME = ("test_file", "eval_k", "eval_batch_size", "eval_max_words", "b
                   "retrieval_score", "vqa_k")
 
 
-def load_source(cfg, log=print):
-    """The checkpoint given as --pretrained: (model config, the world's aids it was trained with,
-    tokenizer, state dict, VQA answer list or None, the config of the run that wrote it if it is
-    a fine-tuned checkpoint, else None); for --pretrained none, the default pre-training's
-    architecture and vocabulary and no state dict. A file of the authors' releases (no
-    vocabulary inside) goes through released_source."""
-    if cfg.pretrained == "none" and not cfg.evaluate:
-        mc, tok, aids = scratch_model_config()
-        if cfg.scratch_like:      # main checked that it exists
-            like = load_checkpoint(cfg.scratch_like)
-            mc = config_from_dict(ModelConfig, like["config"]["model"])
-            tok, aids = Tokenizer(like["vocab"]), world_aids.aids_of(like["config"])
-        return downstream_model_config(mc, cfg), aids, tok, None, None, None
-    if not os.path.isfile(cfg.pretrained):
-        raise SystemExit(f"error: --pretrained {cfg.pretrained} does not exist (make one with "
-                         f"python train_pretrain.py)")
-    source = load_checkpoint(cfg.pretrained)
-    if "model_config" in source:          # fine-tuned here: its own architecture and heads
-        if not cfg.evaluate or source["config"]["task"] != cfg.task:
-            raise SystemExit(f"error: {cfg.pretrained} is a fine-tuned {source['config']['task']} "
-                             f"checkpoint: evaluate it with --task {source['config']['task']} "
-                             f"--evaluate true, or continue it with --resume")
-        mc = config_from_dict(ModelConfig, source["model_config"])
-        mc = dataclasses.replace(mc, img_size=cfg.img_size or mc.img_size)
-        return (mc, world_aids.aids_of(source), Tokenizer(source["vocab"]), source["model"],
-                source["answer_list"] or None, source["config"])
-    if "vocab" not in source:
-        return released_source(cfg, source, log)
-    if not {"model", "config"} <= source.keys():
-        raise SystemExit(f"error: {cfg.pretrained} is not a checkpoint of train_pretrain.py")
-    mc = downstream_model_config(config_from_dict(ModelConfig, source["config"]["model"]), cfg)
-    return (mc, world_aids.aids_of(source["config"]), Tokenizer(source["vocab"]), source["model"],
-            None, None)
-
-
-def released_source(cfg, checkpoint, log):
-    """load_source for a released ALBEF, BLIP or ELIP checkpoint (released.py): its weights in
-    this project's names, the architecture they imply on the preset of its family (albef or
-    blip), and --vocab (BERT's, plus BLIP's [DEC] and [ENC] for BLIP). A fine-tuned file
-    (retrieval, VQA, SNLI-VE, captioning) also brings its task's heads, loaded strictly."""
-    try:
-        conv = released.to_ours(released.unwrap(checkpoint), head_dim=cfg.head_dim)
-    except ValueError as e:
-        raise SystemExit(f"error: --pretrained {cfg.pretrained}: {e}") from None
-    if not cfg.vocab:
-        raise SystemExit(f"error: --pretrained {cfg.pretrained} is a released {conv.layout} "
-                         f"checkpoint, which holds no vocabulary: give --vocab the BERT vocab.txt "
-                         f"it was trained with (bert-base-uncased)")
-    if cfg.prune:
-        raise SystemExit(f"error: --prune true keeps the pruning schedule a checkpoint of "
-                         f"train_pretrain.py records; the released {conv.layout} file records none")
-    tok = Tokenizer.from_file(cfg.vocab)
-    tok = tok.add_tokens(BLIP_TOKENS) if conv.family == "blip" else tok
-    base = dataclasses.replace(apply_preset(ModelConfig(), PRESETS[conv.family]),
-                               prune=PruneConfig(method="none"))
-    try:
-        mc = released.model_config(conv, base, tok)
-    except ValueError as e:
-        raise SystemExit(f"error: --pretrained {cfg.pretrained} with --vocab {cfg.vocab}: {e}") \
-            from None
-    tuned = None
-    if conv.task != "pretrain":
-        if conv.task != cfg.task:
-            raise SystemExit(f"error: {cfg.pretrained} is a released fine-tuned {conv.task} model "
-                             f"({conv.layout}): use it with --task {conv.task}")
-        tuned = {"task": conv.task, "vqa_head": "decoder", "distill": conv.momentum,
-                 "vqa_answer_seps": 2 if conv.family == "albef" else 1}
-    log(f"{cfg.pretrained}: a released {conv.layout} checkpoint, converted to this project's "
-        f"names ({len(conv.state)} tensors; {len(conv.dropped)} tied copies and position-id "
-        f"buffers left out)")
-    return downstream_model_config(mc, cfg), world_aids.WorldAids(), tok, conv.state, None, tuned
-
-
-def train(cfg, model, train_set, collate, device, rank, world, log, ckpt=None, extra=None):
+def train(cfg, model, train_set, collate, device, rank, world, log, ckpt=None, extra=None,
+          after_epoch=None):
     """The fine-tuning loop, one optimizer step at a time: its micro-batches, each a forward (the
     task's loss, distilled from the momentum model where ALBEF distils) and a backward, then
     AdamW's step, the momentum model's EMA (and, for retrieval, the queue write), the log line,
-    the checkpoint. Returns the training time in seconds."""
+    at the end of an epoch after_epoch(epoch, step, last) (the model selection: it returns
+    whether it evaluated), the checkpoint. Returns the training time in seconds."""
     run, master = cfg.run, rank == 0
     plan = trainer.StepPlan(train_set, run, rank, world)
     optimizer = build_optimizer(model, run.lr, run.weight_decay, run.decay)
@@ -343,11 +318,80 @@ def train(cfg, model, train_set, collate, device, rank, world, log, ckpt=None, e
             model.momentum_step(queued)       # the teacher's EMA (and retrieval's queue write)
             step += 1
             meter.step(step, epoch, lr, plan.per_step * world, step == plan.stop_step)
-            if (run.ckpt_every and step % run.ckpt_every == 0) or due or step == plan.stop_step:
+            # the epoch is complete: its evaluation comes before the checkpoint, which keeps it
+            scored = step % plan.steps_per_epoch == 0 and after_epoch is not None and \
+                after_epoch(epoch, step, step == plan.stop_step)
+            if (run.ckpt_every and step % run.ckpt_every == 0) or due or scored or \
+                    step == plan.stop_step:
                 trainer.write_checkpoint(cfg, model, optimizer, scaler, step, watch, extra)
     watch.close()
     trainer.check_ranks_agree(model, world, run.out_dir, log)
     return meter.close()
+
+
+# ---- model selection over the epochs (--select) -------------------------------------------
+def validation_sets(cfg, mc) -> dict:
+    """{name: validation set} for --select best: each --val_file, or the world's val split of
+    world_val scenes (world.py: a scene composition belongs to one split only, so these are
+    neither trained on nor tested). Read as the test sets are."""
+    if cfg.select != "best":
+        return {}
+    transform = data.create_transform(mc.img_size, False)
+    splits = {f: [f] for f in cfg.val_file} or {
+        "world_val": world.world_entries(cfg.task, "val", cfg.world_val, cfg.world_seed)}
+    return {name: task_dataset(cfg, entries, cfg.image_root or None, transform, False, None,
+                               cfg.eval_max_words) for name, entries in splits.items()}
+
+
+def evaluate_epoch(cfg, sets: dict, evaluate, model, extra: dict, master: bool, log,
+                   epoch: int, step: int, last: bool) -> bool:
+    """The end of an epoch: --select best scores `sets` (the validation sets) and, when the
+    selection metric beats the best so far, rank 0 writes best.pt (the weights, the epoch, the
+    validation scores, and what --evaluate needs to rebuild the model); test_every_epoch scores
+    `sets` (the test sets) but not after the last epoch, which the final test scores. Every rank
+    evaluates (eval.py shares the work and runs the model in eval mode, then training mode
+    again); the random streams are restored afterwards, so the training goes on as without it.
+    extra["select"] (in the checkpoint, so a resumed run keeps it) holds the best so far and
+    every epoch's scores. Returns whether it evaluated."""
+    state = extra["select"]
+    if cfg.select == "last" or (cfg.select == "test_every_epoch" and last):
+        return False
+    rng = trainer.rng_state()
+    scores = {name: evaluate(dataset)[0] for name, dataset in sets.items()}
+    trainer.set_rng_state(rng)
+    split = "val" if cfg.select == "best" else "test"
+    rec = {"step": step, "epoch": epoch, split: scores}
+    if cfg.select == "best":
+        rec["selection_metric"] = value = sum(
+            sum(m[k] for k in SELECT_METRIC[cfg.task]) for m in scores.values()) / len(scores)
+        if state["best_epoch"] is None or value > state["best"]:   # ties keep the earlier
+            state.update(best=value, best_epoch=epoch)
+            if master:
+                trainer.save_checkpoint(
+                    os.path.join(cfg.run.out_dir, "best.pt"), model=model.state_dict(),
+                    config=dataclasses.asdict(cfg), epoch=epoch, step=step, val=scores,
+                    **{k: v for k, v in extra.items() if k != "select"})
+    state["epochs"].append(rec)
+    shown = {name: {k: round(v, 4) for k, v in m.items() if k != "itc"}
+             for name, m in scores.items()}
+    log(f"epoch {epoch} {split}: {json.dumps(shown)}" + (
+        f"; {' + '.join(SELECT_METRIC[cfg.task])} {value:.4f}, the best epoch "
+        f"{state['best_epoch']} ({state['best']:.4f})" if cfg.select == "best" else ""))
+    if master:
+        log_json(cfg.run.out_dir, rec)
+    return True
+
+
+def load_selected(cfg, model, state: dict, log) -> dict:
+    """Before the final test: --select best loads the best epoch's weights (best.pt) on every
+    rank (rank 0 wrote it before the checkpoint's collective). Returns the selection's record
+    for metrics.json."""
+    if cfg.select == "best" and state["best_epoch"] is None:
+        log("no epoch was completed, so none was validated: the last weights are tested")
+    elif cfg.select == "best":
+        model.load_state_dict(load_checkpoint(os.path.join(cfg.run.out_dir, "best.pt"))["model"])
+        log(f"testing epoch {state['best_epoch']}, the best on validation (best.pt)")
+    return {"select": cfg.select, **state}
 
 
 def load_weights(cfg, model, ckpt, state, fine_tuned: bool, log) -> dict:
@@ -472,18 +516,27 @@ def finetune(cfg, ckpt, rank: int, world_size: int, device: torch.device):
             f"it (neither head can give them; the classifier's targets are all zero)")
     if cfg.task == "caption":
         log(f"prompt tokens: {' '.join(tok.vocab[i] for i in model.prompt_ids[0].tolist())}")
-    train_time = 0.0
+    train_time, selection = 0.0, {}
     if not cfg.evaluate:
         extra = {"vocab": tok.vocab, "model_config": dataclasses.asdict(mc), "weights": weights,
-                 "answer_list": answers, "aids": dataclasses.asdict(aids)}
+                 "answer_list": answers, "aids": dataclasses.asdict(aids),
+                 "select": (ckpt or {}).get("select", {"best": None, "best_epoch": None,
+                                                       "epochs": []})}
+        sets = test_sets if cfg.select == "test_every_epoch" else validation_sets(cfg, mc)
+        evaluate = partial(evaluate_task, cfg, model, train_set, collate=test_collate, tok=tok,
+                           device=device, log=log)        # evaluate(dataset): as the final test
         train_time = train(cfg, model, train_set, train_collate, device, rank, world_size, log,
-                           ckpt, extra)
+                           ckpt, extra, partial(evaluate_epoch, cfg, sets, evaluate, model, extra,
+                                                rank == 0, log))
+        selection = load_selected(cfg, model, extra["select"], log)
     written = test_and_report(cfg, model, train_set, test_sets, test_collate, tok, device,
                               world_size, log, extra=dict(
-        train_seconds=train_time, prune=dataclasses.asdict(mc.prune), img_size=mc.img_size,
+        train_seconds=train_time, selection=selection, prune=dataclasses.asdict(mc.prune),
+        img_size=mc.img_size,
         pretrained=cfg.pretrained, weights={k: weights[k] for k in ("initialised", "unused",
                                                                       "interpolated") if k in weights}))
     outputs = ([] if cfg.evaluate else ["checkpoint.pt", "log.jsonl"]) + written
+    outputs += ["best.pt"] if selection.get("best_epoch") is not None else []
     log(f"wrote {', '.join(outputs)} to {cfg.run.out_dir}")
 
 
@@ -492,8 +545,8 @@ def main(argv=None):
                               TASK_PRESETS, key=("task", "preset"), doc=__doc__)
     if cfg.evaluate and cfg.run.resume:
         raise SystemExit("error: --evaluate true scores --pretrained; it does not resume")
-    check_paths(cfg, ("train_file", "test_file", "image_root", "answer_list", "scratch_like",
-                      "vocab"))
+    check_paths(cfg, ("train_file", "test_file", "val_file", "image_root", "answer_list",
+                      "scratch_like", "vocab"))
     ckpt = None
     if not cfg.evaluate:
         cfg, ckpt = trainer.resume_config(cfg, given, safe=SAFE_ON_RESUME)

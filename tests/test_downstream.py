@@ -844,3 +844,124 @@ def test_blip_caption_length_counts_the_prompt(tmp_path):
     model({"image": torch.randn(1, 3, 16, 16), "text_ids": ids[None],
            "text_mask": torch.ones(1, 37, dtype=torch.long)})
     assert seen == [40]
+
+
+# ---- model selection over the epochs (--select) ------------------------------------------
+def run_world(out, pretrained, *extra, task="ve"):
+    """A task on the embedded world, tiny: 4 training scenes (SNLI-VE: 12 hypotheses, 3 steps of
+    4 an epoch; retrieval: 20 captions, 5 steps), 2 epochs; 3 scenes in the val split and 3 in
+    the test split."""
+    train_downstream.main(["--task", task, "--pretrained", pretrained, "--out_dir", str(out),
+                           "--world_train", "4", "--world_val", "3", "--world_test", "3",
+                           "--batch_size", "4", "--epochs", "2", "--warmup_steps", "1",
+                           "--eval_batch_size", "9", "--eval_k", "3", *extra])
+
+
+def scripted_validation(monkeypatch, accuracies: list):
+    """evaluate_task with each validation's accuracy taken in turn from `accuracies` (the test
+    sets are scored as they are), so that the test knows which epoch is the best."""
+    real = train_downstream.evaluate_task
+
+    def evaluate_task(cfg, model, train_set, test_set, *args, **kw):
+        scores, *rest = real(cfg, model, train_set, test_set, *args, **kw)
+        if "/val/" in json.dumps(test_set.items[0]):         # world:<seed>/val/<index>
+            scores = {"accuracy": accuracies.pop(0)}
+        return scores, *rest
+
+    monkeypatch.setattr(train_downstream, "evaluate_task", evaluate_task)
+
+
+def records(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+@pytest.mark.parametrize("accuracies, best", [([0.75, 0.25], 0), ([0.25, 0.75], 1)])
+def test_select_best_tests_the_best_epochs_weights(tmp_path, pretrained, monkeypatch,
+                                                   accuracies, best):
+    scripted_validation(monkeypatch, list(accuracies))
+    out = tmp_path / "best"
+    run_world(out, pretrained, "--select", "best")
+    val = [r for r in records(out) if "val" in r]
+    assert [(r["epoch"], r["step"]) for r in val] == [(0, 3), (1, 6)]
+    assert [r["selection_metric"] for r in val] == accuracies
+    rec = json.loads((out / "metrics.json").read_text())
+    chosen = max(range(len(val)), key=lambda e: val[e]["selection_metric"])
+    assert rec["selection"]["best_epoch"] == chosen == best
+    saved = torch.load(out / "best.pt", weights_only=True)
+    last = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == best and saved["val"] == {"world_val": {"accuracy": max(accuracies)}}
+    assert last["select"]["best_epoch"] == best
+    same = all(torch.equal(saved["model"][k], last["model"][k]) for k in last["model"])
+    assert same == (best == 1)                 # the last epoch's weights only when it is the best
+    # the reported test is best.pt's: --evaluate true on it gives the same metrics
+    train_downstream.main(["--task", "ve", "--evaluate", "true", "--pretrained",
+                           str(out / "best.pt"), "--out_dir", str(tmp_path / "eval"),
+                           "--world_train", "4", "--world_test", "3", "--eval_batch_size", "9"])
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["test"]["world"]["metrics"] == rec["test"]["world"]["metrics"]
+
+
+def test_select_last_and_test_every_epoch(tmp_path, pretrained):
+    """last: no validation, no best.pt, the test after the last epoch; test_every_epoch: a test
+    record after each epoch but the last (the final test scores it). Retrieval draws its ITM
+    negatives from the random stream the evaluation's loader also draws from: the evaluation
+    gives it back, so the training is the same."""
+    run_world(tmp_path / "last", pretrained, task="retrieval")       # the world preset's last
+    run_world(tmp_path / "every", pretrained, "--select", "test_every_epoch", task="retrieval")
+    assert not any("val" in r or "test" in r for r in records(tmp_path / "last"))
+    assert not (tmp_path / "last" / "best.pt").exists()
+    assert not (tmp_path / "every" / "best.pt").exists()
+    tests = [r for r in records(tmp_path / "every") if "test" in r]
+    assert [(r["epoch"], r["step"]) for r in tests] == [(0, 5)]
+    assert tests[0]["test"]["world"]["r_mean"] >= 0
+    final = [r for r in records(tmp_path / "every") if r.get("test_file") == "world"]
+    assert len(final) == 1
+    rec = json.loads((tmp_path / "every" / "metrics.json").read_text())
+    assert rec["selection"]["select"] == "test_every_epoch"
+    assert [e["epoch"] for e in rec["selection"]["epochs"]] == [0]
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"]
+            for d in ("last", "every"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    last = json.loads((tmp_path / "last" / "metrics.json").read_text())
+    assert last["test"]["world"]["metrics"] == rec["test"]["world"]["metrics"]
+
+
+def test_select_best_resumed_keeps_the_best_so_far(tmp_path, pretrained, monkeypatch):
+    """Stopped one step into epoch 1 after epoch 0 validated best, then resumed: epoch 1 is
+    worse, so best.pt stays epoch 0's (a run that forgot the best would take epoch 1), and the
+    log holds each epoch's validation once."""
+    scripted_validation(monkeypatch, [0.75, 0.25])
+    out = tmp_path / "out"
+    run_world(out, pretrained, "--select", "best", "--max_steps", "4")
+    first = torch.load(out / "best.pt", weights_only=True)
+    train_downstream.main(["--out_dir", str(out), "--resume", "auto", "--max_steps", "0"])
+    saved = torch.load(out / "best.pt", weights_only=True)
+    assert saved["epoch"] == 0 and all(torch.equal(first["model"][k], saved["model"][k])
+                                       for k in saved["model"])
+    assert [r["epoch"] for r in records(out) if "val" in r] == [0, 1]
+    rec = json.loads((out / "metrics.json").read_text())["selection"]
+    assert rec["best_epoch"] == 0 and [e["selection_metric"] for e in rec["epochs"]] == [0.75, 0.25]
+
+
+def test_select_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(SystemExit, match="vqa has no selection metric"):
+        train_downstream.main(["--task", "vqa", "--select", "best"])
+    with pytest.raises(SystemExit, match="val_file is read with select best only"):
+        train_downstream.main(["--task", "ve", "--val_file", "v.json"])
+    flags = write_task(tmp_path, "ve")
+    with pytest.raises(SystemExit, match="select best needs validation data"):
+        train_downstream.main(["--task", "ve", "--preset", "albef", *flags])
+
+
+def test_select_best_on_a_val_file(tmp_path, pretrained):
+    """--val_file in the official format, here the test file itself: the best epoch's validation
+    accuracy is the reported test accuracy (the same evaluation of the same weights)."""
+    test = str(tmp_path / "test.json")
+    out = run_task(tmp_path, pretrained, "nlvr", "--select", "best", "--val_file", test,
+                   "--max_steps", "0", "--epochs", "2")       # 8 samples: 2 steps an epoch
+    val = [r for r in records(out) if "val" in r]
+    assert [(r["epoch"], r["step"]) for r in val] == [(0, 2), (1, 4)]
+    rec = json.loads((out / "metrics.json").read_text())
+    best = val[rec["selection"]["best_epoch"]]["val"][test]
+    assert rec["test"][test]["metrics"] == best
+    assert torch.load(out / "best.pt", weights_only=True)["val"] == {test: best}

@@ -360,6 +360,8 @@ OFFICIAL_DOWNSTREAM = {
         "max_len": 30,                  # ALBEF/Retrieval.py:90 max_length=30, truncation
         "retrieval_score": "itm",       # ALBEF/Retrieval.py:121-174 ITM logit[:, 1] only
         "negative_all_rank": False,     # ALBEF/models/model_retrieval.py: local batch
+        "select": "test_every_epoch",   # ALBEF/Retrieval.py:320-357: val and checkpoint_best
+                                        # commented out, test every epoch (sALBEF: best val)
     },
     ("retrieval", "albef_flickr"): {
         **ALBEF_FT,
@@ -371,6 +373,7 @@ OFFICIAL_DOWNSTREAM = {
         "max_len": 30,                  # ALBEF/Retrieval.py:90
         "retrieval_score": "itm",       # ALBEF/Retrieval.py:121-174
         "negative_all_rank": False,
+        "select": "test_every_epoch",   # ALBEF/Retrieval.py:320-357
     },
     ("vqa", "albef"): {
         **ALBEF_FT, **ALBEF_DISTILL,
@@ -386,6 +389,7 @@ OFFICIAL_DOWNSTREAM = {
         "max_words": 30,                # ALBEF/dataset/vqa_dataset.py:9 max_ques_words=30
         "eval_max_words": 50,           # ALBEF/dataset/vqa_dataset.py:23 (test)
         "vg_weight": 0.5,               # ALBEF/dataset/vqa_dataset.py:66
+        "select": "last",               # ALBEF/VQA.py:227: one test after the last epoch
     },
     ("ve", "albef"): {
         **ALBEF_FT, **ALBEF_DISTILL,
@@ -396,6 +400,8 @@ OFFICIAL_DOWNSTREAM = {
         "run.epochs": 3,                # ALBEF/configs/VE.yaml:18
         "max_len": 512,                 # ALBEF/VE.py:47,86 no truncation (BERT's 512 positions)
         "max_words": 30,                # ALBEF/dataset/ve_dataset.py:9
+        "select": "best",               # ALBEF/VE.py:184-216: val and test every epoch,
+                                        # checkpoint_best by val acc
     },
     ("nlvr", "albef"): {
         **ALBEF_FT, **ALBEF_DISTILL,
@@ -406,6 +412,7 @@ OFFICIAL_DOWNSTREAM = {
         "run.epochs": 10,               # ALBEF/configs/NLVR.yaml:18
         "max_len": 512,                 # ALBEF/NLVR.py:47,86 no truncation
         "max_words": 30,                # ALBEF/dataset/nlvr_dataset.py:15
+        "select": "best",               # ALBEF/NLVR.py:173-193: the best val acc kept
     },
     ("retrieval", "blip_coco"): {
         **BLIP_FT,
@@ -419,6 +426,8 @@ OFFICIAL_DOWNSTREAM = {
         "run.epochs": 3,                # BLIP/configs/retrieval_coco.yaml:33 max_epoch
         "max_len": 35,                  # BLIP/models/blip_retrieval.py:80; train_retrieval.py:87
         "retrieval_score": "itm_itc",   # BLIP/train_retrieval.py:123-155 ITM + ITC
+        "select": "test_every_epoch",   # BLIP/train_retrieval.py:278-298: val and
+                                        # checkpoint_best commented out (sBLIP: best val r_mean)
     },
     ("retrieval", "blip_flickr"): {
         **BLIP_FT,
@@ -433,6 +442,7 @@ OFFICIAL_DOWNSTREAM = {
         "max_len": 35,                  # BLIP/models/blip_retrieval.py:80
         "max_words": 30,                # BLIP/data/flickr30k_dataset.py:12,53
         "retrieval_score": "itm_itc",
+        "select": "test_every_epoch",   # BLIP/train_retrieval.py:278-298
     },
     ("caption", "blip"): {
         **BLIP_FT,
@@ -447,6 +457,8 @@ OFFICIAL_DOWNSTREAM = {
         "run.epochs": 6,                # BLIP/configs/caption_coco.yaml:32
         "max_len": 40,                  # BLIP/models/blip.py:110 max_length=40
         "repetition_penalty": 1.0,      # BLIP/models/blip.py:128 default
+        "select": "test_every_epoch",   # BLIP/train_caption.py:139-167: val and checkpoint_best
+                                        # commented out (sBLIP: best val CIDEr + BLEU-4)
     },
     ("vqa", "blip"): {
         **BLIP_FT,
@@ -470,6 +482,7 @@ OFFICIAL_DOWNSTREAM = {
         "vg_weight": 0.2,               # sBLIP/data/vqa_dataset.py:75
         "vqa_head": "decoder",          # sBLIP/models/blip_vqa.py:31-34
         "distill": False,               # sBLIP/models/blip_vqa.py: no momentum model
+        "select": "last",               # sBLIP/train_vqa.py:172: one test after the last epoch
     },
 }
 
@@ -490,6 +503,15 @@ def test_downstream_preset_equals_the_official_configuration(task, preset):
     wrong = {k: (get(cfg, k), v) for k, v in OFFICIAL_DOWNSTREAM[(task, preset)].items()
              if get(cfg, k) != v}
     assert not wrong, f"(ours, official): {wrong}"
+
+
+def test_world_presets_test_the_last_epoch():
+    """The embedded world's runs keep their one test after the last epoch (--select last) unless
+    asked; --select best there validates on the world's own val split."""
+    for task, preset in (k for k in TASK_PRESETS if k[1] == "world"):
+        assert resolved_downstream(task, preset).select == "last"
+        if task != "vqa":
+            assert resolved_downstream(task, preset, "--select", "best").world_val > 0
 
 
 def test_vqa_presets_reach_the_model_and_the_data(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import released
+import tasks
 import train_downstream
 import train_pretrain
 from tasks import build_model
@@ -43,7 +44,7 @@ def test_a_released_retrieval_model_is_loaded_whole_and_evaluated(tmp_path, fami
     path, vocab, state = save(tmp_path, family, "retrieval")
     cfg = train_downstream.DownstreamConfig(task="retrieval", pretrained=path, vocab=vocab,
                                             head_dim=HEAD)
-    mc, aids, tok, converted, _, tuned = train_downstream.load_source(cfg, log=lambda m: None)
+    mc, aids, tok, converted, _, tuned = tasks.load_source(cfg, log=lambda m: None)
     assert tuned["task"] == "retrieval" and tok.vocab_size == mc.vocab_size == 40
     model = build_model(cfg, mc, tok, [], aids)
     report = train_downstream.load_weights(cfg, model, None, converted, True, lambda m: None)

@@ -51,13 +51,13 @@ def official_files(tmp_path, task, preset):
         entries = [{"image": im, "sentence": f"A {n} thing.", "label": lab}
                    for im, n, lab in zip(ims, NAMES, labels)]
         return {"train_file": write("ve_train.json", entries),
-                "test_file": f"{write('ve_dev.json', entries)},{write('ve_test.json', entries)}",
-                "image_root": str(root)}
+                "val_file": write("ve_dev.json", entries),      # the preset selects on it
+                "test_file": write("ve_test.json", entries), "image_root": str(root)}
     entries = [{"images": [ims[i], ims[(i + 1) % 4]], "sentence": f"The left image is {n}.",
                 "label": "True" if i % 2 else "False"} for i, n in enumerate(NAMES)]
     return {"train_file": write("nlvr_train.json", entries),       # ALBEF's nlvr_*.json
-            "test_file": f"{write('nlvr_dev.json', entries)},{write('nlvr_test.json', entries)}",
-            "image_root": str(root)}
+            "val_file": write("nlvr_dev.json", entries),
+            "test_file": write("nlvr_test.json", entries), "image_root": str(root)}
 
 
 @pytest.mark.parametrize("task, preset", [k for k in train_downstream.TASK_PRESETS

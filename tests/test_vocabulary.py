@@ -75,7 +75,7 @@ def test_grown_rows_keep_the_checkpoints_and_start_the_new_ones_fresh(pretrained
     the model's own initialisation for the added ones; any other shape mismatch stays an error."""
     source = torch.load(pretrained, weights_only=True)
     cfg = train_downstream.DownstreamConfig(task="caption", pretrained=pretrained)
-    mc, aids, tok, state, _, _ = train_downstream.load_source(cfg)
+    mc, aids, tok, state, _, _ = tasks.load_source(cfg)
     grown = tok.add_tokens(["zebra", "giraffe"])
     mc = tasks.dataclasses.replace(mc, vocab_size=grown.vocab_size)
     model = tasks.build_model(cfg, mc, grown, [], aids)
