@@ -450,6 +450,9 @@ class ELIPModel(nn.Module):
         (BLIP adds 1e-4), zero where `same` (B, N) marks a positive (every caption of the same
         image). Without cfg.itm_hard_negatives: every other candidate alike."""
         uniform = (~same).float()
+        # a batch of one image's captions alone has no negative: any candidate is drawn (a
+        # positive then scored as a negative), not a crash; only tiny batches meet this
+        uniform = torch.where(uniform.sum(1, keepdim=True) > 0, uniform, torch.ones_like(uniform))
         if not self.cfg.itm_hard_negatives:
             return uniform, uniform
         eps = self.cfg.itm_weight_eps

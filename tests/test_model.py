@@ -499,6 +499,23 @@ def test_itm_weights_are_the_itc_similarities_of_the_batch(make):
     assert (w_t2i - expect_i2t.T).abs().max() > 1e-3              # t2i is not i2t transposed
 
 
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_a_batch_of_one_image_draws_a_negative_without_crashing(hard):
+    """Retrieval fine-tuning on a tiny batch of one image's captions: every candidate is a
+    positive, yet each row still draws one (torch.multinomial fails on a zero row); any other
+    batch is left exactly as it was."""
+    m = tiny(itm_hard_negatives=hard)
+    sim = torch.randn(3, 3)
+    all_same = torch.ones(3, 3, dtype=torch.bool)
+    for w in m.itm_weights(sim, sim, all_same):
+        assert (w.sum(1) > 0).all()
+        torch.multinomial(w, 1)
+    eye = torch.eye(3, dtype=torch.bool)
+    for w in m.itm_weights(sim, sim, eye):
+        assert (w[eye] == 0).all() and (w[~eye] > 0).all()
+
+
 DDP_WORKER = """
 import json, os, sys
 import torch
