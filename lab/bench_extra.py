@@ -232,6 +232,9 @@ def run_extra(cfg):
 
 def main(argv):
     cfg, _ = parse_config(ExtraConfig(), argv, PRESETS, doc=__doc__)
+    if cfg.bench.gpu_step:
+        raise SystemExit("error: --gpu_step is bench.py's own measurement: run python bench.py "
+                         f"--gpu_step {cfg.bench.gpu_step}")
     report = run_extra(cfg)
     bench.write_report(format_extra(report), report, cfg.out)
 

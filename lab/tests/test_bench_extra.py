@@ -39,7 +39,8 @@ def test_flags_and_help(capsys):
     assert "timed runs of prune_and_merge at each cut" in out              # the field's comment
     assert "timed training steps per method, after the warm-up" in out     # bench.py's, nested
     for argv, what in [(["--arch", "vit_huge"], "arch"), (["--op_reps", "-1"], "op_reps"),
-                       (["--width", "64"], "unknown")]:
+                       (["--width", "64"], "unknown"),
+                       (["--gpu_step", "albef"], "bench.py's own measurement")]:
         with pytest.raises(SystemExit, match=what):
             bench_extra.main(argv)
 
