@@ -4,6 +4,7 @@ Data benchmarks at corpus scale, on generated files (nothing is downloaded):
     python -m lab.bench_data corpus            # 1M-entry ALBEF JSON: build time, memory per process
     python -m lab.bench_data corpus --storage list   # the same with the entries in a list of dicts
     python -m lab.bench_data loading           # images/s of the albef pre-training transform
+    python -m lab.bench_data exist             # the existence check of 1M existing files, 5M entries
     python -m lab.bench_data COMMAND --help    # the command's flags
 
 corpus: writes an ALBEF pre-training JSON of --entries entries ({"image", "caption"}, web-length
@@ -12,8 +13,7 @@ existence check (check_images=False, as train_pretrain.py --check_images false),
 every entry once through a DataLoader with --workers worker processes, as a training epoch does
 without the images. Reports the build time, the main process's resident memory (RSS) before and
 after, and each worker's at the end of the epoch: RSS, and its private part (pages the worker
-has its own copy of; RSS also counts the pages it still shares with the main process). With
---check_images true it also times the existence check of every file (data.missing_images).
+has its own copy of; RSS also counts the pages it still shares with the main process).
 
 loading: writes --images JPEGs of a web photo's size (640 x 480, quality 90: smooth colour
 fields with grain, about 120 KB as a real photo) and measures images/s of the albef preset's
@@ -22,11 +22,23 @@ crop at the preset's resolution, flip, RandAugment, normalise; the caption clean
 without RandAugment) in one process, then
 through a DataLoader of 1..--workers workers; printed beside what one GPU consumes in ELIP's
 ALBEF pre-training (the paper's Table 1, see GPU_IMAGES_PER_S).
+
+exist: creates --files empty files in nested folders (--per_folder a folder, 100 folders in each
+top folder) in a temporary folder under --dir, writes an ALBEF JSON listing each of them
+--captions times (COCO's layout: an entry per caption), builds data.PretrainDataset from it, and
+times the existence check of every entry three ways, in this order: data.missing_images (each
+distinct file once, --threads threads), serial_check (one os.path.isfile per entry, one at a
+time), data.missing_images on one thread; then reads the entries alone, what every check pays
+before its first stat. The first is the first stat of each file since it was
+created, but creating the files left their metadata in the kernel's cache: the figures are a
+local disk's, where a stat does not wait on a network. The files are deleted at the end.
 """
 import json
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -57,7 +69,6 @@ class CorpusConfig:
     workers: int = 2                 # DataLoader worker processes reading the entries
     batch: int = 1000                # entries per DataLoader batch
     storage: str = "packed"          # packed: the dataset's own storage; list: a list of dicts
-    check_images: bool = False       # also time the existence check of every image file
     dir: str = "out/bench_data"      # where the JSON is written (reused if present)
     seed: int = 0                    # of the generated entries
 
@@ -84,7 +95,17 @@ class LoadingConfig:
     threads: int = 1                 # torch threads per process (DataLoader workers use 1)
 
 
-PRESETS = {"default": {}, "quick": dict(entries=20_000, images=8, samples=48)}
+@dataclass
+class ExistConfig:
+    preset: str = "default"          # default | quick (seconds)
+    files: int = 1_000_000           # empty image files created (and deleted at the end)
+    per_folder: int = 1000           # files in each folder
+    captions: int = 5                # JSON entries per image (COCO: 5 captions an image)
+    threads: int = data.STAT_THREADS # threads of data.missing_images
+    dir: str = "out/bench_data"      # the files go to a temporary folder here; the report too
+
+
+PRESETS = {"default": {}, "quick": dict(entries=20_000, images=8, samples=48, files=20_000)}
 
 
 # ---- memory -------------------------------------------------------------------------------
@@ -146,10 +167,6 @@ def run_corpus(cfg: CorpusConfig) -> dict:
     out["build_s"] = time.time() - t0
     out["main_built"] = memory_mb()
     items = list(dataset.items) if cfg.storage == "list" else dataset.items
-    if cfg.check_images:
-        t0 = time.time()
-        missing, _ = dataset.missing_images()
-        out["check_images"] = {"files": len(dataset), "missing": missing, "s": time.time() - t0}
     torch.manual_seed(cfg.seed)
     loader = DataLoader(ReadEntries(items), batch_size=cfg.batch, shuffle=True,
                         num_workers=cfg.workers, collate_fn=report_memory)
@@ -163,7 +180,7 @@ def run_corpus(cfg: CorpusConfig) -> dict:
     return out
 
 
-def format_corpus(r: dict) -> str:
+def format_corpus(r: dict, cfg: CorpusConfig) -> str:
     def mem(m):
         return (f"RSS {m['rss']:.0f} MB (private {m['private']:.0f} MB, "
                 f"peak RSS {m['peak_rss']:.0f} MB)")
@@ -176,10 +193,6 @@ def format_corpus(r: dict) -> str:
              f"{len(r['workers'])} workers)",
              f"  main process after the epoch: {mem(r['main_after_epoch'])}"]
     lines += [f"  worker {k} at the end of the epoch: {mem(m)}" for k, m in enumerate(r["workers"])]
-    if "check_images" in r:
-        c = r["check_images"]
-        lines.append(f"  existence check: {c['files']:,} files in {c['s']:.1f} s "
-                     f"({c['missing']:,} missing)")
     return "\n".join(lines)
 
 
@@ -257,22 +270,104 @@ def format_loading(r: dict, cfg: LoadingConfig) -> str:
     return "\n".join(lines)
 
 
-RUNS = {"corpus": (CorpusConfig, run_corpus), "loading": (LoadingConfig, run_loading)}
-USAGE = """usage: python -m lab.bench_data {corpus,loading} [--flag value ...]
+# ---- existence check ------------------------------------------------------------------------
+def write_existing(root: str, cfg: ExistConfig) -> str:
+    """cfg.files empty files under root, 100 folders of cfg.per_folder files in each top folder
+    (root/000/00000/000000000.jpg, ...), and the JSON listing each one cfg.captions times in a
+    row, as COCO's lists an image's captions; returns the JSON's path."""
+    path = os.path.join(root, "corpus.json")
+    with open(path, "w") as f:
+        f.write("[")
+        for i in range(cfg.files):
+            folder = i // cfg.per_folder
+            name = f"{folder // 100:03d}/{folder:05d}/{i:09d}.jpg"
+            if i % cfg.per_folder == 0:
+                os.makedirs(os.path.join(root, os.path.dirname(name)))
+            os.close(os.open(os.path.join(root, name), os.O_CREAT | os.O_WRONLY, 0o644))
+            f.write(",".join(json.dumps({"image": name, "caption": f"a photo, caption {c}"})
+                             for c in range(cfg.captions)) + ("," if i < cfg.files - 1 else ""))
+        f.write("]")
+    return path
+
+
+def serial_check(dataset: data.JSONDataset) -> int:
+    """The check without deduplication or threads: one os.path.isfile for each image of every
+    entry, one at a time; returns how many are missing."""
+    missing = 0
+    for i in range(len(dataset)):
+        for path in dataset.items[i]["images"]:
+            missing += not os.path.isfile(os.path.join(dataset.image_root, path))
+    return missing
+
+
+def timed(check, stats: int) -> dict:
+    t0 = time.perf_counter()
+    missing = check()
+    s = time.perf_counter() - t0
+    return {"s": s, "stats": stats, "stats_per_s": stats / s, "missing": missing}
+
+
+def run_exist(cfg: ExistConfig) -> dict:
+    os.makedirs(cfg.dir, exist_ok=True)
+    root = tempfile.mkdtemp(prefix="exist_", dir=cfg.dir)
+    try:
+        t0 = time.time()
+        path = write_existing(root, cfg)
+        out = {"files": cfg.files, "folders": -(-cfg.files // cfg.per_folder),
+               "create_s": time.time() - t0, "threads": cfg.threads, "cpus": os.cpu_count()}
+        t0 = time.time()
+        dataset = data.PretrainDataset(path, root, check_images=False)
+        out["entries"], out["build_s"] = len(dataset), time.time() - t0
+        out["new"] = timed(lambda: dataset.missing_images(threads=cfg.threads)[0], cfg.files)
+        out["serial"] = timed(lambda: serial_check(dataset), len(dataset))
+        out["new_1_thread"] = timed(lambda: dataset.missing_images(threads=1)[0], cfg.files)
+        t0 = time.perf_counter()       # what both checks pay before any stat: reading the entries
+        read = sum(len(dataset.items[i]["images"]) for i in range(len(dataset)))
+        out["read_entries"] = {"s": time.perf_counter() - t0, "paths": read}
+        out["load"] = os.getloadavg()
+    finally:
+        t0 = time.time()
+        shutil.rmtree(root)
+    out["delete_s"] = time.time() - t0
+    return out
+
+
+def format_exist(r: dict, cfg: ExistConfig) -> str:
+    def line(name, c):
+        return (f"  {name}: {c['s']:.1f} s, {c['stats']:,} stats, {c['stats_per_s']:,.0f} "
+                f"stats/s, {c['missing']} missing")
+    return "\n".join([
+        f"exist: {r['files']:,} empty files in {r['folders']:,} folders, {r['entries']:,} entries "
+        f"({r['entries'] // r['files']} per file); created in {r['create_s']:.0f} s, dataset built "
+        f"in {r['build_s']:.0f} s, deleted in {r['delete_s']:.0f} s; {r['cpus']} CPUs, load "
+        f"{', '.join(f'{x:.1f}' for x in r['load'])}",
+        line(f"data.missing_images, {r['threads']} threads (first)", r["new"]),
+        line("serial check, one isfile per entry (second)", r["serial"]),
+        line("data.missing_images, 1 thread (third)", r["new_1_thread"]),
+        f"  reading the entries alone, no stat (fourth): {r['read_entries']['s']:.1f} s",
+        f"  serial / missing_images: {r['serial']['s'] / r['new']['s']:.1f}x the time"])
+
+
+RUNS = {"corpus": (CorpusConfig, run_corpus, format_corpus),
+        "loading": (LoadingConfig, run_loading, format_loading),
+        "exist": (ExistConfig, run_exist, format_exist)}
+USAGE = """usage: python -m lab.bench_data {corpus,loading,exist} [--flag value ...]
   corpus   build the pre-training dataset from a generated 1M-entry ALBEF JSON: time, memory of
            the main process and of each DataLoader worker after an epoch of reading entries
   loading  images/s of the albef pre-training transform per worker, beside one GPU's rate
+  exist    the existence check of 1M existing files listed by 5M entries: data.missing_images
+           beside one isfile per entry
 python -m lab.bench_data COMMAND --help lists the command's flags"""
 
 
 def run_command(name, argv):
     """One subcommand: its flags, its run, the printed report and its JSON file."""
-    config_cls, run = RUNS[name]
+    config_cls, run, formatter = RUNS[name]
     keys = {f for f in config_cls.__dataclass_fields__}
     presets = {k: {f: v for f, v in p.items() if f in keys} for k, p in PRESETS.items()}
     cfg, _ = parse_config(config_cls(), argv, presets, doc=__doc__)
     report = run(cfg)
-    print(format_corpus(report) if name == "corpus" else format_loading(report, cfg))
+    print(formatter(report, cfg))
     path = os.path.join(cfg.dir, f"{name}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)

@@ -3,6 +3,7 @@ embedded world's entries), the flip, transforms and collate, all on named sample
 (dicts). The world aids' dataset (WorldPretrainDataset) is tested in tests/test_world_aids.py."""
 import json
 import math
+import os
 import pickle
 
 import numpy as np
@@ -524,6 +525,62 @@ def test_missing_images_split_over_ranks_and_named(tmp_path):
     assert sorted(m for _, ms in shares for m in ms) == first
     with pytest.raises(FileNotFoundError, match=r"two.json, entry 1: .*gone1.png \(and 1 more"):
         PretrainDataset([one, two], str(tmp_path))
+
+
+def counting_isfile(monkeypatch) -> list:
+    """os.path.isfile, recording every path it is asked about (list.append is atomic, so the
+    check's threads may call it at once)."""
+    calls, isfile = [], os.path.isfile
+    monkeypatch.setattr(os.path, "isfile", lambda p: calls.append(p) or isfile(p))
+    return calls
+
+
+def test_missing_images_checks_each_distinct_file_once(tmp_path, monkeypatch):
+    write_pngs(tmp_path, ["a.png", "b.png"])
+    # COCO's layout: an entry per caption, so every image is listed several times
+    entries = [{"image": name, "caption": f"caption {k}"}
+               for name in ["a.png", "gone.png", "b.png", "world:0/train/1", "a.png"]
+               for k in range(3)]
+    ds = PretrainDataset(entries, str(tmp_path), check_images=False)
+    calls = counting_isfile(monkeypatch)
+    count, first = ds.missing_images()
+    assert sorted(calls) == [f"{tmp_path}/{n}" for n in ("a.png", "b.png", "gone.png")]
+    assert count == 1 and first == [f"<entries>, entry 3: image not found: {tmp_path}/gone.png"]
+
+
+def serial_missing(ds) -> tuple[int, list[str]]:
+    """The answer of a plain loop: each distinct file in corpus order, once, one at a time."""
+    seen, messages = set(), []
+    for i in range(len(ds)):
+        for path in ds.items[i]["images"]:
+            full = os.path.join(ds.image_root, path)
+            if full not in seen:
+                seen.add(full)
+                if not os.path.isfile(full):
+                    messages.append(f"{ds.origin(i)}: image not found: {full}")
+    return len(messages), messages
+
+
+def test_missing_images_in_parallel_and_over_ranks_give_the_serial_answer(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    names = [f"d{k % 7}/{k}.jpg" for k in range(700)]       # more files than one chunk of stats
+    for k in range(7):
+        (tmp_path / f"d{k}").mkdir()
+    for name in names[:600]:
+        (tmp_path / name).touch()
+    listed = [names[k] for k in rng.integers(0, 700, 2000)]  # repeats, in no order
+    ds = PretrainDataset([{"image": n, "caption": "x"} for n in listed], str(tmp_path),
+                         check_images=False)
+    serial = serial_missing(ds)
+    assert 50 < serial[0] < 100                                # some of the 100 missing
+    assert ds.missing_images(keep=2000, threads=8) == serial
+    assert ds.missing_images(keep=2000, threads=1) == serial
+    calls = counting_isfile(monkeypatch)
+    shares = [ds.missing_images(rank, 2, keep=2000, threads=8) for rank in range(2)]
+    assert sum(n for n, _ in shares) == serial[0] and all(n > 0 for n, _ in shares)
+    assert sorted(m for _, ms in shares for m in ms) == sorted(serial[1])
+    assert len(calls) == len(set(calls)) == len(set(listed))  # the ranks split the distinct files
+    assert ds.missing_images(keep=3)[1] == serial[1][:3]
 
 
 @pytest.mark.parametrize("content", [b"", b"GIF89a but not really", None])

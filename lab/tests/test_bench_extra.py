@@ -73,6 +73,7 @@ def test_bench_extra_end_to_end(tmp_path, capsys):
 def test_every_flag_of_every_lab_command_says_what_it_does():
     configs = [bench_extra.ExtraConfig(), analysis.KeepConfig(), analysis.PictureConfig(),
                analysis.KindsConfig(), bench_data.CorpusConfig(), bench_data.LoadingConfig(),
+               bench_data.ExistConfig(),
                experiments.TransferConfig(), experiments.GuidanceConfig(),
                experiments.SpeedConfig(), experiments.PooledConfig()]
     for cfg in configs:
