@@ -215,8 +215,9 @@ def sweep_budgets(spec: str, base: PruneConfig) -> list[PruneConfig]:
             elif method == "none" and not value:
                 fields = {}
             else:
-                raise ValueError("expected none, a scoring method:keep ratios "
-                                 f"({', '.join(SCORERS)}), or a merging method:r ({', '.join(MERGERS)})")
+                raise ValueError(f"expected none, a scoring method:keep ratios "
+                                 f"({', '.join(SCORERS)}), or a merging method:r "
+                                 f"({', '.join(MERGERS)})")
             budgets.append(dataclasses.replace(base, preset="", method=method, in_eval=True,
                                                **fields))
         except ValueError as e:
@@ -286,8 +287,10 @@ def guided_itm_logits(model, dataset, top_i2t, top_t2i, text_embeds, ids, mask, 
     pair's text [CLS] guiding the ViT (which must reduce tokens in eval mode). Each rank encodes
     the pairs of its block of the images, a batch of images at a time, pairs in batches."""
     (N, ki), (T, kt) = top_i2t.shape, top_t2i.shape
+    # every (image, text) pair to score, P = N*ki + T*kt: first each image's candidate texts,
+    # then each text's candidate images
     pair_img = torch.cat([torch.arange(N, device=device).repeat_interleave(ki),
-                          top_t2i.flatten()])                                   # (P,) P = N*ki + T*kt
+                          top_t2i.flatten()])                                   # (P,)
     pair_txt = torch.cat([top_i2t.flatten(),
                           torch.arange(T, device=device).repeat_interleave(kt)])  # (P,)
     logits = torch.full(pair_img.shape, float("-inf"), device=device)          # (P,)
@@ -298,7 +301,8 @@ def guided_itm_logits(model, dataset, top_i2t, top_t2i, text_embeds, ids, mask, 
         for p in (slot[pair_img] >= 0).nonzero().flatten().split(batch_size):  # this batch's pairs
             t = pair_txt[p]
             image_embeds = model.encode_image(images[slot[pair_img[p]]], text_embeds[t, 0])
-            logits[p] = model.itm_logits(text_embeds[t], mask[t], image_embeds, ids[t])[:, 1].float()
+            logits[p] = model.itm_logits(text_embeds[t], mask[t], image_embeds,
+                                         ids[t])[:, 1].float()                  # (b,)
     if rank_and_world()[1] > 1:     # each pair was scored by the rank holding its image
         dist.all_reduce(logits, op=dist.ReduceOp.MAX)
     return logits[:N * ki].view(N, ki), logits[N * ki:].view(T, kt)
@@ -343,6 +347,8 @@ def sweep_retrieval(model, dataset, tokenizer, device, budgets: list, k=16, max_
     depth, M, N, T = len(vit.blocks), vit.num_patches, len(dataset), len(dataset.text)
     if budgets[0].method != "none":
         budgets = [dataclasses.replace(budgets[0], method="none")] + list(budgets)
+    for cfg in budgets:         # a schedule that does not fit the ViT fails before any work
+        cfg.check(depth)
     rows = []
     for cfg in budgets:
         guided = cfg.method in TEXT_GUIDED

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import eval as eval_module
 import train_downstream
 import train_pretrain
 from eval import (evaluate_retrieval_guided, guided_itm_logits, reducing, sweep_budgets,
@@ -14,7 +15,7 @@ from metrics import recall_at_k
 from model import ELIPModel, ModelConfig
 from pruning import PruneConfig
 from test_eval import ListDataset
-from test_train_pretrain import SMALL
+from test_train_pretrain import SMALL, torchrun
 from tokenizer import Tokenizer
 
 TEXTS = ["a red cube", "a blue ball", "a green cube on the left", "two red balls",
@@ -75,11 +76,11 @@ def pair_logit(model, image, text_embeds, mask, ids, cfg):
         return model.itm_logits(text_embeds[None], mask[None], image_embeds, ids[None])[0, 1]
 
 
-def test_guided_re_ranking_encodes_each_image_under_each_text(tiny):
+def test_guided_re_ranking_encodes_each_image_under_each_text(tiny, monkeypatch):
     """The batched pairs equal the pairs one at a time; the guidance changes the scores (the
     image pruned under another caption scores otherwise); with k covering every pair the
     guided evaluation's recalls are those of the full matrix of such scores, and its ITC ones
-    those of the unpruned model."""
+    those of the unpruned model. Shared over 2 ranks, each pair is scored once."""
     model, dataset, tok, images = tiny
     ids, mask = tok(TEXTS, 32)
     with torch.no_grad():
@@ -97,6 +98,19 @@ def test_guided_re_ranking_encodes_each_image_under_each_text(tiny):
                                      "cpu", batch_size=3)
     assert torch.allclose(i2t, full.gather(1, top_i2t), atol=1e-5)
     assert torch.allclose(t2i, full.T.gather(1, top_t2i), atol=1e-5)
+    # as 2 ranks: each scores the pairs of its block of the images (2 each), -inf elsewhere;
+    # the all-reduce's max of the two is the one process's result
+    parts = []
+    for rank in (0, 1):
+        monkeypatch.setattr(eval_module, "rank_and_world", lambda: (rank, 2))
+        monkeypatch.setattr(eval_module.dist, "all_reduce", lambda x, op: None)
+        with reducing(model.visual_encoder, GUIDED):
+            parts.append(guided_itm_logits(model, dataset, top_i2t, top_t2i, text_embeds, ids,
+                                           mask, "cpu", batch_size=1))
+    monkeypatch.undo()
+    for one, a, b in zip((i2t, t2i), *parts):
+        assert torch.allclose(torch.maximum(a, b), one, atol=1e-5)
+        assert (a.isinf() ^ b.isinf()).all()                # each pair scored on one rank
     out = evaluate_retrieval_guided(model, dataset, tok, "cpu", GUIDED, k=8, batch_size=3)
     assert {k: v for k, v in out.items() if k != "itc"} == pytest.approx(
         recall_at_k(full, full.T, dataset.img2txt, dataset.txt2img))
@@ -132,14 +146,37 @@ def test_sweep_rows_on_the_tiny_model(tiny):
 
 def test_sweep_from_a_pre_training_checkpoint(tmp_path, capsys):
     """train_downstream --evaluate true --sweep on a two-step checkpoint, zero-shot on the
-    world's retrieval test set: sweep.json and the logged table have a row per budget."""
+    world's retrieval test set: sweep.json and the logged table have a row per budget; 2 gloo
+    ranks (5 images: uneven shares, batches of 2) give the recalls of one process."""
     train_pretrain.main(SMALL + ["--out_dir", str(tmp_path / "pre"), "--max_steps", "2"])
     spec = "none;elip:0.9,0.65,0.4;elip:0.5,0.3,0.2;evit:0.7,0.5,0.3;tome:2"
-    train_downstream.main(["--task", "retrieval", "--evaluate", "true", "--pretrained",
-                           str(tmp_path / "pre" / "checkpoint.pt"), "--world_test", "5",
-                           "--eval_k", "3", "--out_dir", str(tmp_path / "out"), "--sweep", spec])
-    rows = json.loads((tmp_path / "out" / "sweep.json").read_text())["test"]["world"]
+    flags = ["--task", "retrieval", "--evaluate", "true", "--pretrained",
+             str(tmp_path / "pre" / "checkpoint.pt"), "--world_test", "5", "--eval_k", "3",
+             "--eval_batch_size", "2", "--sweep", spec]
+    train_downstream.main(flags + ["--out_dir", str(tmp_path / "one")])
+    rows = json.loads((tmp_path / "one" / "sweep.json").read_text())["test"]["world"]
     assert [r["budget"] for r in rows] == spec.split(";")
     assert rows[0]["kept"] == 1.0 and all(r["kept"] < 1.0 for r in rows[1:])
     assert rows[1]["kept"] > rows[2]["kept"]
     assert "pruning at inference, world:\n" + sweep_table(rows) in capsys.readouterr().out
+    proc = torchrun(["train_downstream.py", *flags, "--out_dir", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "sweep.json").read_text())["test"]["world"]
+    for a, b in zip(rows, two, strict=True):
+        assert (a["itm"], a["itc"]) == (pytest.approx(b["itm"]), pytest.approx(b["itc"]))
+
+
+def test_sweep_of_a_released_retrieval_file(tmp_path):
+    """A file in ALBEF's released retrieval layout (2 ViT layers), with --vocab: swept; a
+    schedule that does not fit its ViT is refused before any evaluation."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    from test_released_scripts import WORLD, save
+    path, vocab, _ = save(tmp_path, "albef", "retrieval")
+    flags = ["--task", "retrieval", "--evaluate", "true", "--pretrained", path, "--vocab", vocab,
+             "--out_dir", str(tmp_path / "out"), *WORLD]
+    train_downstream.main(flags + ["--sweep", "none;tome:3"])
+    rows = json.loads((tmp_path / "out" / "sweep.json").read_text())["test"]["world"]
+    assert [r["budget"] for r in rows] == ["none", "tome:3"] and rows[1]["kept"] < 1.0
+    with pytest.raises(ValueError, match="depth 2"):
+        train_downstream.main(flags + ["--sweep", "elip:0.9,0.65,0.4"])
