@@ -66,12 +66,14 @@ import torch
 from tqdm import tqdm
 
 import data
+import eval as evaluation
 import trainer
 import world
 import world_aids
 from config import check_paths, config_from_dict, parse_config
 from heads import load_pretrained
 from model import ModelConfig
+from pruning import PruneConfig
 from tasks import (build_model, build_sets, evaluate_task, grow_vocabulary, load_source,
                    official_results, task_collates, task_dataset)
 from tokenizer import Tokenizer
@@ -152,6 +154,12 @@ class DownstreamConfig:
                                      # 128 Flickr30K)
     vqa_k: int = 128                 # VQA decoder: answers re-scored by their whole sequence
     eval_batch_size: int = 64        # test samples per process in a batch
+    sweep: str = ""                  # with --task retrieval --evaluate true: retrieval under
+                                     # each pruning budget of a list such as
+                                     # "none;elip:0.9,0.65,0.4;evit:0.7,0.5,0.3;tome:4" (keep
+                                     # ratios at the model's prune_layers, or ToMe's r): recall
+                                     # against token-layers kept and time, as a table in the log
+                                     # and in sweep.json (eval.sweep_retrieval)
     beam: int = 3                    # captioning: beam size
     max_length: int = 20             # captioning: tokens in all, [CLS] and prompt included (BLIP)
     min_length: int = 5              # captioning: no [SEP] before this many tokens in all (BLIP)
@@ -181,6 +189,10 @@ class DownstreamConfig:
                 self.train_file or self.world_val < 1):
             raise ValueError("select best needs validation data: val_file (on the embedded "
                              "world, world_val >= 1 scenes of its val split)")
+        if self.sweep and not (self.task == "retrieval" and self.evaluate):
+            raise ValueError("--sweep needs --task retrieval --evaluate true")
+        if self.sweep:
+            evaluation.sweep_budgets(self.sweep, PruneConfig())      # refuse a bad item now
         if min(self.max_words, self.eval_max_words) < 1:
             raise ValueError(f"max_words {self.max_words} and eval_max_words "
                              f"{self.eval_max_words} must be >= 1")
@@ -516,6 +528,20 @@ def finetune(cfg, ckpt, rank: int, world_size: int, device: torch.device):
             f"it (neither head can give them; the classifier's targets are all zero)")
     if cfg.task == "caption":
         log(f"prompt tokens: {' '.join(tok.vocab[i] for i in model.prompt_ids[0].tolist())}")
+    if cfg.sweep:       # retrieval under each pruning budget, instead of one evaluation
+        sweep = {name: evaluation.sweep_retrieval(
+            model, test_set, tok, device, evaluation.sweep_budgets(cfg.sweep, mc.prune),
+            cfg.eval_k, mc.max_len, cfg.eval_batch_size, cfg.retrieval_score == "itm_itc",
+            cfg.run.num_workers, log) for name, test_set in test_sets.items()}
+        for name, rows in sweep.items():
+            log(f"pruning at inference, {name}:\n{evaluation.sweep_table(rows)}")
+        if rank == 0:
+            os.makedirs(cfg.run.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.run.out_dir, "sweep.json"), "w") as f:
+                json.dump({"pretrained": cfg.pretrained, "config": dataclasses.asdict(cfg),
+                           "test": sweep}, f, indent=1)
+        log(f"wrote sweep.json to {cfg.run.out_dir}")
+        return
     train_time, selection = 0.0, {}
     if not cfg.evaluate:
         extra = {"vocab": tok.vocab, "model_config": dataclasses.asdict(mc), "weights": weights,
