@@ -9,11 +9,9 @@ list. The embedded world (world.py) plugs into the same classes: its entries nam
     dataset = PretrainDataset(entries, None, create_transform(64, train=True))
     loader = DataLoader(dataset, batch_size=32, collate_fn=make_collate(tokenizer, 30))
 
-gives the same batches as real COCO files would, only smaller. Nothing is skipped silently: a
-malformed entry, an empty caption or a missing image (checked at construction unless
-check_images=False) is an error that names the JSON file and the index of the entry, and so is
-an image that cannot be read when loaded (OSError); training skips such an entry
-(SkipUnreadable, below), names it in its log, and stops past a limit.
+gives the same batches as real COCO files would, only smaller. A malformed entry, an empty
+caption, a missing or unreadable image is an error naming the JSON file and the entry's index;
+training skips an unreadable one (SkipUnreadable), names it, and stops past a limit.
 """
 
 import bisect
@@ -112,10 +110,9 @@ def load_image(path, image_root=None):
         raise OSError(f"cannot read image {full}: {e}") from e
 
 
-# Checking that a file exists waits on the file system, not on the CPU (os.stat releases the
-# GIL): on a network file system a stat is a round trip of 0.2 to 1 ms, and 32 in flight check
-# about 32 times as many files a second. From the kernel's cache a stat takes microseconds, and
-# the threads then cost more than they save (GIL hand-offs; lab/bench_data.py exist measures it).
+# A stat waits on the file system, not the CPU (it releases the GIL): on a network file system a
+# round trip of 0.2 to 1 ms, so 32 in flight check ~32x the files a second. From the kernel's
+# cache a stat takes microseconds and threads cost more than they save (lab/bench_data.py exist).
 STAT_THREADS = 32
 STAT_CHUNK = 256    # paths per task: millions of files make thousands of tasks, not one each
 
@@ -153,17 +150,15 @@ def create_transform(res, train, crop_scale=(0.2, 1.0), randaug_n=0, randaug_m=0
 # Datasets
 
 
-def _field(entry, key, types, what):
+def _field(entry, key, types, what, optional=False):
+    """entry[key], of one of `types`; an optional key the entry lacks gives None."""
     if key not in entry:
+        if optional:
+            return None
         raise ValueError(f"missing key {key!r}")
     if not isinstance(entry[key], types):
         raise ValueError(f"{key!r} must be {what}, got {type(entry[key]).__name__}")
     return entry[key]
-
-
-def _optional(entry, key, types, what):
-    """entry[key], checked as _field checks it, or None where the entry has no such key."""
-    return _field(entry, key, types, what) if key in entry else None
 
 
 def _texts(entry, key, clean, max_words):
@@ -274,11 +269,9 @@ class JSONDataset(Dataset):
     def missing_images(self, rank: int = 0, world_size: int = 1, keep: int = 5,
                        threads: int = STAT_THREADS) -> tuple[int, list[str]]:
         """(how many, the first `keep` messages) of the image files that do not exist, each named
-        with the first entry that lists it. A corpus lists an image under several captions (COCO:
-        5), so each distinct file is checked once, `threads` at a time (missing_files). Under DDP
-        a rank checks the files whose path hashes to it (crc32, the same in every process): the
-        ranks split the distinct files without exchanging them, each holds only its share, and
-        they then add up their counts."""
+        with the first entry that lists it. Each distinct file (COCO lists an image 5 times) is
+        checked once, `threads` at a time; under DDP a rank checks the files whose path hashes
+        to it (crc32, the same in every process), and the ranks add up their counts."""
         first = {}   # image path -> the first entry that lists it
         for i in range(len(self)):
             for path in self.items[i]["images"]:
@@ -399,7 +392,7 @@ class CaptionDataset(PretrainDataset):
         item = super().parse(entry)
         return {**item, "raw": [entry["caption"]] if isinstance(entry["caption"], str)
                 else list(entry["caption"]),
-                "image_id": _optional(entry, "image_id", (str, int), "a string or an int")}
+                "image_id": _field(entry, "image_id", (str, int), "a string or an int", True)}
 
     def __getitem__(self, i):
         if self.train:
@@ -445,7 +438,7 @@ class VQADataset(JSONDataset):
         if (self.train and not answers) or not all(isinstance(a, str) for a in answers):
             raise ValueError("'answer' must be a non-empty list of strings")
         return {"images": [_field(entry, "image", str, "a string")],
-                "question_id": _optional(entry, "question_id", (str, int), "a string or an int"),
+                "question_id": _field(entry, "question_id", (str, int), "a string or an int", True),
                 "question": _texts(entry, "question", self.clean, self.max_words)[0],
                 "answers": answers, "dataset": dataset}
 
@@ -484,7 +477,7 @@ class NLVRDataset(JSONDataset):
         return {"images": images,
                 "sentence": _texts(entry, "sentence", pre_caption, self.max_words)[0],
                 "label": int(label in (True, "True")),
-                "identifier": _optional(entry, "identifier", str, "a string")}
+                "identifier": _field(entry, "identifier", str, "a string", optional=True)}
 
     def __getitem__(self, i):
         (image0, image1), (sentence,) = self.load(i, self.items[i]["sentence"])

@@ -19,10 +19,11 @@ each method and keep budget of a list, beside the token-layers kept and the time
 import contextlib
 import dataclasses
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from data import to_device
 from metrics import accuracy, caption_scores, recall_at_k, vqa_accuracy
@@ -64,14 +65,50 @@ def gather_list(items: list, n: int) -> list:
     return [x for part in parts for x in part][:n]
 
 
+class Reporting(Dataset):
+    """dataset[i] and the unreadable images that reading it met (data.for_evaluation's list,
+    emptied where the sample was read): a DataLoader worker's copy of that list never reaches
+    the main process, so the messages travel with the batch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        unreadable = getattr(self.dataset, "unreadable", [])
+        seen = len(unreadable)
+        sample = self.dataset[i]
+        met = unreadable[seen:]
+        del unreadable[seen:]
+        return sample, met
+
+
+def collate_reporting(batch, collate=None):
+    """(the samples collated, the unreadable images they met); module-level, so DataLoader
+    workers can pickle it."""
+    samples, met = zip(*batch)
+    return (collate or default_collate)(list(samples)), [m for ms in met for m in ms]
+
+
 def shard_loader(dataset, batch_size: int, collate=None, num_workers: int = 0,
                  device="cpu") -> DataLoader:
     """The DataLoader over this rank's block of the dataset (share), read by num_workers worker
     processes (the images are decoded while the GPU works), into pinned memory when the device
-    is a GPU (faster copies to it)."""
-    return DataLoader(Subset(dataset, share(len(dataset)).tolist()), batch_size,
-                      collate_fn=collate, num_workers=num_workers,
-                      pin_memory=torch.device(device).type == "cuda")
+    is a GPU (faster copies to it). It gives (batch, the unreadable images met)."""
+    return DataLoader(Subset(Reporting(dataset), share(len(dataset)).tolist()), batch_size,
+                      collate_fn=partial(collate_reporting, collate=collate),
+                      num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+
+
+def shard_batches(dataset, batch_size: int, collate=None, num_workers: int = 0, device="cpu"):
+    """The batches of shard_loader; the unreadable images they met join dataset.unreadable
+    here, in the main process."""
+    for batch, met in shard_loader(dataset, batch_size, collate, num_workers, device):
+        if met:
+            dataset.unreadable += met
+        yield batch
 
 
 # ---- retrieval ----------------------------------------------------------------------------
@@ -86,7 +123,7 @@ def embed_retrieval_set(model, dataset, tokenizer, device, max_len, batch_size=6
     text_embeds = torch.cat([model.encode_text(ids[s], mask[s])
                              for s in mine.split(batch_size)])                  # (T / world, L, D)
     image_embeds = torch.cat([model.encode_image(batch["image"].to(device))
-                              for batch in shard_loader(dataset, batch_size, None, num_workers,
+                              for batch in shard_batches(dataset, batch_size, None, num_workers,
                                                         device)])
     return (gather_rows(image_embeds, len(dataset)), gather_rows(text_embeds, len(ids)),
             ids, mask)
@@ -138,7 +175,7 @@ def evaluate_classifier(model, dataset, collate, device, batch_size=64, num_work
     was_training = model.training
     model.eval()
     preds, labels = [], []
-    for batch in shard_loader(dataset, batch_size, collate, num_workers, device):
+    for batch in shard_batches(dataset, batch_size, collate, num_workers, device):
         batch = to_device(batch, device)
         preds.append(model.logits(batch).argmax(1))
         labels.append(batch["label"])
@@ -157,7 +194,7 @@ def evaluate_vqa(model, dataset, collate, device, batch_size=64, num_workers=0):
     was_training = model.training
     model.eval()
     preds = []
-    for batch in shard_loader(dataset, batch_size, collate, num_workers, device):
+    for batch in shard_batches(dataset, batch_size, collate, num_workers, device):
         preds.append(model.answer_scores(to_device(batch, device)).argmax(1))
     model.train(was_training)
     answers = [dataset.answer_list[i]
@@ -180,7 +217,7 @@ def evaluate_caption(model, dataset, tokenizer, device, beam=3, max_length=20, m
     captions = {"greedy": [], "beam": []}
     limits = dict(max_length=max_length, min_length=min_length,
                   repetition_penalty=repetition_penalty)
-    for batch in shard_loader(dataset, batch_size, None, num_workers, device):
+    for batch in shard_batches(dataset, batch_size, None, num_workers, device):
         images = batch["image"].to(device)
         for name, (tokens, _) in (("greedy", model.greedy(images, **limits)),
                                   ("beam", model.beam_search(images, beam, length_penalty=length_penalty,
@@ -294,7 +331,7 @@ def guided_itm_logits(model, dataset, top_i2t, top_t2i, text_embeds, ids, mask, 
     pair_txt = torch.cat([top_i2t.flatten(),
                           torch.arange(T, device=device).repeat_interleave(kt)])  # (P,)
     logits = torch.full(pair_img.shape, float("-inf"), device=device)          # (P,)
-    for batch in shard_loader(dataset, batch_size, None, num_workers, device):
+    for batch in shard_batches(dataset, batch_size, None, num_workers, device):
         index, images = batch["index"].to(device), batch["image"].to(device)   # (B,), (B, 3, H, W)
         slot = torch.full((N,), -1, device=device).scatter_(
             0, index, torch.arange(len(index), device=device))                  # (N,) row in images

@@ -172,7 +172,7 @@ def test_loader_workers_with_pinned_memory(tmp_path, capsys, monkeypatch):
     assert pinned == [True] * 3 and step_records(out) == [1, 2, 3]
     images = [{"image": torch.full((3, 8, 8), float(i))} for i in range(5)]
     loader = evaluation.shard_loader(images, 2, None, 2, torch.device("cuda"))
-    batches = list(loader)
+    batches = [batch for batch, _ in loader]
     assert loader.pin_memory and all(b["image"].is_pinned() for b in batches)
     assert torch.equal(torch.cat([b["image"] for b in batches])[:, 0, 0, 0], torch.arange(5.0))
 

@@ -607,22 +607,27 @@ def test_evaluate_builds_the_heads_the_checkpoint_holds(tmp_path, pretrained):
     assert rec["config"]["vqa_head"] == "classifier" and rec["test"][test]["metrics"] == trained
 
 
-@pytest.mark.parametrize("task", ["retrieval", "vqa", "nlvr"])
-def test_an_unreadable_test_image_is_scored_black_and_named(tmp_path, pretrained, task, capsys):
+@pytest.mark.parametrize("task,workers", [("retrieval", 0), ("vqa", 0), ("nlvr", 0), ("vqa", 2)])
+def test_an_unreadable_test_image_is_scored_black_and_named(tmp_path, pretrained, task, workers,
+                                                             capsys):
     """Evaluation cannot skip a test sample: a corrupt image is read as a black one, named in
-    the log and in metrics.json, and the run ends with its metrics."""
+    the log and in metrics.json (also when DataLoader workers read it), and the run ends with its
+    metrics."""
     flags = write_task(tmp_path, task)
     (tmp_path / "images" / "im1.png").write_bytes(b"not a png")
     test = flags[flags.index("--test_file") + 1]
     out = tmp_path / "eval"
     train_downstream.main(["--task", task, "--evaluate", "true", "--pretrained", pretrained,
                            *flags[flags.index("--test_file"):], "--out_dir", str(out),
-                           "--eval_k", "3", "--eval_batch_size", "3"])
+                           "--eval_k", "3", "--eval_batch_size", "3", "--num_workers",
+                           str(workers)])
     rec = json.loads((out / "metrics.json").read_text())["test"][test]
     uses = sum("im1.png" in json.dumps(e) for e in json.loads(open(test).read()))
     assert len(rec["unreadable_images"]) == uses > 0        # once per test entry that reads it
     assert all("im1.png" in m and "entry" in m for m in rec["unreadable_images"])
-    assert "im1.png" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "im1.png" in printed.err or workers      # a worker process's stderr is its own
+    assert "read an image that could not be read" in printed.out and "im1.png" in printed.out
     assert rec["metrics"]
 
 

@@ -194,7 +194,8 @@ def test_shard_loader_takes_workers_and_pins_for_a_gpu():
     loader = shard_loader(dataset, 4, None, 2, "cpu")
     assert loader.num_workers == 2 and not loader.pin_memory
     assert shard_loader(dataset, 4, None, 0, torch.device("cuda", 0)).pin_memory
-    assert [b.tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [(b.tolist(), met) for b, met in loader] == [([0, 1, 2, 3], []), ([4, 5, 6, 7], []),
+                                                        ([8, 9], [])]
 
 
 def test_workers_give_the_results_of_none():
