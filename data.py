@@ -104,8 +104,7 @@ def load_image(path, image_root=None):
     try:
         with Image.open(full) as image:
             return image.convert("RGB")
-    # unreadable, truncated and empty files raise OSError (UnidentifiedImageError among them);
-    # a few decoders raise the others on corrupt data
+    # unreadable, truncated, empty files raise OSError; a few decoders the others, on bad data
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise OSError(f"cannot read image {full}: {e}") from e
 
@@ -228,14 +227,12 @@ class JSONDataset(Dataset):
     source: a JSON path, a list of paths (concatenated), or a list of entries ("<entries>")."""
 
     swap_words = True   # a mirrored image's texts swap left and right
-    blank_unreadable = False    # evaluation (for_evaluation): an unreadable image is scored as
-                                # a black one and named in self.unreadable, instead of raising
+    blank_unreadable = False    # for_evaluation: an unreadable image is read as a black one
 
     def __init__(self, source, image_root, transform, flip, check_images):
         self.image_root, self.transform, self.flip = image_root, transform, flip
         self.unreadable = []
-        # entries packed (PackedList), and each file's name with the index of its first entry,
-        # so that a corpus of millions of entries costs no Python object per entry
+        # entries packed (PackedList: no Python object per entry), each file's first index
         self.items, self.files = PackedList(), []
         for name, entries in _read(source):
             self.files.append((name, len(self.items)))
