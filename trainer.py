@@ -113,11 +113,10 @@ SAFE_ON_RESUME = ("run.resume", "run.max_steps", "run.threads", "run.num_workers
 @contextlib.contextmanager
 def distributed(timeout_minutes: int = 60):
     """DDP when launched by torchrun (RANK in the environment), else a plain single process.
-    Yields (rank, world_size, device). The process group is torn down on the way out, also when
-    the run stops with an error: a process that exits with the group alive can abort in gloo's
-    C++ threads ("terminate called without an active exception", exit -6) instead of ending
-    with the error's message and code 1. A clean end waits for every rank first; an error does
-    not, since the other ranks may never arrive."""
+    Yields (rank, world_size, device). A clean end waits for every rank, then tears the process
+    group down. An error (an interrupt's exit too) ends the process at once with its message and
+    code (end_now), without the interpreter's teardown: the other ranks may never arrive, and
+    freeing DDP's reducer there can deadlock in gloo's threads or abort in them."""
     if "RANK" not in os.environ:
         yield 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return
@@ -133,9 +132,25 @@ def distributed(timeout_minutes: int = 60):
                             device_id=device if device.type == "cuda" else None)
     try:
         yield dist.get_rank(), dist.get_world_size(), device
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    except BaseException as e:
+        end_now(e)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def end_now(e: BaseException):
+    """Exit as Python would on `e` (a SystemExit's message or code, else the traceback and code
+    1), but at once (os._exit): no destructor of a half-stopped process group runs."""
+    if isinstance(e, SystemExit):
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    else:
+        traceback.print_exception(e)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def gather_objects(obj, world: int, group=None) -> list:
