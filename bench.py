@@ -41,6 +41,7 @@ from torch.utils import flop_counter
 import pruning
 import trainer
 from config import parse_config
+from eval import sync
 from model import PRESETS as MODEL_PRESETS
 from model import ELIPModel, ModelConfig, build_vit
 from pruning import PruneConfig, token_counts
@@ -213,12 +214,6 @@ def matching_tome_r(num_patches, depth, ratio):
     """The ToMe r whose removed token-layer ratio comes closest to `ratio`."""
     return min(range(num_patches // 2 + 1), key=lambda r: abs(ratio - removed_ratio(
         token_counts(num_patches, depth, PruneConfig(method="tome", tome_r=r)), num_patches)))
-
-
-def sync(device):
-    """Wait for the GPU's queued work, so that a clock reading covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def resident(module):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from model import ELIPModel, build_text, build_vit
 from pruning import TEXT_GUIDED, PruneConfig
-from text_encoder import VOCAB_KEYS
+from text_encoder import VOCAB_KEYS, grow_rows
 from vit import PatchEmbed, interpolate_pos_embed
 
 
@@ -362,9 +362,7 @@ def load_pretrained(model, state):
             weights[k] = interpolate_pos_embed(state[s], shape[1] - 1)   # (1, 1+M, D) -> (1, 1+M', D)
             interpolated.append(k)
         if k.endswith(VOCAB_KEYS) and theirs[1:] == shape[1:] and theirs[0] < shape[0]:
-            # words added to the vocabulary for fine-tuning: the checkpoint's rows, then our
-            # initialisation of the new ones (Hugging Face's resize_token_embeddings)
-            weights[k] = torch.cat([state[s].to(ours[k].dtype), ours[k][len(state[s]):]])
+            weights[k] = grow_rows(state[s], ours[k])    # words added for fine-tuning
             grown.append(k)
         if weights[k].shape != ours[k].shape:
             raise ValueError(f"shape mismatch for {k} (checkpoint {s}): checkpoint "

@@ -297,6 +297,13 @@ def hf_to_ours(name):
 VOCAB_KEYS = ("embeddings.word_embeddings.weight", "cls.predictions.bias")
 
 
+def grow_rows(rows: torch.Tensor, ours: torch.Tensor) -> torch.Tensor:
+    """A tensor indexed by token id for a vocabulary with tokens added: the checkpoint's rows
+    (N, ...), then our initialisation of the added ones: (N', ...), as Hugging Face's
+    resize_token_embeddings."""
+    return torch.cat([rows.to(ours.dtype), ours[len(rows):]])
+
+
 def load_bert_weights(encoder, path):
     """Load a Hugging Face BERT checkpoint (.safetensors, .bin, or a state dict) into `encoder`.
     Strict: every shape must match, and only crossattention.* and cls.* may be absent (they keep
@@ -333,8 +340,7 @@ def load_bert_weights(encoder, path):
     if required:
         raise ValueError(f"checkpoint lacks required weights: {required}")
     weights = {name: state[key] for name, key in source.items()}
-    for name in grown:  # the checkpoint's rows, then our initialisation of the added ones
-        rows = weights[name]
-        weights[name] = torch.cat([rows.to(ours[name].dtype), ours[name][len(rows):]])
+    for name in grown:
+        weights[name] = grow_rows(weights[name], ours[name])
     encoder.load_state_dict(weights, strict=False)
     return dict(missing=missing, unused=unused, grown=grown)

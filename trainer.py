@@ -558,9 +558,9 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, world: int):
     not broadcast them at every forward (the flag's name changed in torch 2.14)."""
     if world == 1:
         return model
-    for buffer in model.buffers():
-        dist.broadcast(buffer, 0)
     renamed = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    for buffer in [] if renamed else model.buffers():    # the new flag broadcasts them itself
+        dist.broadcast(buffer, 0)
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
 
